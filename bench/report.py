@@ -5,7 +5,8 @@ describe()), ``runtime_options``, ``environment`` (versions, CPU/GPU, threads, l
 ``data``, ``models`` (per model: ``parameters``, ``size``, ``memory``, ``latency`` with raw ``ttft_s``/``tpot_s``/
 ``e2e_s`` samples and a ``summary``, ``throughput`` tokens/s samples per batch size, ``perplexity`` with per-window
 mean NLL, ``tasks`` with per-example choices), ``comparisons`` (per candidate: every ratio, OP/OG/OL/OE, the ideal
-ratios, the policy metrics), ``pareto``, ``policy`` (when given), ``notes``, ``seconds``, ``plots``.
+ratios, the policy metrics), ``pareto`` (per quality, OP and the perplexity ratio, and per speedup: the points and
+whether each is non-dominated), ``policy`` (when given), ``notes``, ``seconds``, ``plots``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from effideploy.bench import metrics
 from effideploy.io import atomic_output_dir, write_json
 
 REPORT_SCHEMA_VERSION = 1
-REPORT_FILES = ("report.md", "report.json")
+QUALITY_NAMES = {"op": "OP", "perplexity_ratio": "PPL dense/cand"}
 
 
 def write_report(payload: dict, output: str | Path, *, overwrite: bool = False) -> Path:
@@ -65,15 +66,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _verdict_line(record: dict) -> str:
-    parts = [f"decode {_f(record.get('decode_speedup'))}x", f"TTFT {_f(record.get('ttft_speedup'))}x"]
-    if record.get("ideal"):
-        parts.append(f"(ideal decode {_f(record['ideal']['decode_speedup_flops'])}x from FLOPs)")
+    ideal = record.get("ideal") or {}
+    parts = [f"decode {_f(record.get('decode_speedup'))}x (ideal {_f(ideal.get('decode_speedup_flops'))}x)",
+             f"TTFT {_f(record.get('ttft_speedup'))}x (ideal {_f(ideal.get('prefill_speedup_flops'))}x)"]
     if record.get("size_reduction") is not None:
         parts.append(f"{_f(record['size_reduction'] * 100, 1)}% fewer parameters")
     if record.get("perplexity_increase") is not None:
         parts.append(f"perplexity {record['perplexity_increase'] * 100:+.1f}%")
     parts.append(f"OP {_f(record.get('op'), 3)}, OL {_f(record.get('loyalty'), 3)}")
-    slower = record.get("decode_speedup") is not None and record["decode_speedup"] < 1
+    slower = record.get("decode_speedup") is not None and round(record["decode_speedup"], 2) < 1  # as printed
     return f"- **{record['candidate']}**: " + ", ".join(parts) + (" — **slower than dense**" if slower else "")
 
 
@@ -181,17 +182,20 @@ def markdown(payload: dict) -> str:
                         _f(r.get("loyalty_tokens"), 3), _f(r.get("loyalty_choices"), 3), _f(r.get("ttft_speedup")),
                         _f(r.get("decode_speedup")), _f(r.get("generation_match"), 3)] for r in comparisons]))
 
-    out += ["", "## Pareto front (OP against speedup; * = non-dominated)", ""]
+    out += ["", "## Pareto front (quality against speedup; * = non-dominated)", ""]
     fronts = payload["pareto"]
-    axes = list(fronts)
     rows = []
-    for index, point in enumerate(fronts[axes[0]]):
-        row = [point["model"], _f(point["op"], 3)]
-        for axis in axes:
-            p = fronts[axis][index]
-            row.append(_f(p["speedup"]) + (" *" if p["non_dominated"] else ""))
+    for index, model in enumerate(p["model"] for p in fronts["op"]["decode_speedup"]):
+        row = [model]
+        for quality, by_axis in fronts.items():
+            row.append(_f(by_axis["decode_speedup"][index]["quality"], 3))
+            row += [_f(by_axis[axis][index]["speedup"]) + (" *" if by_axis[axis][index]["non_dominated"] else "")
+                    for axis in by_axis]
         rows.append(row)
-    out.append(_table(["model", "OP"] + [a.replace("_", " ") for a in axes], rows))
+    header = ["model"]
+    for quality, by_axis in fronts.items():
+        header += [QUALITY_NAMES[quality]] + [f"{axis.split('_')[0]} ({quality.split('_')[0]} front)" for axis in by_axis]
+    out.append(_table(header, rows))
 
     if payload.get("policy"):
         policy = payload["policy"]
@@ -235,25 +239,27 @@ def write_plots(payload: dict, folder: Path) -> list[str]:
         return []
     written = []
     fronts = payload["pareto"]
-    axes_names = [a for a in fronts if any(not math.isnan(p["speedup"]) for p in fronts[a][1:])]
+    axes_names = [a for a in fronts["op"] if any(not math.isnan(p["speedup"]) for p in fronts["op"][a][1:])]
     if axes_names:
-        fig, axes = plt.subplots(1, len(axes_names), figsize=(5 * len(axes_names), 4), squeeze=False)
-        for ax, axis in zip(axes[0], axes_names):
-            points = [p for p in fronts[axis] if not math.isnan(p["speedup"])]
-            front = sorted((p for p in points if p["non_dominated"]), key=lambda p: p["speedup"])
-            ax.plot([p["speedup"] for p in front], [p["op"] for p in front], "-", color="tab:green", alpha=0.6,
-                    label="non-dominated")
-            for p in points:
-                ax.scatter(p["speedup"], p["op"], marker="*" if p["non_dominated"] else "o", s=120 if p["non_dominated"] else 50,
-                           color="tab:green" if p["non_dominated"] else "tab:gray", zorder=3)
-                ax.annotate(p["model"], (p["speedup"], p["op"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-            ax.axvline(1.0, color="k", lw=0.5, ls=":")
-            ax.axhline(1.0, color="k", lw=0.5, ls=":")
-            ax.set_xlabel(axis.replace("_", " ") + " (x dense)")
-            ax.set_ylabel("OP (1 = dense)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{payload['config']['dense']} on {payload['runtime'].get('runtime')}: OP vs speedup")
+        fig, grid = plt.subplots(len(fronts), len(axes_names), figsize=(5 * len(axes_names), 4 * len(fronts)), squeeze=False)
+        for row, quality in zip(grid, fronts):
+            for ax, axis in zip(row, axes_names):
+                points = [p for p in fronts[quality][axis] if not (math.isnan(p["speedup"]) or math.isnan(p["quality"]))]
+                front = sorted((p for p in points if p["non_dominated"]), key=lambda p: p["speedup"])
+                ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "*-", color="tab:green", ms=12,
+                        label="non-dominated")
+                others = [p for p in points if not p["non_dominated"]]
+                ax.plot([p["speedup"] for p in others], [p["quality"] for p in others], "o", color="tab:gray",
+                        label="dominated")
+                for p in points:
+                    ax.annotate(p["model"], (p["speedup"], p["quality"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                ax.axvline(1.0, color="k", lw=0.5, ls=":")
+                ax.axhline(1.0, color="k", lw=0.5, ls=":")
+                ax.set_xlabel(axis.replace("_", " ") + " (x dense)")
+                ax.set_ylabel(f"{QUALITY_NAMES[quality]} (1 = dense)")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{payload['config']['dense']} on {payload['runtime'].get('runtime')}: quality vs speedup")
         fig.tight_layout()
         fig.savefig(folder / "pareto.png", dpi=110)
         plt.close(fig)

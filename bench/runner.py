@@ -513,16 +513,25 @@ def _generation_match(dense: list[list[int]], candidate: list[list[int]]) -> flo
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")
 
 
+QUALITIES = {"op": "OP", "perplexity_ratio": "dense PPL / candidate PPL"}
+SPEEDUPS = ("decode_speedup", "ttft_speedup", "throughput_speedup")
+
+
 def pareto(comparisons: list[dict]) -> dict:
-    """Non-dominated models (the dense one at OP 1, speedup 1 included) of OP against each speedup."""
+    """Non-dominated models (the dense one at quality 1, speedup 1 included) of each quality against each speedup:
+    OP as EffiVLM-Bench defines it, and the WikiText-2 perplexity ratio alone (which still separates models where
+    small-sample task accuracies are noise)."""
     fronts = {}
-    for axis in ("decode_speedup", "ttft_speedup", "throughput_speedup"):
-        points = [(DENSE_LABEL, 1.0, 1.0)] + [
-            (r["candidate"], r.get(axis) if r.get(axis) is not None else float("nan"), r["op"]) for r in comparisons
-        ]
-        flags = metrics.pareto_front([(x, y) for _, x, y in points])
-        fronts[axis] = [{"model": name, "speedup": x, "op": y, "non_dominated": flag}
-                        for (name, x, y), flag in zip(points, flags)]
+    for quality in QUALITIES:
+        fronts[quality] = {}
+        for axis in SPEEDUPS:
+            points = [(DENSE_LABEL, 1.0, 1.0)]
+            for record in comparisons:
+                score = record["op"] if quality == "op" else record["ratios"].get("wikitext2", float("nan"))
+                points.append((record["candidate"], record[axis] if record.get(axis) is not None else float("nan"), score))
+            flags = metrics.pareto_front([(x, y) for _, x, y in points])
+            fronts[quality][axis] = [{"model": name, "speedup": x, "quality": y, "non_dominated": flag}
+                                     for (name, x, y), flag in zip(points, flags)]
     return fronts
 
 

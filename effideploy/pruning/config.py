@@ -21,6 +21,7 @@ class PruneConfig:
         ``bias`` (FLAP's mean bias), ``lstsq`` (least-squares refit of down_proj and a bias from the activations'
         second moments; CFSP's default here) or ``none``. ``None`` means the method's default.
     damp: ridge term of the least-squares solve, relative to the mean diagonal of the second moments.
+    gram_stride: lstsq estimates the second moments from every k-th calibration token (their cost drops k-fold).
     """
 
     method: str = "cfsp"
@@ -31,6 +32,7 @@ class PruneConfig:
     c: float = 1.0
     compensation: str | None = None  # None: the method's default
     damp: float = 0.01
+    gram_stride: int = 1
     calib_samples: int = 128
     calib_seqlen: int = 1024
     seed: int = 0
@@ -51,6 +53,8 @@ class PruneConfig:
             raise EffideployError(f"--batch-size must be positive, got {self.batch_size}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise EffideployError(f"--calib-dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
+        if self.gram_stride < 1:
+            raise EffideployError(f"--gram-stride must be a positive integer, got {self.gram_stride}")
         if self.damp <= 0:
             raise EffideployError(f"--damp must be positive, got {self.damp}")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:

@@ -55,7 +55,8 @@ def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor 
         return None
     if windows is None:
         raise EffideployError(f"{config.method!r} with {method.compensation!r} compensation needs calibration windows")
-    return collect_stats(model, windows, config.batch_size, config.calib_dtype, gram=needs_gram(config), gram_dir=gram_dir)
+    return collect_stats(model, windows, config.batch_size, config.calib_dtype, gram=needs_gram(config),
+                         gram_dir=gram_dir, gram_stride=config.gram_stride)
 
 
 def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: CalibrationStats | None) -> PrunePlan:
@@ -175,7 +176,8 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
     windows = calibration_windows(load_tokenizer(source), calibration, config)
     with torch.no_grad():
         return collect_stats(layerwise, windows, config.batch_size, config.calib_dtype,
-                             gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir)
+                             gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir,
+                             gram_stride=config.gram_stride)
 
 
 def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder: Path) -> None:

@@ -65,10 +65,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _removed(ratio) -> float | None:
+    """Share of the work removed, from an ideal speedup dense / candidate: 1 - 1 / ratio."""
+    if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) or ratio <= 0:
+        return None
+    return 1.0 - 1.0 / ratio
+
+
+def _pct(share) -> str:
+    return "n/a" if share is None else f"{share * 100:.1f}%"
+
+
 def _verdict_line(record: dict) -> str:
     ideal = record.get("ideal") or {}
     parts = [f"decode {_f(record.get('decode_speedup'))}x (ideal {_f(ideal.get('decode_speedup_flops'))}x)",
              f"TTFT {_f(record.get('ttft_speedup'))}x (ideal {_f(ideal.get('prefill_speedup_flops'))}x)"]
+    removed = _removed(ideal.get("decode_speedup_flops")), _removed(ideal.get("decode_speedup_weight_bytes"))
+    if None not in removed:
+        parts.append(f"{removed[0] * 100:.1f}% of decode FLOPs and {removed[1] * 100:.1f}% of weight bytes per token removed")
     if record.get("size_reduction") is not None:
         parts.append(f"{_f(record['size_reduction'] * 100, 1)}% fewer parameters")
     if record.get("perplexity_increase") is not None:
@@ -92,7 +106,8 @@ def markdown(payload: dict) -> str:
         out += ["", f"Pipeline (`effideploy run`): {run['method']} at FFN sparsity {', '.join(map(str, run['sparsities']))} "
                 f"from one calibration pass ({options.get('calib_samples', 128)} x {options.get('calib_seqlen', 1024)} "
                 f"tokens of WikiText-2 validation); " + ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items())
-                + (f"; reused checkpoints: {', '.join(run['reused'])}" if run["reused"] else "") + "."]
+                + (f"; reused checkpoints: {', '.join(run['reused'])}" if run["reused"] else "")
+                + (f"; {run['total_seconds']:.0f} s in all" if run.get("total_seconds") is not None else "") + "."]
     out += ["", "## Verdict", ""] + [_verdict_line(r) for r in comparisons]
     if payload.get("policy"):
         policy = payload["policy"]
@@ -119,15 +134,20 @@ def markdown(payload: dict) -> str:
     out += ["", "## Measured against ideal", "",
             "Ideal ratios count only the work removed: FLOPs of the matmuls (attention, FFN and the vocab x hidden "
             "output head; prefill adds QK^T/AV over the prompt, decode over the cache) and weight bytes read per "
-            "decoded token. Measured ratios are dense median / candidate median.", ""]
+            f"decoded token, for a {config['prompt_tokens']}-token prompt and {config['new_tokens']} new tokens. "
+            "Measured ratios are dense median / candidate median. The removed shares are 1 - 1/ideal ratio.", ""]
     rows = []
     for r in comparisons:
         ideal = r.get("ideal") or {}
-        rows.append([r["candidate"], _f(r.get("decode_speedup")), _f(ideal.get("decode_speedup_flops")),
+        rows.append([r["candidate"], _pct(_removed(ideal.get("prefill_speedup_flops"))),
+                     _pct(_removed(ideal.get("decode_speedup_flops"))),
+                     _pct(_removed(ideal.get("decode_speedup_weight_bytes"))),
+                     _f(r.get("decode_speedup")), _f(ideal.get("decode_speedup_flops")),
                      _f(ideal.get("decode_speedup_weight_bytes")), _f(r.get("ttft_speedup")),
                      _f(ideal.get("prefill_speedup_flops")), _f(r.get("e2e_speedup")), _f(r.get("throughput_speedup")),
                      _f(r.get("size_ratio")), _f(r.get("weight_bytes_ratio"))])
-    out.append(_table(["candidate", "decode (measured)", "decode (ideal, FLOPs)", "decode (ideal, bytes)",
+    out.append(_table(["candidate", "prefill FLOPs removed", "decode FLOPs removed", "weight bytes/token removed",
+                       "decode (measured)", "decode (ideal, FLOPs)", "decode (ideal, bytes)",
                        "TTFT (measured)", "prefill (ideal, FLOPs)", "e2e", "throughput (largest batch)",
                        "parameters dense/cand", "weights on disk dense/cand"], rows))
 
@@ -216,6 +236,9 @@ def markdown(payload: dict) -> str:
             "processes competed for the CPU and absolute timings are inflated and noisy; the interleaved ratios are "
             "the numbers to read.",
             "- Percentiles interpolate linearly between samples; with few samples p99 is close to the maximum."]
+    if payload.get("phase_seconds"):
+        out.append("- Wall time of the bench by phase: "
+                   + ", ".join(f"{k} {v:.0f} s" for k, v in payload["phase_seconds"].items()) + ".")
     out += [f"- {note}" for note in payload.get("notes", [])]
     if payload.get("plots"):
         out += ["", "## Plots", ""] + [f"![{name}]({name})" for name in payload["plots"]]
@@ -265,6 +288,8 @@ def write_plots(payload: dict, folder: Path) -> list[str]:
         plt.close(fig)
         written.append("pareto.png")
 
+    written += _speedup_plot(payload, folder, plt)
+
     models = payload["models"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "end-to-end latency")):
@@ -296,3 +321,49 @@ def write_plots(payload: dict, folder: Path) -> list[str]:
         plt.close(fig)
         written.append("throughput.png")
     return written
+
+
+SPEEDUP_BARS = (  # (label, where, key, hatch): measured bars solid, ideal ones hatched beside them
+    ("TTFT measured", "record", "ttft_speedup", None),
+    ("prefill ideal (FLOPs)", "ideal", "prefill_speedup_flops", "//"),
+    ("decode measured", "record", "decode_speedup", None),
+    ("decode ideal (FLOPs)", "ideal", "decode_speedup_flops", "//"),
+    ("decode ideal (weight bytes)", "ideal", "decode_speedup_weight_bytes", ".."),
+    ("throughput measured", "record", "throughput_speedup", None),
+)
+
+
+def _speedup_plot(payload: dict, folder: Path, plt) -> list[str]:
+    """speedup.png: each candidate's measured speedups beside what the removed FLOPs and weight bytes predict."""
+    comparisons = [r for r in payload["comparisons"] if r.get("ideal") or r.get("decode_speedup") is not None]
+    if not comparisons:
+        return []
+    colors = {"TTFT": "tab:blue", "prefill": "tab:blue", "decode": "tab:orange", "throughput": "tab:green"}
+    width = 0.8 / len(SPEEDUP_BARS)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.6 * len(comparisons) + 2), 4.2))
+    for index, (label, where, key, hatch) in enumerate(SPEEDUP_BARS):
+        values = [((r.get("ideal") or {}) if where == "ideal" else r).get(key) for r in comparisons]
+        values = [float("nan") if v is None else v for v in values]
+        xs = [i + (index - (len(SPEEDUP_BARS) - 1) / 2) * width for i in range(len(comparisons))]
+        color = colors[label.split()[0]]
+        bars = ax.bar(xs, values, width, label=label, color=color if hatch is None else "white", edgecolor=color,
+                      hatch=hatch, alpha=1.0 if hatch is None else 0.9)
+        for bar, value in zip(bars, values):
+            if not math.isnan(value):
+                ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xticks(range(len(comparisons)), [r["candidate"] for r in comparisons])
+    ax.set_ylabel("speedup over dense (x)")
+    config, runtime = payload["config"], payload["runtime"]
+    ax.set_title(f"{config['dense']} on {runtime.get('runtime')} ({runtime.get('threads', 'default')} threads): "
+                 f"measured vs ideal, {config['prompt_tokens']}-token prompts", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    heights = [b.get_height() for b in ax.patches if not math.isnan(b.get_height())]
+    ax.set_ylim(0, max(heights + [1.0]) * 1.3)  # room for the legend above the bars
+    fig.tight_layout()
+    fig.savefig(folder / "speedup.png", dpi=110)
+    plt.close(fig)
+    return ["speedup.png"]
+

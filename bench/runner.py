@@ -175,13 +175,18 @@ def prepare_entry(config: BenchConfig, label: str, kind: str, spec: str, compres
     root = Path(config.export_root)
     done = [folder for folder in root.glob(f"*-{config.runtime}-{key}") if (folder / EXPORT_MANIFEST).is_file()]
     target = done[0] if done else root / f"{base}{suffix}-{config.runtime}-{key}"  # one export per checkpoint
+    export = {"path": str(target), "reused": bool(done), "seconds": 0.0}
     if not done:
         from effideploy.exporters import EXPORTERS
 
         exporter = EXPORTERS.get(config.runtime)
+        tick = time.perf_counter()
         with progress.status(f"Exporting {base} for {config.runtime} to {target}"):
             exporter(source, target, overwrite=True, **options)
-    return Entry(label, kind, spec, target, source.path, source.config_dict, compression)
+        export["seconds"] = time.perf_counter() - tick
+    entry = Entry(label, kind, spec, target, source.path, source.config_dict, compression)
+    entry.results["export"] = export
+    return entry
 
 
 def _config_dict(folder: Path) -> dict | None:
@@ -597,6 +602,8 @@ def run_bench(config: BenchConfig) -> dict:
 
             validate_for_runtime(spec.compression, config.runtime)  # ONNX graphs get attention outputs when needed
 
+    phases: dict[str, float] = {}  # wall seconds per phase, for the report's account of the run's cost
+    tick = time.perf_counter()
     taken = {DENSE_LABEL}
     entries = [prepare_entry(config, DENSE_LABEL, "dense", config.dense)]
     for spec in config.candidates:
@@ -606,6 +613,7 @@ def run_bench(config: BenchConfig) -> dict:
     for entry in entries:
         entry.results["parameters"] = parameter_record(entry)
         entry.results["size"] = size_record(entry)
+    phases["export" if config.runtime != "torch" else "prepare"] = time.perf_counter() - tick
 
     with progress.status("Tokenizing WikiText-2 test"):
         test_ids = tokenize_text(tokenizer, load_text(resolve_text("wikitext2", "test", config.data_dir)))
@@ -616,17 +624,20 @@ def run_bench(config: BenchConfig) -> dict:
     options = runtime_options(config, entries, max(config.ppl_seqlen, config.prompt_tokens + config.new_tokens))
 
     if config.memory:
+        tick = time.perf_counter()
         for entry in progress.track(entries, "Peak memory (one process per model)"):
             from effideploy.bench.memory import measure_peak_memory
 
             entry.results["memory"] = measure_peak_memory(config.runtime, str(entry.artifact), prompts[0],
                                                           config.new_tokens, compression=entry.compression,
                                                           threads=config.threads, options=options)
+        phases["memory"] = time.perf_counter() - tick
     else:
         notes.append("memory not measured (--no-memory)")
 
     opened = {}
     try:
+        tick = time.perf_counter()
         for entry in entries:
             with progress.status(f"Opening {entry.label} on {config.runtime}"):
                 key = str(entry.artifact)
@@ -636,19 +647,29 @@ def run_bench(config: BenchConfig) -> dict:
                 entry.options = compression_options(config.runtime, entry.compression)
         for entry in entries:
             entry.results["runtime"] = entry.runtime.describe()
+        phases["open"] = time.perf_counter() - tick
+        tick = time.perf_counter()
         measure_latency(entries, prompts, config)
+        phases["latency"] = time.perf_counter() - tick
         for entry in entries:  # the KV cache the PyTorch hooks left after the last timed prompt
             if getattr(entry.options.get("hooks"), "records", None):
                 kv = entry.options["hooks"].records[-1]
                 entry.results["kv_cache"] = {"kv_bytes": kv.get("kv_bytes"), "full_kv_bytes": kv.get("full_kv_bytes"),
                                              "prompt_tokens": kv.get("prompt_tokens"),
                                              "kept_mean": sum(kv["kept_per_layer"]) / len(kv["kept_per_layer"])}
+        tick = time.perf_counter()
         notes += measure_throughput(entries, prompt_windows, config)
+        phases["throughput"] = time.perf_counter() - tick
+        phases["perplexity"] = phases["multiple choice"] = 0.0
         for entry in entries:
+            tick = time.perf_counter()
             if windows is not None:
                 entry.results["perplexity"] = measure_perplexity(entry, windows)
+            phases["perplexity"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             if tasks:
                 entry.results["tasks"] = measure_multiple_choice(entry, tasks, tokenizer, config)
+            phases["multiple choice"] += time.perf_counter() - tick
     finally:
         for runtime in opened.values():
             runtime.close()
@@ -678,6 +699,7 @@ def run_bench(config: BenchConfig) -> dict:
         "comparisons": comparisons,
         "pareto": pareto(comparisons),
         "notes": notes,
+        "phase_seconds": phases,
         "seconds": time.perf_counter() - started,
     }
 

@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--stats-cache", type=Path, default=None, help="Reuse/save calibration statistics here.")
     parser.add_argument("--calib-dtype", default="float32")
+    parser.add_argument("--gram-stride", type=int, default=PruneConfig.gram_stride,
+                        help="Second moments for lstsq compensation from every k-th token (as prune --gram-stride).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results as JSON.")
     parser.add_argument("--extra", nargs="*", default=[], help="Extra runs as method:key=value,key=value.")
     args = parser.parse_args()
@@ -58,10 +60,12 @@ def main() -> None:
         stats = load_stats(args.stats_cache)
     else:
         windows = sample_windows(calib_ids, args.calib_samples, args.calib_seqlen, args.seed)
-        stats = collect_stats(layerwise, windows, compute_dtype=args.calib_dtype)
+        stats = collect_stats(layerwise, windows, compute_dtype=args.calib_dtype, gram=True,
+                              gram_stride=args.gram_stride)
         if args.stats_cache:
             save_stats(stats, args.stats_cache)
-    print(f"calibration: {stats.n_windows} x {stats.seqlen} tokens, {stats.seconds:.1f} s", flush=True)
+    print(f"calibration: {stats.n_windows} x {stats.seqlen} tokens ({args.calib_dtype}, second moments every "
+          f"{args.gram_stride} tokens), {stats.seconds:.1f} s", flush=True)
 
     dense = load_model(source)
     results = {"dense": perplexity(dense, eval_windows).perplexity}
@@ -77,7 +81,7 @@ def main() -> None:
         if "align" in options:
             options["align"] = int(options["align"])
         config = PruneConfig(method=method, sparsity=sparsity, calib_samples=stats.n_windows,
-                             calib_seqlen=stats.seqlen, seed=args.seed, **options)
+                             calib_seqlen=stats.seqlen, seed=args.seed, gram_stride=args.gram_stride, **options)
         start = time.perf_counter()
         plan = plan_from_stats(layerwise, config, stats)
         model = apply_plan(copy.deepcopy(dense), plan)
@@ -89,12 +93,14 @@ def main() -> None:
         del model
 
     print()
-    print("| method | " + " | ".join(f"{int(s * 100)}%" for s in args.sparsities) + " |")
-    print("|---|" + "---|" * len(args.sparsities))
-    print(f"| dense | {results['dense']:.2f} |" + " |" * (len(args.sparsities) - 1))
-    for method in args.methods:
-        row = " | ".join(f"{results[f'{method}@{s}']:.2f}" for s in args.sparsities)
-        print(f"| {method} | {row} |")
+    sparsities = sorted({sparsity for _, sparsity, _ in runs})
+    labels = list(dict.fromkeys(key.rpartition("@")[0] for key in results if key != "dense"))
+    print("| method | " + " | ".join(f"{s * 100:g}%" for s in sparsities) + " |")
+    print("|---|" + "---|" * len(sparsities))
+    print(f"| dense | {results['dense']:.2f} |" + " |" * (len(sparsities) - 1))
+    for label in labels:
+        cells = [f"{results[f'{label}@{s}']:.2f}" if f"{label}@{s}" in results else "" for s in sparsities]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

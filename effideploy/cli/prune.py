@@ -26,15 +26,32 @@ def prune(
     c: float = typer.Option(1.0, help="CFSP: activation exponent outside the weight terms."),
     compensation: Optional[str] = typer.Option(
         None, help="none | bias | lstsq (default: the method's own: cfsp lstsq, flap bias, others none)."),
-    damp: float = typer.Option(0.01, help="lstsq: ridge term relative to the mean activation second moment."),
+    damp: float = typer.Option(1e-3, help="lstsq: ridge term relative to the mean activation second moment."),
+    gram_stride: int = typer.Option(4, help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward."),
     calib_dtype: str = typer.Option("float32", help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled (.bin) weights, which can run code when loaded."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    recover: bool = typer.Option(False, help="Then LoRA recovery fine-tuning (see `effideploy recover`); only the "
+                                 "recovered checkpoint is written.", rich_help_panel="Recovery"),
+    recover_steps: int = typer.Option(200, help="Recovery: optimizer steps.", rich_help_panel="Recovery"),
+    recover_mean_rank: Optional[float] = typer.Option(
+        None, help="Recovery: LoRA budget as the mean rank uniform LoRA would get (default 8).",
+        rich_help_panel="Recovery"),
+    recover_uniform: bool = typer.Option(False, help="Recovery: the same rank in every block instead of "
+                                         "importance-guided ranks.", rich_help_panel="Recovery"),
+    recover_teacher: Optional[str] = typer.Option(
+        None, help="Recovery: distil from this model (e.g. the --model value, the dense model).",
+        rich_help_panel="Recovery"),
+    recover_data: Optional[str] = typer.Option(None, help="Recovery: training text (default: the --calib source).",
+                                               rich_help_panel="Recovery"),
+    recover_lr: float = typer.Option(5e-4, help="Recovery: peak learning rate.", rich_help_panel="Recovery"),
+    recover_batch_size: int = typer.Option(4, help="Recovery: windows per step.", rich_help_panel="Recovery"),
+    recover_seqlen: int = typer.Option(256, help="Recovery: tokens per window.", rich_help_panel="Recovery"),
 ) -> None:
-    """Prune FFN channels and write a physically smaller checkpoint."""
+    """Prune FFN channels and write a physically smaller checkpoint (with --recover: recovered by LoRA first)."""
     from effideploy.data.text import resolve_text
     from effideploy.models.resolve import resolve_model
     from effideploy.pruning import PruneConfig, prune_checkpoint
@@ -42,12 +59,31 @@ def prune(
 
     set_threads(threads)
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
+                         gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
                          calib_dtype=calib_dtype)
     METHODS.target(method)
+    recovery = None
+    if recover:  # validated before any work starts
+        from effideploy.recovery import RecoveryConfig
+
+        recovery = RecoveryConfig(mean_rank=recover_mean_rank, uniform=recover_uniform, steps=recover_steps,
+                                  lr=recover_lr, batch_size=recover_batch_size, seqlen=recover_seqlen,
+                                  data=recover_data or calib, data_dir=str(data_dir) if data_dir else None,
+                                  teacher=recover_teacher, seed=seed)
     source = resolve_model(model, allow_pickle=allow_pickle)
     text = resolve_text(calib, "calibration", str(data_dir) if data_dir else None)
-    target, plan = prune_checkpoint(source, config, output, calibration=text, overwrite=overwrite)
+    if recovery is None:
+        target, plan = prune_checkpoint(source, config, output, calibration=text, overwrite=overwrite)
+    else:
+        # Pruned into a temporary folder beside the output, recovered into the output: an interrupted run
+        # leaves neither a half-written output nor a pruned-only one.
+        from effideploy.cli.recover import run_with_warnings
+        from effideploy.recovery import prune_and_recover
+
+        plan, recovered = run_with_warnings(prune_and_recover, source, config, output, recovery, calibration=text,
+                                            overwrite=overwrite)
+        target = recovered.output
     from effideploy.checkpoint.writer import read_provenance
 
     record = read_provenance(target)
@@ -56,3 +92,7 @@ def prune(
     echo(f"  FFN sparsity {record['sparsity']['ffn_actual']:.3f} (asked {sparsity}), parameters removed "
           f"{record['sparsity']['parameters_removed']:.3f}; widths {min(widths)}..{max(widths)} "
           f"(full {max(plan.full_widths)}); {record['seconds']['total']:.1f} s")
+    if recovery is not None:
+        from effideploy.cli.recover import report_recovery
+
+        report_recovery(recovered)

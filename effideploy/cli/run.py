@@ -58,5 +58,7 @@ def run(
     payload, report = run_pipeline(model=model, sparsities=parse_sparsities(sparsities), method=method, runtime=runtime,
                                    output=output, prune_options=prune_options, bench_options=bench_options,
                                    token_compression=tuple(token_compression or ()), overwrite=overwrite)
-    echo(f"pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in payload["pipeline"]["seconds"].items()))
+    run_seconds = payload["pipeline"]
+    echo("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in run_seconds["seconds"].items())
+         + f" (total {run_seconds['total_seconds']:.0f} s)")
     finish(payload, report, policy, loaded_policy, overwrite=True)  # each run replaces its report

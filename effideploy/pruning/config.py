@@ -31,8 +31,8 @@ class PruneConfig:
     b: float = 1.0
     c: float = 1.0
     compensation: str | None = None  # None: the method's default
-    damp: float = 0.01
-    gram_stride: int = 1
+    damp: float = 1e-3
+    gram_stride: int = 4
     calib_samples: int = 128
     calib_seqlen: int = 1024
     seed: int = 0

@@ -40,6 +40,11 @@ def ffn_weights(model: LayerwiseModel, index: int) -> FFNWeights:
     )
 
 
+# lstsq solves width + 1 unknowns per output row from the calibration second moments; below this many tokens
+# per unknown the refit chases noise (SmolLM2 at 50%, 512 tokens for 769 unknowns: perplexity 3230 instead of ~60).
+LSTSQ_TOKENS_PER_UNKNOWN = 4
+
+
 def make_method(config: PruneConfig) -> PruningMethod:
     return METHODS.get(config.method)(config)
 
@@ -76,15 +81,26 @@ def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: Calibrati
     widths = method.widths(scores, stats)
     importance = method.block_importance(stats)
     blocks = []
+    short = []
     for index, (score, width) in enumerate(zip(scores, widths)):
+        compensation = method.compensation
+        if compensation == "lstsq" and stats.blocks[index].gram_tokens < LSTSQ_TOKENS_PER_UNKNOWN * (width + 1):
+            compensation = "bias"  # too few tokens for width + 1 unknowns: the refit would fit calibration noise
+            short.append(index)
         # A stable sort keeps tie-breaking (and therefore the checkpoint) identical from run to run.
         kept = torch.sort(score, descending=True, stable=True).indices[:width].sort().values
         blocks.append(
             BlockPlan(index=index, full_width=len(score), kept=kept,
                       importance=None if importance is None else float(importance[index]),
-                      compensation=method.compensation, damp=config.damp,
+                      compensation=compensation, damp=config.damp,
                       stats=stats.blocks[index] if stats is not None else None)
         )
+    if short:
+        progress.console.print(
+            f"warning: {len(short)} block(s) got bias instead of lstsq compensation: their least-squares refit "
+            f"needs {LSTSQ_TOKENS_PER_UNKNOWN} calibration tokens per kept channel, the second moments hold "
+            f"{stats.blocks[short[0]].gram_tokens} (use more --calib-samples or a smaller --gram-stride)",
+            highlight=False)
     plan = PrunePlan(config=config, blocks=blocks, stats=stats)
     plan.seconds["score_and_allocate"] = time.perf_counter() - start
     if stats is not None:

@@ -426,7 +426,10 @@ def prune_and_recover(source: ModelSource, prune_config, output: str | Path, con
     from effideploy.pruning import prune_checkpoint
 
     _require_peft()
-    target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
+    # Everything recover_checkpoint would refuse is refused here, before the pruning time is spent.
+    inputs = (source.path,) if config.teacher is None else (source.path, resolve_model(config.teacher).path)
+    target = check_output_dir(output, overwrite=overwrite, inputs=inputs)
+    resolve_text(config.data, "calibration", config.data_dir)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.pruned-", dir=target.parent) as scratch:
         pruned, plan = prune_checkpoint(source, prune_config, Path(scratch) / "pruned", calibration=calibration)
         result = recover_checkpoint(pruned, target, config, overwrite=overwrite,

@@ -79,7 +79,7 @@ def test_lstsq_compensation_is_the_least_squares_refit():
     """CFSP's default compensation refits down_proj and a bias on the kept channels: on the calibration
     activations it must equal an explicit least-squares solve and beat plain slicing."""
     dense = tiny_llama(seed=3)
-    windows = torch.randint(0, 384, (16, 32), generator=torch.Generator().manual_seed(5))  # 512 tokens > 129 unknowns
+    windows = torch.randint(0, 384, (48, 32), generator=torch.Generator().manual_seed(5))  # 1536 tokens > 4 x 257
     captured = {}
     handles = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda _m, args, i=i: captured.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
@@ -89,7 +89,8 @@ def test_lstsq_compensation_is_the_least_squares_refit():
     for handle in handles:
         handle.remove()
     model = copy.deepcopy(dense)
-    plan = prune_(model, PruneConfig(method="cfsp", sparsity=0.5, calib_samples=16, calib_seqlen=32, damp=1e-9), windows)
+    plan = prune_(model, PruneConfig(method="cfsp", sparsity=0.5, calib_samples=48, calib_seqlen=32, damp=1e-9,
+                                     gram_stride=1), windows)
     assert model.config.mlp_bias
     for i, block in enumerate(plan.blocks):
         acts = torch.cat(captured[i]).double()
@@ -101,6 +102,27 @@ def test_lstsq_compensation_is_the_least_squares_refit():
         torch.testing.assert_close(refit, design @ solution.T, rtol=1e-3, atol=1e-3)
         sliced = acts[:, block.kept] @ dense.model.layers[i].mlp.down_proj.weight.double()[:, block.kept].T
         assert (refit - target).pow(2).sum() < 0.9 * (sliced - target).pow(2).sum()
+
+
+def test_lstsq_falls_back_to_bias_with_too_few_calibration_tokens(capsys):
+    """128 tokens cannot determine 129 unknowns per row: every block gets FLAP's bias instead, and it says so."""
+    windows = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(5))
+    lstsq, bias = tiny_llama(seed=3), tiny_llama(seed=3)
+    plan = prune_(lstsq, PruneConfig(method="cfsp", sparsity=0.5, calib_samples=4, calib_seqlen=32), windows)
+    prune_(bias, PruneConfig(method="cfsp", compensation="bias", sparsity=0.5, calib_samples=4, calib_seqlen=32), windows)
+    assert {block.compensation for block in plan.blocks} == {"bias"}
+    assert "4 block(s) got bias instead of lstsq" in capsys.readouterr().err
+    for a, b in zip(lstsq.state_dict().values(), bias.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_gram_stride_keeps_enough_tokens_per_channel():
+    from effideploy.pruning.calibration import effective_gram_stride
+
+    assert effective_gram_stride(4, 128 * 1024, 1536) == 4  # 131k tokens: 32k for a 1536-wide FFN
+    assert effective_gram_stride(4, 16 * 512, 1536) == 1  # 8k tokens: every one of them
+    assert effective_gram_stride(4, 60_000, 1536) == 1
+    assert effective_gram_stride(4, 70_000, 1536) == 2
 
 
 def test_compensation_none_keeps_the_paper_method_bias_free():

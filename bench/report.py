@@ -6,7 +6,10 @@ describe()), ``runtime_options``, ``environment`` (versions, CPU/GPU, threads, l
 ``e2e_s`` samples and a ``summary``, ``throughput`` tokens/s samples per batch size, ``perplexity`` with per-window
 mean NLL, ``tasks`` with per-example choices), ``comparisons`` (per candidate: every ratio, OP/OG/OL/OE, the ideal
 ratios, the policy metrics), ``pareto`` (per quality, OP and the perplexity ratio, and per speedup: the points and
-whether each is non-dominated), ``policy`` (when given), ``notes``, ``seconds``, ``plots``.
+whether each is non-dominated), ``policy`` (when given), ``notes``, ``phase_seconds`` (wall time per bench phase),
+``seconds``, ``plots``; per model also ``export`` (path, reused, seconds) when the bench exported it; from
+``effideploy run`` also ``pipeline`` (method, sparsities, prune options, checkpoints, seconds per step, total).
+Added keys do not change the version; renamed or removed ones do.
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ def markdown(payload: dict) -> str:
 # ------------------------------------------------------------------------------------------------- plots
 
 def write_plots(payload: dict, folder: Path) -> list[str]:
-    """pareto.png and latency.png (and throughput.png when measured); none when matplotlib is missing."""
+    """pareto.png, speedup.png (measured vs ideal), latency.png and throughput.png (when measured); none when
+    matplotlib is missing."""
     try:
         import matplotlib
 

@@ -6,9 +6,11 @@ channels, the FFN output is y = W A. Two compensations, both computed from calib
 - ``bias`` (FLAP): the removed channels' mean contribution becomes a down_proj bias, b = W[:, ~S] E[A_~S].
 - ``lstsq``: the least-squares optimal affine map from the kept activations to the full output,
   [W', b] = argmin E|| W A - W' A_S - b ||^2, solved in closed form from the second moments of A:
-  [W', b] = W [E[A A_S^T], E[A]] ( [[E[A_S A_S^T], E[A_S]], [E[A_S]^T, 1]] + lambda I )^-1.
+  [W', b] = (W [E[A A_S^T], E[A]] + [W_S Lambda, 0]) ( [[E[A_S A_S^T], E[A_S]], [E[A_S]^T, 1]] + diag(Lambda, lambda_1) )^-1.
   It reduces to W_S (no change) when the removed channels are uncorrelated with the kept ones and zero-mean,
-  and contains the ``bias`` compensation as its mean term. lambda = damp * mean(diagonal) keeps the solve stable.
+  and contains the ``bias`` compensation as its mean term. A ridge sum_i lambda_i ||W'_i - W_S,i||^2 with
+  lambda_i = damp * E[A_i^2] (each channel's own scale) keeps the solve stable and tends to plain slicing (no
+  compensation) as damp grows.
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ def least_squares(
     lhs[:k, k] = mu[kept]
     lhs[k, :k] = mu[kept]
     lhs[k, k] = 1.0
-    lhs.diagonal().add_(damp * lhs.diagonal().mean())
+    # Per-channel ridge, damp x each channel's own second moment: LLM activations span orders of magnitude, and a
+    # ridge scaled by the mean diagonal (dominated by outlier channels) swamps every ordinary channel.
+    ridge = damp * lhs.diagonal().clone()
+    lhs.diagonal().add_(ridge)
     cross = torch.cat([g[:, kept], mu[:, None]], dim=1)  # E[A [A_S; 1]^T], [n, k + 1]
     rhs = w @ cross  # [h, k + 1]
+    # The ridge pulls towards the plainly sliced weights [W_S, 0], not towards zero (which would wipe out the
+    # contribution of kept channels the fit cannot pin down).
+    rhs[:, :k] += ridge[:k] * w[:, kept]
     solution = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
     return solution[:, :k].to(down.dtype), solution[:, k].to(down.dtype)

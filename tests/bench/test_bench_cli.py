@@ -42,10 +42,12 @@ def test_bench_writes_the_report_folder(self_bench):
         assert model["memory"]["peak_rss_mb"] >= model["memory"]["baseline_rss_mb"] > 0
         assert model["tasks"]["toy"]["n"] == 5 and len(model["perplexity"]["window_mean_nll"]) == 2
     assert payload["environment"]["versions"]["torch"] and payload["runtime"]["runtime"] == "torch"
+    assert {"memory", "latency", "throughput", "perplexity", "multiple choice"} <= set(payload["phase_seconds"])
     text = (report / "report.md").read_text()
     for heading in ("## Verdict", "## Latency", "## Throughput", "## Measured against ideal", "## Memory and size",
                     "## Accuracy", "## EffiVLM-Bench metrics", "## Pareto front", "## Policy"):
         assert heading in text
+    assert "decode FLOPs removed" in text and "weight bytes/token removed" in text  # the ideal beside the measured
 
 
 def test_a_model_against_itself_has_loyalty_and_op_one(self_bench):
@@ -118,6 +120,7 @@ def test_run_prunes_from_one_calibration_pass_and_reuses_checkpoints(tmp_path, t
     assert (tmp_path / "run" / "cfsp-0.25" / "effideploy.json").is_file()
     payload, _ = pipeline.run_pipeline(**kwargs)  # same options: nothing is pruned again
     assert len(calls) == 1 and payload["pipeline"]["reused"] == ["0.25", "0.5"]
+    assert "export" not in payload["pipeline"]["seconds"] and payload["pipeline"]["total_seconds"] > 0  # torch: none
 
 
 def test_run_command_end_to_end(tmp_path, tiny_model_dir, tiny_task_dir):

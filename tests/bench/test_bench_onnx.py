@@ -23,6 +23,8 @@ def test_onnx_bench_exports_and_compares(tmp_path, tiny_model_dir, tiny_pruned_d
     assert payload["runtime"]["runtime"] == "onnx"
     exports = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "exports").iterdir())
     assert exports == ["cfsp-0.5", "dense"]  # the compression candidate shares the dense export
+    assert [m["export"]["reused"] for m in payload["models"]] == [False, False, True]
+    assert payload["phase_seconds"]["export"] >= sum(m["export"]["seconds"] for m in payload["models"]) > 0
     pruned, compressed = payload["comparisons"]
     assert pruned["size_reduction"] > 0 and pruned["loyalty"] < 1
     # streamingllm at budget 1.0 keeps every entry: identical to dense on the same positions

@@ -137,8 +137,10 @@ def main() -> None:
         f"compensation {results['meta']['compensation']}, calibration {calib}); WikiText-2 test perplexity over "
         f"{windows.shape[0]} x 1024 tokens. Recovery on WikiText-2 validation: {args.steps} steps x {args.batch_size} "
         f"x {args.seqlen} tokens (x{args.grad_accum}), lr {args.lr}, mean rank {args.mean_rank:g} budget, "
-        f"{args.dtype} autocast, distill weight {args.distill_weight} (dense teacher {args.model}), "
-        f"{torch.get_num_threads()} thread(s).",
+        f"{args.dtype} autocast, "
+        + (f"distill weight {args.distill_weight} (dense teacher {args.model}), "
+           if "importance+distill" in args.runs else "")
+        + f"seed {args.seed}, {torch.get_num_threads()} thread(s).",
         "",
         "| model | LoRA ranks | trainable params | train tokens | train time | final train CE | perplexity |",
         "|---|---|---|---|---|---|---|",

@@ -32,7 +32,6 @@ Choices:
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import shutil
 import time
@@ -40,7 +39,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import effideploy
+from effideploy.exporters.manifest import manifest_header
 from effideploy import progress
 from effideploy.checkpoint.writer import PROVENANCE_FILE, copy_tokenizer, folder_size
 from effideploy.errors import EffideployError
@@ -50,7 +49,6 @@ from effideploy.models.resolve import ModelSource, resolve_model
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "effideploy_export.json"
 GENAI_CONFIG_FILE = "genai_config.json"
-MANIFEST_FORMAT = 1
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8",)
 # Max |logit difference| allowed between ONNX Runtime and transformers (fp32 reference): absolute + relative to the
@@ -159,16 +157,7 @@ def export_onnx(
         model_bytes = sum(p.stat().st_size for p in staging.glob(f"{MODEL_FILE}*"))
         timings["total"] = time.perf_counter() - started
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "runtime": "onnx",
-            "effideploy_version": effideploy.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                       "model_type": source.model_type, "pruned": source.is_pruned_checkpoint},
-            "provenance": None if provenance is None else {
-                "file": PROVENANCE_FILE, "method": provenance.get("method"),
-                "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),
-            },
+            **manifest_header("onnx", source, provenance),
             "model": model_summary(config, ffn_widths(config)),
             "graph": {
                 "file": MODEL_FILE, "external_data": f"{MODEL_FILE}.data", "opset": graph["opset"],

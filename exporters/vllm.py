@@ -25,7 +25,6 @@ compression vLLM has) is lossy by design: how many leading tokens still match is
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
@@ -38,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import effideploy
+from effideploy.exporters.manifest import manifest_header
 from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.checkpoint.writer import PROVENANCE_FILE, TOKENIZER_FILES, copy_remote_code, folder_size
@@ -47,7 +46,6 @@ from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
 MANIFEST_FILE = "effideploy_export.json"
-MANIFEST_FORMAT = 1
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's quantized KV caches (CPU: x86 AVX-512/AMX; GPU)
 PARITY_PROMPTS, PARITY_PROMPT_TOKENS, PARITY_NEW_TOKENS = 3, 32, 16
@@ -159,16 +157,7 @@ def export_vllm(
         timings["total"] = time.perf_counter() - started
         files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()) + [MANIFEST_FILE]
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "runtime": "vllm",
-            "effideploy_version": effideploy.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                       "model_type": source.model_type, "pruned": source.is_pruned_checkpoint},
-            "provenance": None if provenance is None else {
-                "file": PROVENANCE_FILE, "method": provenance.get("method"),
-                "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),
-            },
+            **manifest_header("vllm", source, provenance),
             "architecture": config_dict.get("architectures", ["LlamaForCausalLM"])[0],
             "trust_remote_code": source.is_pruned_checkpoint,
             "ffn_widths": new_widths,

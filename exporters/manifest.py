@@ -1,0 +1,25 @@
+"""The header every export's ``effideploy.json`` manifest starts with (which runtime, from what, when)."""
+
+from __future__ import annotations
+
+import datetime
+
+import effideploy
+from effideploy.checkpoint.writer import PROVENANCE_FILE
+
+MANIFEST_FORMAT = 1
+
+
+def manifest_header(runtime: str, source, provenance: dict | None) -> dict:
+    return {
+        "format": MANIFEST_FORMAT,
+        "runtime": runtime,
+        "effideploy_version": effideploy.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
+                   "model_type": source.model_type, "pruned": source.is_pruned_checkpoint},
+        "provenance": None if provenance is None else {
+            "file": PROVENANCE_FILE, "method": provenance.get("method"),
+            "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),
+        },
+    }

@@ -28,8 +28,11 @@ def checkpoint_folder(output: Path, method: str, sparsity: float) -> Path:
 def _reusable(folder: Path, source, config) -> bool:
     from effideploy.checkpoint.writer import read_provenance
 
+    from effideploy.pruning.engine import pruning_code_fingerprint
+
     record = read_provenance(folder)
-    return bool(record) and record.get("config") == config.to_dict() and record["source"]["path"] == str(source.path)
+    return (bool(record) and record.get("config") == config.to_dict() and record["source"]["path"] == str(source.path)
+            and record.get("code") == pruning_code_fingerprint())  # pruned by this very code
 
 
 def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 0.5), method: str = "cfsp",
@@ -61,7 +64,8 @@ def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 
         folder = checkpoint_folder(output, method, sparsity)
         if folder.exists() and not overwrite:
             if not _reusable(folder, source, config):
-                raise EffideployError(f"{folder} exists with other pruning options; pass --overwrite to prune again")
+                raise EffideployError(f"{folder} exists with other pruning options or from other pruning code; "
+                                      "pass --overwrite to prune again")
             progress.console.print(f"reusing {folder} (same source and options)", highlight=False)
             continue
         todo.append((sparsity, config, folder))

@@ -209,6 +209,19 @@ def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder
     writer.finish()
 
 
+def pruning_code_fingerprint() -> str:
+    """sha256 of effideploy's pruning and checkpoint sources: a checkpoint is only as reproducible as the code
+    that wrote it, and ``effideploy run`` reuses a checkpoint only when this matches as well as the options."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.joinpath("pruning").rglob("*.py"), *root.joinpath("checkpoint").rglob("*.py"),
+                        root / "models" / "layerwise.py", root / "models" / "weights.py"]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def provenance(source, config, plan, model_config, new_config, calibration, timings) -> dict:
     before = count_parameters(model_config)
     after = count_parameters(new_config)
@@ -216,6 +229,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
     return {
         "format": PROVENANCE_FORMAT,
         "effideploy_version": effideploy.__version__,
+        "code": pruning_code_fingerprint(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
                    "model_type": source.model_type},

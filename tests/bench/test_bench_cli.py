@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from effideploy.errors import EffideployError
 from tests.bench.conftest import TINY_BENCH_ARGS
 from tests.conftest import DATA
 from tests.test_cli import assert_one_line_error, run_cli
@@ -121,6 +122,9 @@ def test_run_prunes_from_one_calibration_pass_and_reuses_checkpoints(tmp_path, t
     payload, _ = pipeline.run_pipeline(**kwargs)  # same options: nothing is pruned again
     assert len(calls) == 1 and payload["pipeline"]["reused"] == ["0.25", "0.5"]
     assert "export" not in payload["pipeline"]["seconds"] and payload["pipeline"]["total_seconds"] > 0  # torch: none
+    monkeypatch.setattr(engine, "pruning_code_fingerprint", lambda: "other code")
+    with pytest.raises(EffideployError, match="from other pruning code; pass --overwrite"):
+        pipeline.run_pipeline(**kwargs)
 
 
 def test_run_command_end_to_end(tmp_path, tiny_model_dir, tiny_task_dir):

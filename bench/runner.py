@@ -28,9 +28,9 @@ import effideploy
 from effideploy import progress
 from effideploy.bench import metrics
 from effideploy.errors import EffideployError
+from effideploy.exporters.manifest import MANIFEST_FILE as EXPORT_MANIFEST
 
 DENSE_LABEL = "dense"
-EXPORT_MANIFEST = "effideploy_export.json"
 EXPORT_ROOT = "out/exports"
 
 

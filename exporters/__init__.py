@@ -20,3 +20,24 @@ EXPORTERS = Registry(
 def export(runtime: str, source, output, **options):
     """Export ``source`` for ``runtime`` (see each exporter for its options)."""
     return EXPORTERS.get(runtime)(source, output, **options)
+
+
+def export_or_reuse(runtime: str, spec: str, target, **options):
+    """The folder of an export for ``spec``: ``spec`` itself when it is an export, ``target`` when it already holds
+    an export of the same source, else a new export written to ``target`` (benchmark scripts re-run cheaply)."""
+    import json
+    from pathlib import Path
+
+    from effideploy.exporters.manifest import MANIFEST_FILE
+    from effideploy.models.resolve import resolve_model
+
+    path, target = Path(spec).expanduser(), Path(target)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    source = resolve_model(spec)
+    manifest = target / MANIFEST_FILE
+    if manifest.is_file() and json.loads(manifest.read_text())["source"]["path"] == str(source.path):
+        return target
+    print(f"exporting {spec} -> {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return export(runtime, source, target, overwrite=True, **options).output

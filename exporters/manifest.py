@@ -7,6 +7,7 @@ import datetime
 import effideploy
 from effideploy.checkpoint.writer import PROVENANCE_FILE
 
+MANIFEST_FILE = "effideploy_export.json"
 MANIFEST_FORMAT = 1
 
 

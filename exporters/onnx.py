@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effideploy.exporters.manifest import manifest_header
+from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy import progress
 from effideploy.checkpoint.writer import PROVENANCE_FILE, copy_tokenizer, folder_size
 from effideploy.errors import EffideployError
@@ -47,7 +47,6 @@ from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
 MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "effideploy_export.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8",)

@@ -37,15 +37,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effideploy.exporters.manifest import manifest_header
+from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
-from effideploy.checkpoint.writer import PROVENANCE_FILE, TOKENIZER_FILES, copy_remote_code, folder_size
+from effideploy.checkpoint.writer import PROVENANCE_FILE, TOKENIZER_FILES, copy_files, copy_remote_code, folder_size
 from effideploy.errors import EffideployError
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
-MANIFEST_FILE = "effideploy_export.json"
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's quantized KV caches (CPU: x86 AVX-512/AMX; GPU)
 PARITY_PROMPTS, PARITY_PROMPT_TOKENS, PARITY_NEW_TOKENS = 3, 32, 16
@@ -134,7 +133,7 @@ def export_vllm(
             write_json(staging / "config.json", config_dict)
             if source.is_pruned_checkpoint:
                 copy_remote_code(staging)
-            tokenizer_files = _copy_files(source.path, staging, TOKENIZER_FILES)
+            tokenizer_files = copy_files(source.path, staging, TOKENIZER_FILES)
             if not any(name in tokenizer_files for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
                 raise EffideployError(f"{source.path} has no tokenizer (tokenizer.json / tokenizer.model); vllm serve needs one")
             if provenance is not None:
@@ -275,15 +274,6 @@ def _link_or_copy(source: Path, target: Path) -> bool:
     except OSError:
         shutil.copy2(source, target)
         return False
-
-
-def _copy_files(source: Path, staging: Path, names) -> list[str]:
-    copied = []
-    for name in names:
-        if (source / name).is_file():
-            shutil.copy2(source / name, staging / name)
-            copied.append(name)
-    return copied
 
 
 def _weight_files(folder: Path) -> dict[str, str]:

@@ -25,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+from effideploy.exporters import export_or_reuse
+
 import numpy as np
 
 TARGET_FRACTION = 0.9
@@ -37,25 +39,6 @@ def matmul_parameters(model: dict) -> int:
     attention = model["num_layers"] * (2 * hidden * q_width + 2 * hidden * kv_width)
     ffn = sum(3 * hidden * width for width in model["ffn_widths"])
     return attention + ffn + model["vocab_size"] * hidden
-
-
-def onnx_export(spec: str, work: Path, name: str) -> Path:
-    """An ONNX export for ``spec``: the folder itself when it is one, else an export under ``work`` (reused)."""
-    from effideploy.exporters.onnx import MANIFEST_FILE, export_onnx
-    from effideploy.models.resolve import resolve_model
-
-    path = Path(spec).expanduser()
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    source = resolve_model(spec)
-    target = work / f"{name}-onnx"
-    manifest = target / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text())["source"]["path"] == str(source.path):
-        return target
-    print(f"exporting {spec} -> {target}", flush=True)
-    work.mkdir(parents=True, exist_ok=True)
-    export_onnx(source, target, overwrite=True)
-    return target
 
 
 def timed_generation(runtime, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[float]]:
@@ -108,7 +91,8 @@ def main() -> None:
     from effideploy.runtimes.onnx import OnnxRuntime
 
     pruned_spec = args.pruned or pruned_checkpoint(args.work, args.sparsity, args.calib_samples, args.calib_seqlen)
-    folders = {"dense": onnx_export(args.dense, args.work, "dense"), "pruned": onnx_export(pruned_spec, args.work, "pruned")}
+    folders = {"dense": export_or_reuse("onnx", args.dense, args.work / "dense-onnx"),
+               "pruned": export_or_reuse("onnx", pruned_spec, args.work / "pruned-onnx")}
     config = {"session.intra_op.allow_spinning": args.spinning}
     runtimes = {name: OnnxRuntime(folder, threads=args.threads, session_config=config) for name, folder in folders.items()}
     manifests = {name: runtime.manifest for name, runtime in runtimes.items()}

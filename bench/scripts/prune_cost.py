@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,7 +127,7 @@ def memory_by_depth(depths: list[int], hidden: int, intermediate: int, calib_tok
             rows.append({"layers": layers, "weights_mb": size, "prune_peak_mb": peak_mb(prune),
                          "load_whole_peak_mb": peak_mb([sys.executable, "-c", LOAD_WHOLE, str(folder)])})
             for path in Path(tmp).glob(f"*-{layers}"):
-                subprocess.run(["rm", "-rf", str(path)], check=True)
+                shutil.rmtree(path)
     return rows
 
 

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from effideploy.exporters import export_or_reuse
+
 TARGET_FRACTION = 0.9
 RESULT = "@@RESULT "
 
@@ -40,23 +42,6 @@ def matmul_parameters(config_path: Path) -> tuple[int, list[int]]:
     config = build_config(json.loads(config_path.read_text()))
     counts = count_parameters(config)
     return counts["attention"] + counts["ffn"] + config.vocab_size * config.hidden_size, ffn_widths(config)
-
-
-def vllm_export(spec: str, work: Path, name: str, verify: bool) -> Path:
-    """A vLLM export for ``spec``: the folder itself when it is one, else an export under ``work`` (reused)."""
-    from effideploy.exporters.vllm import MANIFEST_FILE, export_vllm
-    from effideploy.models.resolve import resolve_model
-
-    path = Path(spec).expanduser()
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    source = resolve_model(spec)
-    target = work / f"{name}-vllm"
-    manifest = target / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text())["source"]["path"] == str(source.path):
-        return target
-    print(f"exporting {spec} -> {target}", flush=True)
-    return export_vllm(source, target, overwrite=True, verify=verify).output
 
 
 def default_pruned(work: Path) -> str:
@@ -149,10 +134,10 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
-    models = {"dense": vllm_export(args.dense, args.work, "dense", args.verify)}
+    models = {"dense": export_or_reuse("vllm", args.dense, args.work / "dense-vllm", verify=args.verify)}
     for spec in args.pruned or [default_pruned(args.work)]:
         label = Path(spec).expanduser().resolve().name
-        models[label] = vllm_export(spec, args.work, label, args.verify)
+        models[label] = export_or_reuse("vllm", spec, args.work / f"{label}-vllm", verify=args.verify)
     prompt_file = args.work / "prompt.json"
     prompt_file.write_text(json.dumps(prompt_ids(models["dense"], args.prompt_tokens)))
 

@@ -45,13 +45,18 @@ class ShardWriter:
                    {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
 
 
-def copy_tokenizer(source: Path, target: Path) -> list[str]:
+def copy_files(source: Path, target: Path, names) -> list[str]:
+    """Copy those of ``names`` that exist in ``source``; returns the ones copied."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
             copied.append(name)
     return copied
+
+
+def copy_tokenizer(source: Path, target: Path) -> list[str]:
+    return copy_files(source, target, TOKENIZER_FILES)
 
 
 def copy_remote_code(target: Path) -> None:

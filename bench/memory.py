@@ -97,15 +97,14 @@ def _child(args_path: str) -> None:
     args = json.loads(Path(args_path).read_text())
     import torch
 
-    from effideploy.bench.runner import compression_options
     from effideploy.runtimes import RUNTIMES, open_runtime
 
     # Everything imported before the baseline, so that the model RSS is the model's: the runtime's libraries, the
-    # modeling code the torch runtime loads with, and the compression hook (which carries its own imports).
-    RUNTIMES.get(args["runtime"])
-    if args["runtime"] == "torch":
-        import effideploy.models.build  # noqa: F401
-    generate_options = compression_options(args["runtime"], args["compression"])
+    # modeling code its loader imports, and the compression code.
+    RUNTIMES.get(args["runtime"]).preload()
+    if args["compression"]:
+        import effideploy.compression.hooks  # noqa: F401
+        import effideploy.compression.onnx  # noqa: F401
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     baseline = psutil.Process().memory_info().rss / MB
@@ -114,7 +113,9 @@ def _child(args_path: str) -> None:
         options["threads"] = args["threads"]
     runtime = open_runtime(args["runtime"], args["path"], **options)
     loaded = psutil.Process().memory_info().rss / MB
-    runtime.generate([args["prompt"]], args["new_tokens"], **generate_options)
+    if args["compression"]:
+        runtime.compress(args["compression"])
+    runtime.generate([args["prompt"]], args["new_tokens"])
     gpu = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
     self_peak = _peak_rss_mb()
     runtime.close()

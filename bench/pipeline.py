@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from effideploy import progress
-from effideploy.bench.runner import BenchConfig, CandidateSpec, run_bench
+from effideploy.bench.config import BenchConfig, CandidateSpec
+from effideploy.bench.runner import run_bench
 from effideploy.errors import EffideployError
 
 RUN_BENCH = {"mc_limit": 30}  # bench's 50 per task would double the run on 2 cores
@@ -39,7 +40,7 @@ def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 
                  runtime: str = "torch", output: str | Path = "out/run", prune_options: dict | None = None,
                  bench_options: dict | None = None, token_compression: tuple[str, ...] = (),
                  overwrite: bool = False) -> tuple[dict, Path]:
-    """Returns the bench payload and the report folder to write it to (the caller applies the policy and writes)."""
+    """Returns the BenchReport and the report folder to write it to (the caller applies the policy and writes)."""
     from effideploy.checkpoint.writer import read_provenance
     from effideploy.data.text import resolve_text
     from effideploy.models.resolve import resolve_model
@@ -86,12 +87,12 @@ def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 
     bench_config = BenchConfig(runtime=runtime, dense=model, candidates=tuple(candidates),
                                export_root=str(output / "exports"), **(bench_options or {}))
     tick = time.perf_counter()
-    payload = run_bench(bench_config)
-    exported = sum((m.get("export") or {}).get("seconds", 0.0) for m in payload["models"])
-    if runtime != "torch":  # run_bench exports what it has not exported before: report that apart from measuring
+    report_data = run_bench(bench_config)
+    exported = sum(m.export.seconds for m in report_data.models if m.export is not None)
+    if any(m.export is not None for m in report_data.models):  # exports made (or reused): reported apart
         seconds["export"] = exported
     seconds["bench"] = time.perf_counter() - tick - exported
-    payload["pipeline"] = {
+    report_data.pipeline = {
         "model": model, "method": method, "sparsities": list(sparsities), "prune_options": prune_options,
         "checkpoints": {f"{s:g}": str(checkpoint_folder(output, method, s)) for s in sparsities},
         "provenance": {f"{s:g}": (read_provenance(checkpoint_folder(output, method, s)) or {}).get("sparsity")
@@ -100,4 +101,4 @@ def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 
         "seconds": seconds,
         "total_seconds": time.perf_counter() - started,
     }
-    return payload, report
+    return report_data, report

@@ -18,7 +18,7 @@ from effideploy.errors import EffideployError
 
 @dataclass(frozen=True)
 class Threshold:
-    metric: str  # key of the candidate's comparison record (see runner.compare)
+    metric: str  # attribute of the candidate's Comparison (bench/compare.py)
     direction: str  # "max": value <= limit passes; "min": value >= limit passes
     unit: str
     description: str
@@ -104,18 +104,18 @@ def policy_from_dict(data: dict, where: str = "policy") -> Policy:
     return Policy(name=str(data.get("name", Path(where).stem)), require=require, thresholds=thresholds, path=where)
 
 
-def evaluate(policy: Policy, comparisons: list[dict]) -> list[Check]:
-    """One check per candidate and threshold; ``comparisons`` are the report's per-candidate records."""
+def evaluate(policy: Policy, comparisons) -> list[Check]:
+    """One check per candidate and threshold; ``comparisons`` are the run's ``Comparison`` records."""
     checks = []
     for record in comparisons:
         for name, limit in policy.thresholds.items():
             spec = THRESHOLDS[name]
-            value = record.get(spec.metric)
+            value = getattr(record, spec.metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                checks.append(Check(record["candidate"], name, limit, None, False))
+                checks.append(Check(record.candidate, name, limit, None, False))
                 continue
             passed = value <= limit if spec.direction == "max" else value >= limit
-            checks.append(Check(record["candidate"], name, limit, float(value), passed))
+            checks.append(Check(record.candidate, name, limit, float(value), passed))
     return checks
 
 
@@ -133,7 +133,7 @@ def passed(policy: Policy, checks: list[Check]) -> bool:
     return all(verdict.values()) if policy.require == "all" else any(verdict.values())
 
 
-def sign_off(policy: Policy, comparisons: list[dict]) -> dict:
+def sign_off(policy: Policy, comparisons) -> dict:
     """The report's ``policy`` section: every check, each candidate's verdict and the overall one."""
     checks = evaluate(policy, comparisons)
     return {**policy.to_dict(), "checks": [c.to_dict() for c in checks], "candidates": candidates_passed(checks),

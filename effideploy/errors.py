@@ -7,3 +7,15 @@ class EffideployError(Exception):
     The message is the whole story for the user: the CLI prints ``error: <message>`` on one line and exits 2.
     Anything else that escapes is a bug and keeps its traceback.
     """
+
+
+class OptionError(EffideployError):
+    """A bad value of a named parameter. The library names the parameter (``sparsity must be in (0, 1)``); the CLI
+    prints it as its flag (``--sparsity must be in (0, 1)``) through :meth:`as_flag`."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+    def as_flag(self) -> str:
+        return f"--{self.option.replace('_', '-')} {self.problem}"

@@ -1,5 +1,26 @@
 """The interface every runtime adapter implements, and the records it returns.
 
+Modelled on lm-evaluation-harness's ``LM``: a small set of calls that every backend implements the same way, so
+the bench and the evaluators never ask which backend they have.
+
+=============================  ===============================================================================
+``generate``                   greedy generation one prompt at a time (batch 1), with per-step timings
+``generate_batch``             greedy generation of several prompts together (throughput); ``can_batch`` says
+                               whether the runtime, with its current token compression, does it
+``score_windows``              next-token scores of whole sequences (``loglikelihood_rolling``)
+``score_continuations``        scores of continuation tokens after a context (``loglikelihood``); consecutive
+                               requests with the same context are prefilled once, and token compression, when
+                               attached, compresses the context's prefill
+``compress``                   attach token compression (a ``CompressionSpec``) for the calls that follow
+``kv_record``                  what the last prefill left in the KV cache under compression (bench accounting)
+``describe`` / ``close``       settings for the report; free the model
+=============================  ===============================================================================
+
+Class-level declarations say what a runtime supports (``Capabilities``) and what it needs from an export
+(``export_options``), and refuse token compression it cannot run (``check_compression``), so the callers hold no
+runtime-specific branches. Adding a runtime is one module implementing this class, registered in
+``runtimes/__init__.py`` (see docs/architecture.md).
+
 All generation is greedy (deployment sign-off compares tokens, not samples). Timings are wall-clock seconds
 measured inside the adapter around the runtime's own calls: ``prefill_seconds[i]`` is the time to the first
 generated token of prompt i (TTFT), ``decode_seconds[i]`` the time of each later token (TPOT samples).
@@ -8,8 +29,11 @@ generated token of prompt i (TTFT), ``decode_seconds[i]`` the time of each later
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
+
+from effideploy.errors import EffideployError
 
 
 @dataclass
@@ -28,20 +52,89 @@ class Generation:
 
 @dataclass
 class TokenScores:
-    """Next-token scores of one sequence: for position t, the NLL of token t+1 and the argmax prediction."""
+    """Next-token scores of one sequence: entry t is the NLL of the scored token t and the argmax prediction made
+    for its position (for ``score_windows``: tokens 1..L-1 of the window)."""
 
-    nll: torch.Tensor  # float32 [L - 1]
-    argmax: torch.Tensor  # int64 [L - 1]
+    nll: torch.Tensor  # float32
+    argmax: torch.Tensor  # int64
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime runs. ``compression_kinds``: the token-compression kinds (``CompressionMethod.kind``: "kv",
+    "llm", "vision", "kv-dtype") it can attach; ``batching``: ``generate_batch`` exists; ``weight_formats``: the
+    weight storage it serves; ``exporter``: the exporter whose folder it opens (None: it reads checkpoints)."""
+
+    compression_kinds: frozenset[str] = frozenset()
+    batching: bool = True
+    weight_formats: tuple[str, ...] = ("float32",)
+    exporter: str | None = None
+
+
+ContinuationRequest = tuple[list[int], list[int]]  # (context, continuation) token ids
 
 
 class Runtime:
-    name: str = "base"
+    name: ClassVar[str] = "base"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **options) -> Generation:
+    # ------------------------------------------------------------------------------------------ declarations
+
+    @classmethod
+    def check_compression(cls, spec, **export_facts):
+        """The parsed spec, or a one-line EffideployError when this runtime cannot run it. ``export_facts`` are
+        properties of the artifact that decide it (e.g. ``attention_outputs`` of an ONNX graph)."""
+        from effideploy.compression import build_method, parse_spec
+
+        spec = parse_spec(spec)
+        kind = build_method(spec).kind
+        if kind not in cls.capabilities.compression_kinds:
+            raise EffideployError(f"token compression {spec} is not available on the {cls.name} runtime "
+                                  f"(it runs: {', '.join(sorted(cls.capabilities.compression_kinds)) or 'none'})")
+        return spec
+
+    @classmethod
+    def export_options(cls, compression) -> dict:
+        """Options the exporter needs so that this runtime can run ``compression`` (a spec or None)."""
+        return {}
+
+    @classmethod
+    def context_options(cls, tokens: int) -> dict:
+        """Open options for a run whose sequences need up to ``tokens`` positions (adapters that size a cache up
+        front say so here)."""
+        return {}
+
+    @classmethod
+    def preload(cls) -> None:
+        """Import what opening a model will import (the memory probe's baseline is taken after this)."""
+
+    # ------------------------------------------------------------------------------------------ the calls
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
         raise NotImplementedError
 
-    def score(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
+        raise EffideployError(f"the {self.name} runtime has no batched generation")
+
+    @property
+    def can_batch(self) -> bool:
+        """Whether ``generate_batch`` runs with the current settings (compression included)."""
+        return self.capabilities.batching
+
+    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
         raise NotImplementedError
+
+    def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
+        raise NotImplementedError
+
+    def compress(self, spec) -> None:
+        """Attach token compression (a spec string or CompressionSpec; None detaches) for the calls that follow."""
+        if spec is not None:
+            raise EffideployError(f"the {self.name} runtime takes no token compression")
+
+    def kv_record(self) -> dict | None:
+        """After a compressed generate: prompt tokens, mean KV entries kept per layer (and bytes when known)."""
+        return None
 
     def describe(self) -> dict:
         """Runtime name, version and settings, recorded in bench reports."""
@@ -58,7 +151,18 @@ class Runtime:
 
 
 def scores_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> TokenScores:
-    """[L, V] logits and [L] ids of one sequence -> its TokenScores."""
-    log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, ids[1:, None]).squeeze(-1)
-    return TokenScores(nll=nll, argmax=logits[:-1].argmax(-1))
+    """[L, V] logits and [L] ids of one sequence -> its TokenScores (tokens 1..L-1)."""
+    return scores_of(logits[:-1], ids[1:])
+
+
+def scores_of(logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
+    """[n, V] logits predicting the [n] ``targets`` -> TokenScores."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    return TokenScores(nll=nll, argmax=logits.argmax(-1))
+
+
+def check_requests(requests: list[ContinuationRequest]) -> None:
+    for index, (context, continuation) in enumerate(requests):
+        if not context or not continuation:
+            raise EffideployError(f"request {index}: scoring needs a non-empty context and continuation")

@@ -7,7 +7,8 @@ GroupQueryAttention sees the same memory on both sides and appends the new token
 no cache and allocates nothing but three tiny int64 arrays. The valid length of the cache is
 ``attention_mask.shape[1] - sequence``; rows beyond it are scratch.
 
-KV compression hook: ``kv_hook(past, attentions, prompt_length) -> new_past`` runs once, between prefill and the
+Token compression (``compress(spec)``, or the export's recorded method) becomes a KV hook:
+``kv_hook(past, attentions, prompt_length) -> new_past`` runs once, between prefill and the
 first decode step. ``past`` is a list of (key, value) arrays [batch, kv_heads, prompt_length, head_dim] (views of
 the runner's buffers on CPU: copy what you keep), ``attentions`` the per-layer attention probabilities of the
 prompt [batch, heads, prompt_length, prompt_length] when the export has them (``--attention-outputs``), else None.
@@ -18,7 +19,6 @@ eviction) and an ``attention_mask`` as long as the shortened cache.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,71 +27,53 @@ import numpy as np
 import torch
 
 from effideploy.errors import EffideployError
-from effideploy.runtimes.base import Generation, Runtime, TokenScores, scores_from_logits
+from effideploy.runtimes.base import (Capabilities, ContinuationRequest, Generation, Runtime, TokenScores,
+                                      check_requests, scores_from_logits, scores_of)
+from effideploy.runtimes.onnx_cache import KVCache, Past
 
 MODEL_FILE = "model.onnx"
-EXPORT_MANIFEST = "effideploy_export.json"
 
-Past = list[tuple[np.ndarray, np.ndarray]]
 KVHook = Callable[[Past, "list[np.ndarray] | None", int], Past]
-
-
-class KVCache:
-    """Key/value buffers [batch, kv_heads, capacity, head_dim] per layer, bound as past and present at once."""
-
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device: str):
-        import onnxruntime as ort
-
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.batch, self.capacity, self.dtype = batch, capacity, np.dtype(dtype)
-        self.length = 0
-        self.decode = None  # (IO binding, logits buffer) of decode steps, made by the runtime on first use
-        self.on_host = device == "cpu"
-        if self.on_host:  # numpy owns the memory and the OrtValues alias it: the hook reads views, not copies
-            self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
-            self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
-            self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.keys]
-            self.ort_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.values]
-        else:
-            self.ort_keys = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in range(num_layers)]
-            self.ort_values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in range(num_layers)]
-
-    def fits(self, batch: int, capacity: int) -> bool:
-        return self.batch == batch and self.capacity >= capacity
-
-    def past(self) -> Past:
-        if self.on_host:
-            return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)]
-        return [(k.numpy()[:, :, : self.length], v.numpy()[:, :, : self.length])
-                for k, v in zip(self.ort_keys, self.ort_values)]
-
-    def replace(self, past: Past) -> None:
-        """Make ``past`` the cache contents: every layer one length, 1 up to the current length (a hook drops
-        entries; it cannot add any)."""
-        if len(past) != len(self.ort_keys):
-            raise EffideployError(f"kv_hook returned {len(past)} layers; the model has {len(self.ort_keys)}")
-        lengths = {int(np.shape(k)[2]) for k, _ in past} | {int(np.shape(v)[2]) for _, v in past}
-        if len(lengths) != 1:
-            raise EffideployError(f"kv_hook returned layers of different lengths {sorted(lengths)}; "
-                                  "the ONNX graph takes one attention_mask for all layers")
-        length = lengths.pop()
-        if not 0 < length <= self.length:
-            raise EffideployError(f"kv_hook returned a cache of {length} tokens; it must hold 1..{self.length}")
-        for index, (key, value) in enumerate(past):
-            if self.on_host:
-                # copyto handles overlap, so a hook may return slices of the views it was given
-                np.copyto(self.keys[index][:, :, :length], key)
-                np.copyto(self.values[index][:, :, :length], value)
-            else:
-                for target, source in ((self.ort_keys[index], key), (self.ort_values[index], value)):
-                    full = target.numpy()
-                    full[:, :, :length] = source
-                    target.update_inplace(full)
-        self.length = length
 
 
 class OnnxRuntime(Runtime):
     name = "onnx"
+    capabilities = Capabilities(compression_kinds=frozenset({"kv"}), batching=True,
+                                weight_formats=("float32", "float16", "int8"), exporter="onnx")
+
+    @classmethod
+    def check_compression(cls, spec, *, attention_outputs: bool | None = None, **_):
+        """KV eviction between prefill and decode only; one attention_mask serves every layer, so methods that keep
+        different lengths per layer cannot run; attention-ranked methods need a graph with attention outputs."""
+        from effideploy.compression import METHODS, parse_spec
+
+        spec = parse_spec(spec)
+        method = METHODS.get(spec.method)
+        if method.kind in ("llm", "vision"):
+            raise EffideployError(f"token compression {spec} prunes tokens inside the forward pass, which an exported ONNX "
+                                  "graph cannot do; run it on the torch runtime")
+        if method.kind == "kv-dtype":
+            raise EffideployError(f"token compression {spec} is vLLM's kv_cache_dtype (emulated on torch); the ONNX runner "
+                                  "keeps the graph's KV dtype")
+        if getattr(method, "per_layer_lengths", False):
+            raise EffideployError(f"token compression {spec} keeps a different number of entries per layer; the ONNX "
+                                  "runner feeds one attention_mask to all layers: run it on the torch runtime")
+        if method.needs_attention and attention_outputs is False:
+            raise EffideployError(f"token compression {spec} needs the prefill attention probabilities: export the ONNX "
+                                  "graph with attention_outputs=True")
+        return super().check_compression(spec)
+
+    @classmethod
+    def export_options(cls, compression) -> dict:
+        from effideploy.compression import METHODS, parse_spec
+
+        if compression is not None and METHODS.get(parse_spec(compression).method).needs_attention:
+            return {"attention_outputs": True}
+        return {}
+
+    @classmethod
+    def preload(cls) -> None:
+        import onnxruntime  # noqa: F401
 
     def __init__(self, path, *, providers: list | None = None, threads: int | None = None,
                  kv_hook: KVHook | None = None, session_config: dict[str, str] | None = None) -> None:
@@ -104,8 +86,10 @@ class OnnxRuntime(Runtime):
         model_file = path / MODEL_FILE if path.is_dir() else path
         if not model_file.is_file():
             raise EffideployError(f"{path} holds no ONNX model ({MODEL_FILE}); export one with effideploy export --runtime onnx")
+        from effideploy.exporters.manifest import read_export_manifest
+
         self.path = path
-        self.manifest = _read_manifest(path if path.is_dir() else path.parent)
+        self.manifest = read_export_manifest(path if path.is_dir() else path.parent)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: no per-initializer notes at load
@@ -122,12 +106,7 @@ class OnnxRuntime(Runtime):
             raise EffideployError(f"onnxruntime cannot load {model_file}: {str(exc).splitlines()[0]}") from None
         self.threads = threads
         self.kv_hook = kv_hook
-        recorded = (self.manifest or {}).get("token_compression")
-        if kv_hook is None and recorded:  # the method and budget the export carries apply unless overridden
-            from effideploy.compression import make_kv_hook
-            from effideploy.compression.spec import CompressionSpec
-
-            self.kv_hook = make_kv_hook(CompressionSpec.from_config(recorded))
+        self._last_kv: dict | None = None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
@@ -144,6 +123,11 @@ class OnnxRuntime(Runtime):
         self.vocab_size = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
         self.context_length = (self.manifest or {}).get("model", {}).get("context_length")
         self._cache: KVCache | None = None
+        recorded = (self.manifest or {}).get("token_compression")
+        if kv_hook is None and recorded:  # the method and budget the export carries apply unless overridden
+            from effideploy.compression.spec import CompressionSpec
+
+            self.compress(CompressionSpec.from_config(recorded))
 
     # -------------------------------------------------------------------------------------------- steps
 
@@ -187,34 +171,47 @@ class OnnxRuntime(Runtime):
 
     # -------------------------------------------------------------------------------------------- generation
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, kv_hook: KVHook | None = None,
-                 **_) -> Generation:
-        """Greedy generation, one prompt at a time (bs1 latency). ``kv_hook`` overrides the runtime's."""
+    def compress(self, spec) -> None:
+        """Attach token compression: a spec (string or CompressionSpec), None to detach, or a raw
+        ``kv_hook(past, attentions, prompt_length) -> past`` callable (see the module docstring)."""
+        if spec is None or callable(spec):
+            self.kv_hook = spec
+            return
+        from effideploy.compression import make_kv_hook
+
+        self.kv_hook = make_kv_hook(self.check_compression(spec, attention_outputs=bool(self.attention_outputs)))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
+        """Greedy generation, one prompt at a time (bs1 latency)."""
         tokens, prefill_times, decode_times, kept, hook_times = [], [], [], [], []
         start_all = time.perf_counter()
         for prompt in prompts:
             out, prefill_time, steps, extra = self._generate(np.array([prompt], dtype=np.int64), max_new_tokens,
-                                                             kv_hook or self.kv_hook)
+                                                             self.kv_hook)
             tokens.append(out[0])
             prefill_times.append(prefill_time)
             decode_times.append(steps)
             kept.append(extra[0])
             hook_times.append(extra[1])
+        if self.kv_hook is not None and prompts:
+            self._last_kv = {"prompt_tokens": len(prompts[-1]), "kept_mean": sum(kept) / len(kept)}
         return Generation(tokens=tokens, prefill_seconds=prefill_times, decode_seconds=decode_times,
                           total_seconds=time.perf_counter() - start_all,
                           extra={"kv_length_after_prefill": kept, "kv_hook_seconds": hook_times})
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, *, kv_hook: KVHook | None = None,
-                       **_) -> Generation:
-        """Greedy generation of equal-length prompts as one batch (throughput)."""
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
+        """Greedy generation of equal-length prompts as one batch (throughput), the KV hook included."""
         if len({len(p) for p in prompts}) != 1:
-            raise ValueError("generate_batch needs prompts of equal length")
+            raise EffideployError("generate_batch needs prompts of equal length")
         start_all = time.perf_counter()
         out, prefill_time, steps, extra = self._generate(np.array(prompts, dtype=np.int64), max_new_tokens,
-                                                         kv_hook or self.kv_hook)
+                                                         self.kv_hook)
         return Generation(tokens=out, prefill_seconds=[prefill_time] * len(prompts),
                           decode_seconds=[steps] * len(prompts), total_seconds=time.perf_counter() - start_all,
                           extra={"kv_length_after_prefill": [extra[0]] * len(prompts), "kv_hook_seconds": extra[1]})
+
+    def kv_record(self) -> dict | None:
+        return self._last_kv if self.kv_hook is not None else None
 
     def _generate(self, input_ids: np.ndarray, max_new_tokens: int, kv_hook: KVHook | None):
         batch, length = input_ids.shape
@@ -252,11 +249,33 @@ class OnnxRuntime(Runtime):
             feed[f"past_key_values.{index}.key"] = feed[f"past_key_values.{index}.value"] = empty
         return self.session.run(["logits"], feed)[0]
 
-    def score(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
         results = []
         for sequence in sequences:
             logits = self.logits([sequence])[0].astype(np.float32)
             results.append(scores_from_logits(torch.from_numpy(logits), torch.tensor(sequence)))
+        return results
+
+    def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
+        """Each distinct context is prefilled once (then the KV hook applies, if any), each continuation is
+        teacher-forced one decode step at a time (the graph takes one new token per decode step); the cache's valid
+        length is reset to the context's before the next continuation, since rows beyond it are scratch."""
+        check_requests(requests)
+        results, context, last, context_length = [], None, None, 0
+        cache = self.new_cache(1, max(len(c) + len(t) for c, t in requests))
+        for request_context, continuation in requests:
+            if request_context != context:
+                context, cache.length = request_context, 0
+                logits, attentions = self.prefill(np.array([context], dtype=np.int64), cache)
+                last = logits[0, -1].astype(np.float32).copy()
+                if self.kv_hook is not None:
+                    cache.replace(self.kv_hook(cache.past(), attentions, len(context)))
+                context_length = cache.length
+            cache.length, rows = context_length, [last]
+            for position, token in enumerate(continuation[:-1], start=len(context)):
+                step = self.decode_one_token(np.array([token], dtype=np.int64), position, cache)
+                rows.append(step[0].astype(np.float32).copy())
+            results.append(scores_of(torch.from_numpy(np.stack(rows)), torch.tensor(continuation)))
         return results
 
     # -------------------------------------------------------------------------------------------- plumbing
@@ -308,8 +327,3 @@ class OnnxRuntime(Runtime):
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    path = folder / EXPORT_MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,19 +1,23 @@
 """PyTorch (transformers, eager) runtime: explicit ``prefill`` and ``decode_one_token`` steps over a KV cache,
-gpt-fast style, so each step is timed on its own."""
+gpt-fast style, so each step is timed on its own. Token compression attaches as forward hooks
+(``effideploy.compression.hooks``) for the duration of each call."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
 
-from effideploy.runtimes.base import Generation, Runtime, TokenScores, scores_from_logits
+from effideploy.errors import EffideployError
+from effideploy.runtimes.base import (Capabilities, ContinuationRequest, Generation, Runtime, TokenScores,
+                                      check_requests, scores_from_logits, scores_of)
 
 
-def prefill(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Run the prompt; returns the logits of its last position."""
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
+    """Run the prompt; returns the logits of its last position [B, V]."""
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **inputs)
     return out.logits[:, -1]
 
 
@@ -22,8 +26,38 @@ def decode_one_token(model, token: torch.Tensor, cache: DynamicCache) -> torch.T
     return out.logits[:, -1]
 
 
+@torch.no_grad()
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, **prefill_inputs) -> tuple[list[list[int]], float, list[float]]:
+    """Greedy generation of a [B, L] batch over a fresh cache: (tokens per row, prefill seconds, decode seconds
+    per step). ``prefill_inputs`` go to the prefill only (a LLaVA's ``pixel_values``)."""
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    next_tokens = prefill(model, input_ids, cache, **prefill_inputs).argmax(-1, keepdim=True)
+    prefill_seconds = time.perf_counter() - start
+    generated, steps = [next_tokens], []
+    for _ in range(max_new_tokens - 1):
+        start = time.perf_counter()
+        next_tokens = decode_one_token(model, next_tokens, cache).argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - start)
+        generated.append(next_tokens)
+    return torch.cat(generated, dim=1).tolist(), prefill_seconds, steps
+
+
+@torch.no_grad()
+def continuation_scores(model, cache: DynamicCache, last_logits: torch.Tensor, continuation: list[int]) -> TokenScores:
+    """Scores of ``continuation`` after a context already prefilled into ``cache`` (``last_logits`` [V]: the
+    context's last position), teacher-forced in one forward; the cache grows by len(continuation) - 1."""
+    target = torch.tensor(continuation)
+    logits = [last_logits[None]]
+    if len(continuation) > 1:
+        logits.append(model(input_ids=target[None, :-1], past_key_values=cache, use_cache=True).logits[0])
+    return scores_of(torch.cat(logits), target)
+
+
 class TorchRuntime(Runtime):
     name = "torch"
+    capabilities = Capabilities(compression_kinds=frozenset({"kv", "llm", "vision", "kv-dtype"}), batching=True,
+                                weight_formats=("float32", "bfloat16", "float16"), exporter=None)
 
     def __init__(self, path=None, *, model=None, dtype: torch.dtype = torch.float32, threads: int | None = None,
                  allow_pickle: bool = False) -> None:
@@ -36,54 +70,58 @@ class TorchRuntime(Runtime):
             model = load_model(resolve_model(path, allow_pickle=allow_pickle), dtype=dtype)
         self.model = model.eval()
         self.path = path
+        self.hooks = None  # TorchHooks while token compression is attached
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, hooks=None, **_) -> Generation:
-        """Greedy generation, one prompt at a time (bs1 latency); ``hooks`` is a context manager factory taking
-        (model, prompt_length) that wraps the whole generate call (token compression attaches there)."""
+    @classmethod
+    def preload(cls) -> None:
+        import effideploy.models.build  # noqa: F401 - the modeling code every model load imports
+
+    def compress(self, spec) -> None:
+        """A spec (string or CompressionSpec), None to detach, or a ready ``TorchHooks`` (whose ``records`` the
+        caller reads)."""
+        from effideploy.compression.hooks import TorchHooks
+
+        if spec is None or isinstance(spec, TorchHooks):
+            self.hooks = spec
+            return
+        self.hooks = TorchHooks(self.check_compression(spec))
+
+    def _session(self, prompt_length: int):
+        return self.hooks(self.model, prompt_length) if self.hooks is not None else nullcontext()
+
+    @property
+    def can_batch(self) -> bool:
+        return self.hooks is None  # the hooks track one sequence's positions
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
+        """Greedy generation, one prompt at a time (bs1 latency)."""
         tokens, prefill_times, decode_times = [], [], []
         start_all = time.perf_counter()
         for prompt in prompts:
-            ids = torch.tensor([prompt])
-            cache = DynamicCache(config=self.model.config)
-            context = hooks(self.model, len(prompt)) if hooks is not None else _null()
-            with context:
-                start = time.perf_counter()
-                next_token = prefill(self.model, ids, cache).argmax(-1, keepdim=True)
-                prefill_times.append(time.perf_counter() - start)
-                generated, steps = [int(next_token)], []
-                for _ in range(max_new_tokens - 1):
-                    start = time.perf_counter()
-                    next_token = decode_one_token(self.model, next_token, cache).argmax(-1, keepdim=True)
-                    steps.append(time.perf_counter() - start)
-                    generated.append(int(next_token))
-            tokens.append(generated)
+            with self._session(len(prompt)):
+                out, first, steps = greedy(self.model, torch.tensor([prompt]), max_new_tokens)
+            tokens += out
+            prefill_times.append(first)
             decode_times.append(steps)
         return Generation(tokens=tokens, prefill_seconds=prefill_times, decode_seconds=decode_times,
                           total_seconds=time.perf_counter() - start_all)
 
-    @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
         """Greedy generation of equal-length prompts as one batch (throughput)."""
+        if not self.can_batch:
+            raise EffideployError("the torch runtime's token-compression hooks apply to generate() only")
         if len({len(p) for p in prompts}) != 1:
-            raise ValueError("generate_batch needs prompts of equal length")
-        ids = torch.tensor(prompts)
-        cache = DynamicCache(config=self.model.config)
+            raise EffideployError("generate_batch needs prompts of equal length")
         start_all = time.perf_counter()
-        next_tokens = prefill(self.model, ids, cache).argmax(-1, keepdim=True)
-        prefill_time = time.perf_counter() - start_all
-        generated, steps = [next_tokens], []
-        for _ in range(max_new_tokens - 1):
-            start = time.perf_counter()
-            next_tokens = decode_one_token(self.model, next_tokens, cache).argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - start)
-            generated.append(next_tokens)
-        out = torch.cat(generated, dim=1).tolist()
-        return Generation(tokens=out, prefill_seconds=[prefill_time] * len(prompts), decode_seconds=[steps] * len(prompts),
+        out, first, steps = greedy(self.model, torch.tensor(prompts), max_new_tokens)
+        return Generation(tokens=out, prefill_seconds=[first] * len(prompts), decode_seconds=[steps] * len(prompts),
                           total_seconds=time.perf_counter() - start_all)
 
     @torch.no_grad()
-    def score(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
+        if self.hooks is not None:
+            raise EffideployError("a compressed model scores continuations after a compressed prefill "
+                                  "(score_continuations), not whole windows in one forward")
         results = []
         for sequence in sequences:
             ids = torch.tensor([sequence])
@@ -91,17 +129,37 @@ class TorchRuntime(Runtime):
             results.append(scores_from_logits(logits, ids[0]))
         return results
 
+    @torch.no_grad()
+    def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
+        """Each distinct context is prefilled once (under compression when attached); the cache is cropped back
+        to the context after each continuation, so k choices of an item cost one context forward, not k."""
+        check_requests(requests)
+        results, context, cache, last = [], None, None, None
+        for request_context, continuation in requests:
+            if request_context != context or self.hooks is not None:
+                # compression evicts at each prefill: a compressed context is prefilled for every request
+                context, cache = request_context, DynamicCache(config=self.model.config)
+                with self._session(len(context)):
+                    last = prefill(self.model, torch.tensor([context]), cache)[0]
+                    scores = continuation_scores(self.model, cache, last, continuation)
+            else:
+                scores = continuation_scores(self.model, cache, last, continuation)
+            results.append(scores)
+            if len(continuation) > 1:
+                cache.crop(-(len(continuation) - 1))  # back to the context alone
+        return results
+
+    def kv_record(self) -> dict | None:
+        if self.hooks is None or not self.hooks.records:
+            return None
+        record = self.hooks.records[-1]
+        return {"kv_bytes": record.get("kv_bytes"), "full_kv_bytes": record.get("full_kv_bytes"),
+                "prompt_tokens": record.get("prompt_tokens"),
+                "kept_mean": sum(record["kept_per_layer"]) / len(record["kept_per_layer"])}
+
     def describe(self) -> dict:
         import transformers
 
         return {"runtime": self.name, "engine": f"transformers {transformers.__version__} (eager, sdpa)",
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

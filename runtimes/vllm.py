@@ -21,7 +21,6 @@ eager mode (no torch.compile start-up), EOS ignored (every prompt generates exac
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ from pathlib import Path
 import torch
 
 from effideploy.errors import EffideployError
-from effideploy.runtimes.base import Generation, Runtime, TokenScores
+from effideploy.exporters.manifest import read_export_manifest
+from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generation, Runtime, TokenScores, check_requests
 
-EXPORT_MANIFEST = "effideploy_export.json"
 DEFAULT_KVCACHE_GIB = "1"  # vLLM CPU otherwise sizes its KV cache from a fraction of all memory
 
 
@@ -43,16 +42,13 @@ def _import_vllm():
     return vllm
 
 
-def read_export_manifest(path: str | os.PathLike) -> dict | None:
-    manifest = Path(path) / EXPORT_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
-
-
 class VllmRuntime(Runtime):
     """``kv_cache_dtype`` None takes the export's recorded setting (``effideploy_export.json``), else ``auto``.
     ``threads`` sets torch's thread count, which the in-process vLLM worker uses for its kernels."""
 
     name = "vllm"
+    capabilities = Capabilities(compression_kinds=frozenset({"kv-dtype"}), batching=True,
+                                weight_formats=("float32", "bfloat16", "float16"), exporter="vllm")
     _open: list[VllmRuntime] = []  # in-process engines share vLLM's process-wide state (parallel groups, threads)
     _set_num_threads = staticmethod(torch.set_num_threads)
 
@@ -89,6 +85,40 @@ class VllmRuntime(Runtime):
             raise EffideployError(f"vLLM cannot load {self.path}: {_summary(exc)}") from None
         self.engine = self.llm.llm_engine
         VllmRuntime._open.append(self)
+
+    @classmethod
+    def check_compression(cls, spec, **_):
+        from effideploy.compression import build_method, parse_spec
+
+        spec = parse_spec(spec)
+        if build_method(spec).kind != "kv-dtype":
+            raise EffideployError(f"token compression {spec} is not available on vLLM (no KV-cache eviction or token-pruning "
+                                  "hooks); run it on the torch or onnx runtime, or use kv-dtype:fp8 on vLLM")
+        return spec
+
+    @classmethod
+    def export_options(cls, compression) -> dict:
+        """vLLM fixes the KV-cache dtype when the engine starts: the export records it."""
+        return {} if compression is None else {"token_compression": str(compression)}
+
+    @classmethod
+    def context_options(cls, tokens: int) -> dict:
+        return {"max_model_len": tokens}
+
+    @classmethod
+    def preload(cls) -> None:
+        _import_vllm()
+
+    def compress(self, spec) -> None:
+        """Only an fp8 KV cache, which the engine was opened with (from the export's manifest or ``kv_cache_dtype``)."""
+        if spec is None:
+            return
+        from effideploy.compression import vllm_kv_cache_dtype
+
+        wanted = vllm_kv_cache_dtype(spec)
+        if wanted != self.kv_cache_dtype:
+            raise EffideployError(f"the vLLM engine for {self.path} runs kv_cache_dtype {self.kv_cache_dtype!r}; "
+                                  f"{spec} needs an export made with --token-compression {spec}")
 
     def _sampling(self, max_new_tokens: int, **extra):
         from vllm import SamplingParams
@@ -140,7 +170,7 @@ class VllmRuntime(Runtime):
         decode = [[b - a for a, b in zip(times, times[1:])] for times in stamps]
         return tokens, prefill, decode
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **_) -> Generation:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
         """Greedy generation, one prompt at a time (bs1 latency)."""
         self._check_lengths(prompts, max_new_tokens)
         tokens, prefill, decode = [], [], []
@@ -153,7 +183,7 @@ class VllmRuntime(Runtime):
         return Generation(tokens=tokens, prefill_seconds=prefill, decode_seconds=decode,
                           total_seconds=time.perf_counter() - start_all, extra={"timing": "engine step stamps"})
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, **_) -> Generation:
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
         """All prompts submitted together and scheduled by vLLM's continuous batching (throughput); each prompt's
         ``prefill_seconds`` is its own time to first token. Prompts may differ in length."""
         self._check_lengths(prompts, max_new_tokens)
@@ -162,7 +192,7 @@ class VllmRuntime(Runtime):
         return Generation(tokens=tokens, prefill_seconds=prefill, decode_seconds=decode,
                           total_seconds=time.perf_counter() - start_all, extra={"timing": "engine step stamps"})
 
-    def score(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
         """Next-token NLL and argmax from ``prompt_logprobs=1``: for each position vLLM returns the actual token's
         raw log-probability and the rank-1 token (the same entry when the actual token is the argmax)."""
         from vllm.inputs import TokensPrompt
@@ -183,6 +213,13 @@ class VllmRuntime(Runtime):
                 argmax.append(min(entry.items(), key=lambda item: item[1].rank)[0])
             results.append(TokenScores(nll=torch.tensor(nll, dtype=torch.float32), argmax=torch.tensor(argmax, dtype=torch.int64)))
         return results
+
+    def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
+        """Whole context + continuation sequences scored in one engine call (prefix caching is off, so shared
+        contexts are recomputed), cut to the continuation's tokens."""
+        check_requests(requests)
+        scores = self.score_windows([context + continuation for context, continuation in requests])
+        return [TokenScores(nll=s.nll[len(c) - 1:], argmax=s.argmax[len(c) - 1:]) for s, (c, _) in zip(scores, requests)]
 
     def describe(self) -> dict:
         import vllm

@@ -27,3 +27,11 @@ def set_threads(threads: Optional[int]) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def default_of(config_class, name: str):
+    """The default of a config dataclass field: the one place a default is written (the CLI shows it)."""
+    import dataclasses
+
+    field = {f.name: f for f in dataclasses.fields(config_class)}[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default

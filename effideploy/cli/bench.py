@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, echo, set_threads
+from effideploy.bench.config import BenchConfig
+from effideploy.cli.app import DEFAULT_PRUNED, app, default_of, echo, set_threads
 from effideploy.errors import EffideployError
 
 DEFAULT_BENCH_OUTPUT = "out/bench"
@@ -23,9 +24,12 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def default_candidate(runtime: str) -> str:
-    """The chain ``prune`` -> ``export`` -> ``bench``: out/export-<runtime> when it exists, else out/pruned."""
+    """The chain ``prune`` -> ``export`` -> ``bench``: out/export-<runtime> when the runtime opens exports and it
+    exists, else out/pruned."""
+    from effideploy.runtimes import RUNTIMES
+
     export = Path(f"out/export-{runtime}")
-    if runtime != "torch" and export.is_dir():
+    if RUNTIMES.get(runtime).capabilities.exporter and export.is_dir():
         return str(export)
     if not Path(DEFAULT_PRUNED).is_dir():
         raise EffideployError(f"no candidate given and {DEFAULT_PRUNED} does not exist; run `effideploy prune` first "
@@ -33,25 +37,24 @@ def default_candidate(runtime: str) -> str:
     return DEFAULT_PRUNED
 
 
-def finish(payload: dict, output: Path, policy_path: Optional[Path], policy, overwrite: bool) -> None:
+def finish(report, output: Path, policy_path: Optional[Path], policy, overwrite: bool) -> None:
     """Apply the policy, write the report folder, print the verdict; exit 1 when the policy fails."""
     from effideploy.bench.policy import sign_off
     from effideploy.bench.report import write_report
 
     if policy is not None:
-        payload["policy"] = sign_off(policy, payload["comparisons"])
-    target = write_report(payload, output, overwrite=overwrite)
-    runtime = payload["runtime"].get("runtime")
-    echo(f"[bold]bench[/] {payload['config']['dense']} on {runtime}: {len(payload['comparisons'])} candidate(s), "
-         f"{payload['seconds']:.0f} s -> {target}/report.md")
-    for record in payload["comparisons"]:
-        ppl = record.get("perplexity_increase")
-        echo(f"  {record['candidate']}: decode {record['decode_speedup']:.2f}x, TTFT {record['ttft_speedup']:.2f}x"
+        report.policy = sign_off(policy, report.comparisons)
+    target = write_report(report, output, overwrite=overwrite)
+    echo(f"[bold]bench[/] {report.config['dense']} on {report.runtime.get('runtime')}: {len(report.comparisons)} "
+         f"candidate(s), {report.seconds:.0f} s -> {target}/report.md")
+    for record in report.comparisons:
+        ppl = record.perplexity_increase
+        echo(f"  {record.candidate}: decode {record.decode_speedup:.2f}x, TTFT {record.ttft_speedup:.2f}x"
              + (f", perplexity {ppl * 100:+.1f}%" if ppl is not None else "")
-             + f", OP {record['op']:.3f}, OL {record['loyalty']:.3f}")
+             + f", OP {record.op:.3f}, OL {record.loyalty:.3f}")
     if policy is None:
         return
-    section = payload["policy"]
+    section = report.policy
     from rich.table import Table
 
     from effideploy.progress import console
@@ -75,30 +78,31 @@ def finish(payload: dict, output: Path, policy_path: Optional[Path], policy, ove
 def bench(
     candidate: Optional[List[str]] = typer.Option(None, "--candidate", help="Pruned checkpoint or export to compare (repeatable; default out/pruned, or out/export-<runtime>)."),
     token_compression: Optional[List[str]] = typer.Option(None, "--token-compression", help="Dense model + token compression, e.g. snapkv:0.2 (repeatable; torch and onnx; vllm: kv-dtype:fp8)."),
-    model: str = typer.Option("llama", help="Dense baseline (as for prune --model)."),
-    runtime: str = typer.Option("torch", help="torch | onnx | vllm (onnx/vllm export checkpoints under out/exports when needed)."),
+    model: str = typer.Option(default_of(BenchConfig, "dense"), help="Dense baseline (as for prune --model)."),
+    runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help="torch | onnx | vllm (onnx/vllm export checkpoints under out/exports when needed)."),
     output: Path = typer.Option(Path(DEFAULT_BENCH_OUTPUT), help="Report folder (report.md, report.json, PNG plots)."),
     policy: Optional[Path] = typer.Option(None, help="Policy TOML (bench/policies/default.toml): exit 1 when it fails."),
-    prompt_tokens: int = typer.Option(256, help="Tokens per latency prompt (WikiText-2 test windows)."),
-    new_tokens: int = typer.Option(32, help="Greedy tokens generated per prompt."),
-    prompts: int = typer.Option(2, help="Prompts per latency repeat."),
-    repeats: int = typer.Option(5, help="Timed latency repeats, interleaved over the models."),
-    warmup: int = typer.Option(1, help="Untimed warm-up generations per model."),
-    batch_sizes: str = typer.Option("1,4", help="Throughput sweep (comma-separated batch sizes; '' skips it)."),
-    throughput_repeats: int = typer.Option(2, help="Timed repeats per batch size (0 skips the sweep)."),
-    ppl_windows: int = typer.Option(8, help="WikiText-2 test windows for perplexity and loyalty (40 for the reference figure; 0 skips)."),
-    ppl_seqlen: int = typer.Option(1024, help="Tokens per perplexity window."),
+    prompt_tokens: int = typer.Option(default_of(BenchConfig, "prompt_tokens"), help="Tokens per latency prompt (WikiText-2 test windows)."),
+    new_tokens: int = typer.Option(default_of(BenchConfig, "new_tokens"), help="Greedy tokens generated per prompt."),
+    prompts: int = typer.Option(default_of(BenchConfig, "prompts"), help="Prompts per latency repeat."),
+    repeats: int = typer.Option(default_of(BenchConfig, "repeats"), help="Timed latency repeats, interleaved over the models."),
+    warmup: int = typer.Option(default_of(BenchConfig, "warmup"), help="Untimed warm-up generations per model."),
+    batch_sizes: str = typer.Option(",".join(map(str, default_of(BenchConfig, "batch_sizes"))), help="Throughput sweep (comma-separated batch sizes; '' skips it)."),
+    throughput_repeats: int = typer.Option(default_of(BenchConfig, "throughput_repeats"), help="Timed repeats per batch size (0 skips the sweep)."),
+    ppl_windows: int = typer.Option(default_of(BenchConfig, "ppl_windows"), help="WikiText-2 test windows for perplexity and loyalty (40 for the reference figure; 0 skips)."),
+    ppl_seqlen: int = typer.Option(default_of(BenchConfig, "ppl_seqlen"), help="Tokens per perplexity window."),
     task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder (repeatable; default: every task under shared/data/bigbench)."),
-    mc_limit: int = typer.Option(50, help="Multiple-choice examples per task (seeded subset; 0 skips, -1 takes all)."),
-    seed: int = typer.Option(0, help="Seed of the prompt windows and the multiple-choice subset."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
+    mc_limit: int = typer.Option(default_of(BenchConfig, "mc_limit"), help="Multiple-choice examples per task (seeded subset; 0 skips, -1 takes all)."),
+    seed: int = typer.Option(default_of(BenchConfig, "seed"), help="Seed of the prompt windows and the multiple-choice subset."),
+    memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder."),
 ) -> None:
     """Dense vs candidates on one runtime: latency, throughput, memory, size, accuracy, OP/OG/OL/OE, Pareto front."""
+    from effideploy.bench.config import CandidateSpec
     from effideploy.bench.policy import load_policy
-    from effideploy.bench.runner import BenchConfig, CandidateSpec, run_bench
+    from effideploy.bench.runner import run_bench
     from effideploy.io import check_output_dir
 
     from effideploy.runtimes import RUNTIMES

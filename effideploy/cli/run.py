@@ -55,10 +55,10 @@ def run(
         if value is not None:
             bench_options[key] = value
     bench_options.update(memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None)
-    payload, report = run_pipeline(model=model, sparsities=parse_sparsities(sparsities), method=method, runtime=runtime,
+    result, report = run_pipeline(model=model, sparsities=parse_sparsities(sparsities), method=method, runtime=runtime,
                                    output=output, prune_options=prune_options, bench_options=bench_options,
                                    token_compression=tuple(token_compression or ()), overwrite=overwrite)
-    run_seconds = payload["pipeline"]
+    run_seconds = result.pipeline
     echo("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in run_seconds["seconds"].items())
          + f" (total {run_seconds['total_seconds']:.0f} s)")
-    finish(payload, report, policy, loaded_policy, overwrite=True)  # each run replaces its report
+    finish(result, report, policy, loaded_policy, overwrite=True)  # each run replaces its report

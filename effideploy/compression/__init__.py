@@ -7,15 +7,14 @@
 - LLaVA image tokens: ``visionzip:0.25``, ``prumerge+:0.25`` (and FastV on image tokens);
 - KV storage dtype: ``kv-dtype:fp8`` (the only one vLLM runs).
 
-Entry points: :func:`parse_spec`, :func:`torch_hooks` (for ``TorchRuntime.generate(..., hooks=...)``),
-:func:`make_kv_hook` (ONNX Runtime), :func:`validate_for_runtime`, :func:`score_continuation`, and the KV memory
+Entry points: :func:`parse_spec`; a runtime attaches a spec with ``Runtime.compress(spec)``
+(:func:`torch_hooks` and :func:`make_kv_hook` build what the PyTorch and ONNX Runtime adapters attach), :func:`validate_for_runtime`, :func:`score_continuation`, and the KV memory
 accounting in :mod:`effideploy.compression.memory`.
 """
 
 from __future__ import annotations
 
 from effideploy.compression.spec import CompressionSpec, parse_spec
-from effideploy.errors import EffideployError
 from effideploy.registry import Registry
 
 METHODS = Registry("token compression method", {
@@ -29,7 +28,6 @@ METHODS = Registry("token compression method", {
     "prumerge+": "effideploy.compression.methods:PruMergePlus",
     "kv-dtype": "effideploy.compression.methods:KVDtype",
 })
-RUNTIMES = ("torch", "onnx", "vllm")
 
 __all__ = ["METHODS", "CompressionSpec", "parse_spec", "build_method", "torch_hooks", "make_kv_hook",
            "validate_for_runtime", "vllm_kv_cache_dtype", "score_continuation", "generate", "kv_memory"]
@@ -40,31 +38,12 @@ def build_method(spec):
     return METHODS.get(spec.method)(spec)
 
 
-def validate_for_runtime(spec, runtime: str, *, attention_outputs: bool | None = None) -> CompressionSpec:
-    """The spec, or a one-line EffideployError when ``runtime`` cannot run it (one message for every caller)."""
-    spec = parse_spec(spec)
-    cls = METHODS.get(spec.method)
-    kind = cls.kind
-    runtime = str(runtime).lower()
-    if runtime not in RUNTIMES:
-        raise EffideployError(f"unknown runtime {runtime!r} for token compression; choose one of: {', '.join(RUNTIMES)}")
-    if runtime == "vllm" and kind != "kv-dtype":
-        raise EffideployError(f"token compression {spec} is not available on vLLM (no KV-cache eviction or token-pruning "
-                              "hooks); run it on the torch or onnx runtime, or use kv-dtype:fp8 on vLLM")
-    if runtime == "onnx":
-        if kind in ("llm", "vision"):
-            raise EffideployError(f"token compression {spec} prunes tokens inside the forward pass, which an exported ONNX "
-                                  "graph cannot do; run it on the torch runtime")
-        if kind == "kv-dtype":
-            raise EffideployError(f"token compression {spec} is vLLM's kv_cache_dtype (emulated on torch); the ONNX runner "
-                                  "keeps the graph's KV dtype")
-        if getattr(cls, "per_layer_lengths", False):
-            raise EffideployError(f"token compression {spec} keeps a different number of entries per layer; the ONNX "
-                                  "runner feeds one attention_mask to all layers: run it on the torch runtime")
-        if cls.needs_attention and attention_outputs is False:
-            raise EffideployError(f"token compression {spec} needs the prefill attention probabilities: export the ONNX "
-                                  "graph with attention_outputs=True")
-    return spec
+def validate_for_runtime(spec, runtime: str, **export_facts) -> CompressionSpec:
+    """The spec, or a one-line EffideployError when ``runtime`` cannot run it: each runtime adapter declares what it
+    runs (``Runtime.check_compression``); ``export_facts`` describe the artifact (e.g. ``attention_outputs``)."""
+    from effideploy.runtimes import RUNTIMES
+
+    return RUNTIMES.get(str(runtime).lower()).check_compression(spec, **export_facts)
 
 
 def vllm_kv_cache_dtype(spec) -> str:

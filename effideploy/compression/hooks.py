@@ -40,9 +40,10 @@ class TorchHooks:
     ``kept_indices`` ({layer: [B, KVH, n]} for KV methods, {k: [B, L'] positions kept from layer k} for FastV)."""
 
     def __init__(self, spec) -> None:
-        from effideploy.compression import build_method, parse_spec, validate_for_runtime
+        from effideploy.compression import build_method
+        from effideploy.runtimes.pytorch import TorchRuntime
 
-        self.spec = validate_for_runtime(parse_spec(spec), "torch")
+        self.spec = TorchRuntime.check_compression(spec)
         self.method = build_method(self.spec)
         self.records: list[dict] = []
 
@@ -109,7 +110,7 @@ class Session:
         if cache is None:
             raise EffideployError(
                 f"token compression {self.method.spec} needs a forward with a KV cache (prefill, then decode); a "
-                "forward without one (e.g. TorchRuntime.score) cannot be compressed: use effideploy.compression.score_continuation")
+                "forward without one (e.g. TorchRuntime.score_windows) cannot be compressed: use TorchRuntime.score_continuations")
         tokens = kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None else kwargs["input_ids"]
         q_len = tokens.shape[1]
         if self.next_position is None:
@@ -224,36 +225,24 @@ def _as_hooks(hooks):
     return hooks if hooks is None or callable(hooks) else TorchHooks(hooks)
 
 
-@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, hooks=None, **prefill_inputs) -> list[list[int]]:
     """Greedy generation with an explicit cache (like TorchRuntime), for models TorchRuntime does not drive (LLaVA:
     pass ``pixel_values=``); ``hooks`` is a TorchHooks, a spec, or None."""
+    from effideploy.runtimes.pytorch import greedy
+
     hooks = _as_hooks(hooks)
-    cache = DynamicCache(config=model.config)
     with hooks(model, input_ids.shape[1]) if hooks is not None else nullcontext():
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **prefill_inputs)
-        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
-        for _ in range(max_new_tokens - 1):
-            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
-            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1).tolist()
+        return greedy(model, input_ids, max_new_tokens, **prefill_inputs)[0]
 
 
-@torch.no_grad()
 def score_continuation(model, hooks, context: list[int], continuation: list[int]):
     """TokenScores of ``continuation`` given ``context`` (entry t: NLL and argmax of continuation[t]), the context's
     prefill compressed by ``hooks`` (TorchHooks, spec, or None for the full cache), the continuation teacher-forced in
-    one forward over the compressed cache. This is how a compressed model is scored (loyalty, multiple choice):
-    ``TorchRuntime.score`` runs the whole sequence in one cache-less forward, where eviction cannot happen."""
-    from effideploy.runtimes.base import TokenScores
+    one forward over the compressed cache (``TorchRuntime.score_continuations`` with compression attached)."""
+    from effideploy.runtimes.pytorch import continuation_scores, prefill
 
     hooks = _as_hooks(hooks)
     cache = DynamicCache(config=model.config)
-    target = torch.tensor(continuation)
-    with hooks(model, len(context)) if hooks is not None else nullcontext():
-        logits = [model(input_ids=torch.tensor([context]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0]]
-        if len(continuation) > 1:
-            logits.append(model(input_ids=target[None, :-1], past_key_values=cache, use_cache=True).logits[0])
-    logits = torch.cat(logits).float()
-    nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
-    return TokenScores(nll=nll, argmax=logits.argmax(-1))
+    with torch.no_grad(), hooks(model, len(context)) if hooks is not None else nullcontext():
+        last = prefill(model, torch.tensor([context]), cache)[0]
+        return continuation_scores(model, cache, last, continuation)

@@ -1,4 +1,4 @@
-"""Multiple-choice accuracy on BIG-bench JSON tasks, through any runtime's ``score``.
+"""Multiple-choice accuracy on BIG-bench JSON tasks, through any runtime's ``score_continuations``.
 
 The prompt is built as BIG-bench's ``JsonTask`` builds it (zero-shot): ``task_prefix + example_input_prefix +
 input [+ choice_prefix + choice_prefix.join(choices)] + example_output_prefix``, with BIG-bench's defaults
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,23 +143,20 @@ def choice_sequences(tokenizer, example: Example) -> list[tuple[list[int], int]]
     return sequences
 
 
-def choice_log_probs(score: Callable, sequences: list[tuple[list[int], int]]) -> list[float]:
-    """Summed log-probability of each choice's tokens. ``score`` is a runtime's ``score`` (whole sequences), or a
-    scorer with ``needs_starts = True`` called as ``score(sequences, starts)`` that returns the scores of the tokens
-    from ``start`` on only (a compressed prompt is prefilled apart from its continuation)."""
-    ids, starts = [s for s, _ in sequences], [start for _, start in sequences]
-    if getattr(score, "needs_starts", False):
-        return [-float(scores.nll.sum()) for scores in score(ids, starts)]
-    # TokenScores.nll[t] is the NLL of token t + 1, so the choice tokens start at start - 1.
-    return [-float(scores.nll[start - 1 :].sum()) for scores, start in zip(score(ids), starts)]
+def choice_log_probs(runtime, sequences: list[tuple[list[int], int]]) -> list[float]:
+    """Summed log-probability of each choice's tokens after its prompt, through ``runtime.score_continuations``
+    (any runtime: the choices of an item share their prompt, which the runtime prefills once, compressed when
+    token compression is attached)."""
+    requests = [(ids[:start], ids[start:]) for ids, start in sequences]
+    return [-float(scores.nll.sum()) for scores in runtime.score_continuations(requests)]
 
 
-def evaluate_task(score: Callable, tokenizer, task: Task, limit: int | None = None, seed: int = 0) -> TaskResult:
+def evaluate_task(runtime, tokenizer, task: Task, limit: int | None = None, seed: int = 0) -> TaskResult:
     indices = select_examples(len(task.examples), limit, seed)
     chosen, correct = [], []
     for index in progress.track(indices, f"{task.name}"):
         example = task.examples[index]
-        log_probs = choice_log_probs(score, choice_sequences(tokenizer, example))
+        log_probs = choice_log_probs(runtime, choice_sequences(tokenizer, example))
         best = max(range(len(log_probs)), key=log_probs.__getitem__)  # ties: the first listed choice
         chosen.append(best)
         correct.append(example.target_scores[best] == 1)

@@ -1,8 +1,11 @@
-"""Perplexity over consecutive windows, as the CFSP/Wanda reference evaluates WikiText-2.
+"""Perplexity over consecutive windows, as the CFSP/Wanda reference evaluates WikiText-2; the one implementation
+``effideploy eval ppl``, the bench and the benchmark scripts share.
 
 PPL = exp(mean over windows of the mean next-token cross-entropy inside the window); every window is scored
-independently (no context carried across windows). The argmax next-token predictions are kept on request, for
-loyalty (agreement with the dense model) in ``bench``.
+independently (no context carried across windows) through any runtime's ``score_windows``. Under token
+compression a window is split in half: the first half is the context (prefilled, then compressed), the second half
+is teacher-forced after it (``score_continuations``), and only the second half is scored (``scope="second_half"``).
+The per-token NLL and argmax predictions are kept: loyalty compares the predictions with the dense model's.
 """
 
 from __future__ import annotations
@@ -12,54 +15,74 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from effideploy import progress
 
 
 @dataclass
 class PerplexityResult:
-    perplexity: float
-    mean_nll: float
-    n_windows: int
+    nll: list[list[float]]  # per window: the NLL of every scored token
+    predictions: list[list[int]]  # per window: the argmax prediction at every scored position
     seqlen: int
-    seconds: float
-    predictions: torch.Tensor | None = None  # int32 [n_windows, seqlen - 1]
+    scope: str = "full"  # "full": tokens 1..L-1 of each window; "second_half": tokens L/2..L-1
+    seconds: float = 0.0
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.nll)
+
+    @property
+    def mean_nll(self) -> float:
+        return mean_window_nll(self.nll)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll) if self.nll else float("nan")
+
+    def perplexity_from(self, start: int) -> float:
+        """The perplexity of the tokens from scored position ``start`` of each window on."""
+        return math.exp(mean_window_nll(self.nll, start)) if self.nll else float("nan")
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "windows": self.n_windows,
                 "seqlen": self.seqlen, "seconds": self.seconds}
 
 
-def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window ([b, L, V] logits, [b, L] ids -> [b])."""
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), window[:, 1:].flatten(), reduction="none")
-    return losses.view(window.shape[0], -1).mean(1)
+def mean_window_nll(nll: list[list[float]], start: int = 0) -> float:
+    """Mean over windows of each window's mean NLL (from scored position ``start`` on)."""
+    if not nll:
+        return float("nan")
+    means = [sum(row[start:]) / len(row[start:]) for row in nll]
+    return sum(means) / len(means)
+
+
+def second_half_start(seqlen: int) -> int:
+    """Index, in a full window's scored positions (tokens 1..L-1), of the first token a compressed scoring scores."""
+    return seqlen // 2 - 1
 
 
 @torch.no_grad()
-def perplexity_from_scorer(score_windows, windows: torch.Tensor, *, keep_predictions: bool = False,
-                           batch_size: int = 1, description: str = "Perplexity") -> PerplexityResult:
-    """``score_windows(ids [b, L]) -> logits [b, L, V]`` is any runtime's scoring call."""
+def window_perplexity(runtime, windows, *, compressed: bool = False, description: str = "Perplexity") -> PerplexityResult:
+    """Perplexity of ``windows`` ([n, L] ids) through a runtime (see the module docstring for ``compressed``)."""
     start = time.perf_counter()
-    nlls, predictions = [], []
-    batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-    for batch in progress.track(batches, description):
-        logits = score_windows(batch)
-        nlls.append(window_nll(logits, batch))
-        if keep_predictions:
-            predictions.append(logits[:, :-1].argmax(-1).to(torch.int32))
-    mean_nll = float(torch.cat(nlls).mean())
-    return PerplexityResult(
-        perplexity=math.exp(mean_nll),
-        mean_nll=mean_nll,
-        n_windows=windows.shape[0],
-        seqlen=windows.shape[1],
-        seconds=time.perf_counter() - start,
-        predictions=torch.cat(predictions) if keep_predictions else None,
-    )
+    rows = windows.tolist() if hasattr(windows, "tolist") else [list(w) for w in windows]
+    half = len(rows[0]) // 2 if rows else 0
+    nll, predictions = [], []
+    for window in progress.track(rows, description):
+        if compressed:
+            scores = runtime.score_continuations([(window[:half], window[half:])])[0]
+        else:
+            scores = runtime.score_windows([window])[0]
+        nll.append([float(x) for x in scores.nll])
+        predictions.append([int(x) for x in scores.argmax])
+    return PerplexityResult(nll=nll, predictions=predictions, seqlen=len(rows[0]) if rows else 0,
+                            scope="second_half" if compressed else "full", seconds=time.perf_counter() - start)
 
 
-def perplexity(model, windows: torch.Tensor, **kwargs) -> PerplexityResult:
-    """Perplexity of a transformers causal LM."""
-    return perplexity_from_scorer(lambda batch: model(batch, use_cache=False).logits, windows, **kwargs)
+def perplexity(model, windows, **kwargs) -> PerplexityResult:
+    """Perplexity of a runtime, or of a loaded transformers causal LM (run through the PyTorch runtime)."""
+    if not hasattr(model, "score_windows"):
+        from effideploy.runtimes.pytorch import TorchRuntime
+
+        model = TorchRuntime(model=model)
+    return window_perplexity(model, windows, **kwargs)

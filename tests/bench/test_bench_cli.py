@@ -115,11 +115,12 @@ def test_run_prunes_from_one_calibration_pass_and_reuses_checkpoints(tmp_path, t
                    ppl_windows=1, ppl_seqlen=64, mc_limit=0, memory=False, data_dir=str(DATA))
     kwargs = dict(model=str(tiny_model_dir), sparsities=(0.25, 0.5), output=tmp_path / "run",
                   prune_options={"calib_samples": 4, "calib_seqlen": 64}, bench_options=options)
-    payload, report = pipeline.run_pipeline(**kwargs)
+    result, report = pipeline.run_pipeline(**kwargs)
+    payload = result.to_dict()
     assert len(calls) == 1 and report == tmp_path / "run" / "report"
     assert [c["candidate"] for c in payload["comparisons"]] == ["cfsp-0.25", "cfsp-0.5"]
     assert (tmp_path / "run" / "cfsp-0.25" / "effideploy.json").is_file()
-    payload, _ = pipeline.run_pipeline(**kwargs)  # same options: nothing is pruned again
+    payload = pipeline.run_pipeline(**kwargs)[0].to_dict()  # same options: nothing is pruned again
     assert len(calls) == 1 and payload["pipeline"]["reused"] == ["0.25", "0.5"]
     assert "export" not in payload["pipeline"]["seconds"] and payload["pipeline"]["total_seconds"] > 0  # torch: none
     monkeypatch.setattr(engine, "pruning_code_fingerprint", lambda: "other code")

@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 
-from effideploy.bench.runner import BenchConfig, CandidateSpec, run_bench
+from effideploy.bench.config import BenchConfig, CandidateSpec
+from effideploy.bench.runner import run_bench
 from tests.conftest import DATA
 
 pytestmark = [pytest.mark.onnx, pytest.mark.skipif(
@@ -19,7 +20,7 @@ def test_onnx_bench_exports_and_compares(tmp_path, tiny_model_dir, tiny_pruned_d
                          prompt_tokens=24, new_tokens=4, prompts=1, repeats=1, batch_sizes=(2,), throughput_repeats=1,
                          ppl_windows=1, ppl_seqlen=64, tasks=(str(tiny_task_dir),), memory=False, data_dir=str(DATA),
                          export_root=str(tmp_path / "exports"))
-    payload = run_bench(config)
+    payload = run_bench(config).to_dict()
     assert payload["runtime"]["runtime"] == "onnx"
     exports = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "exports").iterdir())
     assert exports == ["cfsp-0.5", "dense"]  # the compression candidate shares the dense export
@@ -36,7 +37,6 @@ def test_onnx_bench_exports_and_compares(tmp_path, tiny_model_dir, tiny_pruned_d
 def test_shared_prompt_scoring_on_onnx_equals_scoring_whole_sequences(tmp_path, tiny_model_dir):
     import torch
 
-    from effideploy.bench.runner import OnnxPromptScorer
     from effideploy.exporters import export
     from effideploy.runtimes import open_runtime
 
@@ -45,7 +45,7 @@ def test_shared_prompt_scoring_on_onnx_equals_scoring_whole_sequences(tmp_path, 
         prompt = [5, 17, 33, 2, 90, 41]
         sequences = [prompt + [7], prompt + [8, 9, 10], [3, 4, 11, 12]]
         starts = [6, 6, 2]
-        shared = OnnxPromptScorer(runtime)(sequences, starts)
-        for scores, whole, start in zip(shared, runtime.score(sequences), starts):
+        shared = runtime.score_continuations([(s[:start], s[start:]) for s, start in zip(sequences, starts)])
+        for scores, whole, start in zip(shared, runtime.score_windows(sequences), starts):
             torch.testing.assert_close(scores.nll, whole.nll[start - 1 :], atol=1e-4, rtol=1e-4)
             assert torch.equal(scores.argmax, whole.argmax[start - 1 :])

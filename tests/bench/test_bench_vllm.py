@@ -3,7 +3,8 @@ process."""
 
 import pytest
 
-from effideploy.bench.runner import BenchConfig, CandidateSpec, run_bench
+from effideploy.bench.config import BenchConfig, CandidateSpec
+from effideploy.bench.runner import run_bench
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.vllm
@@ -17,7 +18,7 @@ def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny
                          prompt_tokens=24, new_tokens=4, prompts=2, repeats=2, batch_sizes=(1, 3), throughput_repeats=1,
                          ppl_windows=2, ppl_seqlen=64, tasks=(str(tiny_task_dir),), data_dir=str(DATA),
                          export_root=str(tmp_path / "exports"))
-    payload = run_bench(config)
+    payload = run_bench(config).to_dict()
     assert payload["runtime"]["runtime"] == "vllm" and payload["runtime_options"]["max_model_len"] == 512
     same, pruned = payload["comparisons"]
     assert same["loyalty"] == 1.0 and same["op"] == pytest.approx(1.0) and same["perplexity_increase"] == pytest.approx(0.0, abs=1e-6)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from effideploy.bench.compare import Comparison
 from effideploy.bench.policy import THRESHOLDS, evaluate, load_policy, passed, policy_from_dict, sign_off
 from effideploy.errors import EffideployError
 
@@ -54,9 +55,9 @@ def test_checks_compare_each_candidate_with_each_limit():
     policy = policy_from_dict({"thresholds": {"min_decode_speedup": 1.1, "max_perplexity_increase": 0.2,
                                               "max_peak_memory_mb": 1000}})
     comparisons = [
-        {"candidate": "a", "decode_speedup": 1.3, "perplexity_increase": 0.1, "peak_memory_mb": 900.0},
-        {"candidate": "b", "decode_speedup": 1.1, "perplexity_increase": 0.25, "peak_memory_mb": 1000.0},
-        {"candidate": "c", "decode_speedup": 1.5, "perplexity_increase": 0.0},  # memory not measured
+        Comparison(candidate="a", kind="x", decode_speedup=1.3, perplexity_increase=0.1, peak_memory_mb=900.0),
+        Comparison(candidate="b", kind="x", decode_speedup=1.1, perplexity_increase=0.25, peak_memory_mb=1000.0),
+        Comparison(candidate="c", kind="x", decode_speedup=1.5, perplexity_increase=0.0),  # memory not measured
     ]
     checks = {(c.candidate, c.name): c for c in evaluate(policy, comparisons)}
     assert all(checks[("a", name)].passed for name in policy.thresholds)
@@ -69,7 +70,7 @@ def test_checks_compare_each_candidate_with_each_limit():
 
 
 def test_require_any_passes_when_one_candidate_passes():
-    comparisons = [{"candidate": "a", "loyalty": 0.95}, {"candidate": "b", "loyalty": 0.5}]
+    comparisons = [Comparison(candidate="a", kind="x", loyalty=0.95), Comparison(candidate="b", kind="x", loyalty=0.5)]
     strict = policy_from_dict({"thresholds": {"min_loyalty": 0.9}})
     lenient = policy_from_dict({"require": "any", "thresholds": {"min_loyalty": 0.9}})
     assert not passed(strict, evaluate(strict, comparisons))

@@ -5,26 +5,31 @@ from pathlib import Path
 
 import pytest
 
-from effideploy.bench.runner import BenchConfig, CandidateSpec, Entry, candidate_label, compare, pareto
+from effideploy.bench.artifacts import candidate_label
+from effideploy.bench.compare import Comparison, compare, pareto
+from effideploy.bench.config import BenchConfig, CandidateSpec
+from effideploy.bench.results import Latency, ModelResult, Parameters, Size
 from effideploy.errors import EffideployError
+from effideploy.eval.multiple_choice import TaskResult
+from effideploy.eval.perplexity import PerplexityResult
 
 COUNTS_DENSE = {"attention": 100, "ffn": 300, "embedding": 100, "lm_head": 0, "norms": 0, "total": 500}
 COUNTS_PRUNED = {"attention": 100, "ffn": 150, "embedding": 100, "lm_head": 0, "norms": 0, "total": 350}
 
 
-def entry(label, *, ttft, tpot, nll, predictions, chosen, accuracy, counts, scope="full", peak=None, throughput=None):
-    results = {
-        "latency": {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": [t + sum(tpot[:2]) for t in ttft], "tokens": [[1, 2, 3, 4]]},
-        "throughput": throughput or {},
-        "perplexity": {"scope": scope, "nll": nll, "predictions": predictions,
-                       "perplexity": math.exp(sum(sum(r) / len(r) for r in nll) / len(nll))},
-        "tasks": {"t": {"accuracy": accuracy, "chosen": chosen}},
-        "parameters": {"counts": counts, "attention_width": 2},
-        "size": {"checkpoint_weights_bytes": counts["total"] * 4},
-    }
+def entry(label, *, ttft, tpot, nll, predictions, chosen, accuracy, counts, scope="full", peak=None, throughput=None,
+          seqlen=None):
+    model = ModelResult(label=label, kind="x", spec=label, artifact=Path("."), checkpoint=None)
+    model.latency = Latency(ttft_s=ttft, tpot_s=tpot, e2e_s=[t + sum(tpot[:2]) for t in ttft], tokens=[[1, 2, 3, 4]])
+    model.throughput = throughput or {}
+    model.perplexity = PerplexityResult(nll=nll, predictions=predictions, scope=scope,
+                                        seqlen=seqlen or len(nll[0]) + 1)
+    model.tasks = {"t": TaskResult(name="t", accuracy=accuracy, chosen=chosen, correct=[], indices=[])}
+    model.parameters = Parameters(counts=counts, ffn_widths=[], attention_width=2, max_positions=None)
+    model.size = Size(checkpoint_weights_bytes=counts["total"] * 4, artifact_bytes=0, artifact=".", checkpoint=None)
     if peak is not None:
-        results["memory"] = {"peak_rss_mb": peak, "model_rss_mb": peak - 100}
-    return Entry(label=label, kind="x", spec=label, artifact=Path("."), checkpoint=None, config_dict=None, results=results)
+        model.memory = {"peak_rss_mb": peak, "model_rss_mb": peak - 100}
+    return model
 
 
 def config(**overrides):
@@ -38,7 +43,7 @@ def test_comparison_record_from_hand_made_measurements():
     cand = entry("cand", ttft=[0.2, 0.1, 0.3], tpot=[0.04, 0.04, 0.05], nll=[[2.0, 2.0], [3.0, 4.0]],
                  predictions=[[1, 0], [3, 4]], chosen=[0, 1, 0, 0], accuracy=0.25, counts=COUNTS_PRUNED, peak=450.0,
                  throughput={"1": [11.0], "4": [60.0]})
-    record = compare(dense, cand, config())
+    record = compare(dense, cand, config()).to_dict()
     # medians: TTFT 0.3 vs 0.2, TPOT 0.05 vs 0.04
     assert record["ttft_speedup"] == pytest.approx(1.5) and record["decode_speedup"] == pytest.approx(1.25)
     # perplexity exp(mean of window means): dense exp((1.5 + 3) / 2), candidate exp((2 + 3.5) / 2)
@@ -62,8 +67,8 @@ def test_a_compressed_candidate_is_compared_on_the_same_second_halves():
     dense = entry("dense", ttft=[0.1], tpot=[0.01], nll=[[9.0, 1.0, 2.0]], predictions=[[7, 5, 6]], chosen=[1],
                   accuracy=1.0, counts=COUNTS_DENSE)
     cand = entry("dense+snapkv:0.5", ttft=[0.1], tpot=[0.01], nll=[[1.0, 4.0]], predictions=[[5, 0]], chosen=[1],
-                 accuracy=1.0, counts=COUNTS_DENSE, scope="second_half")
-    record = compare(dense, cand, config(ppl_seqlen=4))
+                 accuracy=1.0, counts=COUNTS_DENSE, scope="second_half", seqlen=4)
+    record = compare(dense, cand, config(ppl_seqlen=4)).to_dict()
     assert record["perplexity_dense"] == pytest.approx(math.exp(1.5))  # the dense NLL of the same two tokens
     assert record["perplexity_increase"] == pytest.approx(math.exp(2.5) / math.exp(1.5) - 1)
     assert record["loyalty_counts"] == {"tokens": {"identical": 1, "total": 2}, "choices": {"identical": 1, "total": 1}}
@@ -72,17 +77,17 @@ def test_a_compressed_candidate_is_compared_on_the_same_second_halves():
 def test_a_model_against_itself_scores_one():
     make = lambda label: entry(label, ttft=[0.2, 0.3], tpot=[0.05, 0.05], nll=[[1.0, 2.0]], predictions=[[1, 2]],
                                chosen=[0, 2], accuracy=0.5, counts=COUNTS_DENSE)
-    record = compare(make("dense"), make("same"), config())
+    record = compare(make("dense"), make("same"), config()).to_dict()
     assert record["op"] == 1.0 and record["og"] == 0.0 and record["loyalty"] == 1.0
     assert record["perplexity_increase"] == 0.0 and record["decode_speedup"] == 1.0
 
 
 def test_pareto_includes_the_dense_point():
-    fronts = pareto([{"candidate": "fast", "op": 0.9, "ratios": {"wikitext2": 0.8}, "decode_speedup": 1.4,
-                      "ttft_speedup": 0.9, "throughput_speedup": None},
-                     {"candidate": "bad", "op": 0.8, "ratios": {"wikitext2": 0.9}, "decode_speedup": 0.9,
-                      "ttft_speedup": 0.8, "throughput_speedup": None}])
-    flags = lambda quality, axis: {p["model"]: p["non_dominated"] for p in fronts[quality][axis]}
+    fronts = pareto([Comparison(candidate="fast", kind="x", op=0.9, ratios={"wikitext2": 0.8}, decode_speedup=1.4,
+                                ttft_speedup=0.9, throughput_speedup=None),
+                     Comparison(candidate="bad", kind="x", op=0.8, ratios={"wikitext2": 0.9}, decode_speedup=0.9,
+                                ttft_speedup=0.8, throughput_speedup=None)])
+    flags = lambda quality, axis: {p.model: p.non_dominated for p in fronts[quality][axis]}
     assert flags("op", "decode_speedup") == {"dense": True, "fast": True, "bad": False}
     assert flags("op", "ttft_speedup") == {"dense": True, "fast": False, "bad": False}
     assert flags("op", "throughput_speedup") == {"dense": True, "fast": False, "bad": False}  # not measured: off the front
@@ -98,10 +103,10 @@ def test_labels_come_from_provenance_and_stay_unique(tiny_pruned_dir, tiny_model
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"repeats": 0}, "--repeats must be at least 1"),
-    ({"new_tokens": 1}, "--new-tokens must be at least 2"),
-    ({"batch_sizes": (1, 0)}, "--batch-sizes must be positive"),
-    ({"mc_limit": -2}, "--mc-limit must not be negative"),
+    ({"repeats": 0}, "repeats must be at least 1"),
+    ({"new_tokens": 1}, "new_tokens must be at least 2"),
+    ({"batch_sizes": (1, 0)}, "batch_sizes must be positive"),
+    ({"mc_limit": -2}, "mc_limit must not be negative"),
     ({"candidates": ()}, "no candidates"),
 ])
 def test_bad_bench_options(overrides, fragment):
@@ -114,7 +119,6 @@ def test_bad_bench_options(overrides, fragment):
 def test_shared_prompt_scoring_equals_scoring_whole_sequences():
     import torch
 
-    from effideploy.bench.runner import SharedPromptScorer
     from effideploy.runtimes.pytorch import TorchRuntime
     from tests.conftest import tiny_llama
 
@@ -122,8 +126,8 @@ def test_shared_prompt_scoring_equals_scoring_whole_sequences():
     prompt = [5, 17, 33, 2, 90, 41]
     sequences = [prompt + [7], prompt + [8, 9, 10], [3, 4] + [11, 12]]  # two share a prompt, one does not
     starts = [6, 6, 2]
-    shared = SharedPromptScorer(runtime.model)(sequences, starts)
-    for scores, whole, start in zip(shared, runtime.score(sequences), starts):
+    shared = runtime.score_continuations([(s[:start], s[start:]) for s, start in zip(sequences, starts)])
+    for scores, whole, start in zip(shared, runtime.score_windows(sequences), starts):
         torch.testing.assert_close(scores.nll, whole.nll[start - 1 :], atol=1e-4, rtol=1e-4)
         assert torch.equal(scores.argmax, whole.argmax[start - 1 :])
 
@@ -136,7 +140,7 @@ def test_compression_that_keeps_everything_is_loyal_to_dense(tiny_model_dir, tin
     config = BenchConfig(dense=str(tiny_model_dir), candidates=(CandidateSpec(compression="snapkv:1.0"),),
                          prompt_tokens=24, new_tokens=4, prompts=1, repeats=1, batch_sizes=(1,), throughput_repeats=1,
                          ppl_windows=2, ppl_seqlen=64, tasks=(str(tiny_task_dir),), memory=False, data_dir=str(DATA))
-    payload = run_bench(config)
+    payload = run_bench(config).to_dict()
     record = payload["comparisons"][0]
     assert record["candidate"] == "dense+snapkv:1.0" and record["perplexity_scope"] == "second_half"
     assert record["loyalty"] == 1.0 and record["generation_match"] == 1.0

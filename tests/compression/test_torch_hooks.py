@@ -25,6 +25,12 @@ def prompt():
     return torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def compressed(model, hooks):
+    runtime = TorchRuntime(model=model)
+    runtime.compress(hooks)
+    return runtime
+
+
 def no_hooks_left(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
@@ -37,7 +43,7 @@ def plain_tokens(gqa_model, prompt):
 @pytest.mark.parametrize("spec", [f"{m}:1.0" for m in ALL_METHODS] + ["fastv:k=2,r=1.0", "fastv:k=1,r=1.0"])
 def test_budget_one_generates_exactly_the_uncompressed_tokens(gqa_model, prompt, plain_tokens, spec):
     hooks = torch_hooks(spec)
-    assert TorchRuntime(model=gqa_model).generate([prompt], 10, hooks=hooks).tokens == plain_tokens
+    assert compressed(gqa_model, hooks).generate([prompt], 10).tokens == plain_tokens
     assert hooks.records[0]["kept_per_layer"] == [len(prompt)] * 4
     assert no_hooks_left(gqa_model)
 
@@ -117,7 +123,7 @@ def test_decoding_after_eviction_matches_masked_full_attention(gqa_model, prompt
     assert not torch.allclose(full.nll[1:], scores.nll[1:], atol=1e-3)  # the eviction did change the decode
 
     # the runtime's token-by-token decode agrees with the reference's greedy choice at every step
-    generated = TorchRuntime(model=gqa_model).generate([prompt], 6, hooks=hooks).tokens[0]
+    generated = compressed(gqa_model, hooks).generate([prompt], 6).tokens[0]
     masks = eviction_masks(gqa_model, L, L + 5, hooks.records[1]["kept_indices"])
     reference = masked_reference(gqa_model, prompt + generated[:-1], masks)
     assert reference[L - 1:].argmax(-1).tolist() == generated
@@ -140,7 +146,7 @@ def test_fastv_matches_masking_the_pruned_tokens_from_layer_k(gqa_model, prompt)
     torch.testing.assert_close(scores.argmax, reference.argmax(-1))
     expected_nll = -torch.log_softmax(reference, -1).gather(-1, torch.tensor(continuation)[:, None]).squeeze(-1)
     torch.testing.assert_close(scores.nll, expected_nll, atol=1e-4, rtol=1e-4)
-    generated = TorchRuntime(model=gqa_model).generate([prompt], 5, hooks=hooks).tokens[0]
+    generated = compressed(gqa_model, hooks).generate([prompt], 5).tokens[0]
     masks = {layer: mask[: L + 4, : L + 4].repeat(4, 1, 1) for layer in range(k, 4)}
     assert masked_reference(gqa_model, prompt + generated[:-1], masks)[L - 1:].argmax(-1).tolist() == generated
 
@@ -151,7 +157,7 @@ def test_fastv_on_a_tiny_llama_shortens_the_layers_from_k(prompt):
     handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].shape[1]),
                                                          with_kwargs=True) for layer in model.model.layers]
     hooks = torch_hooks("fastv:k=1,r=0.5")
-    tokens = TorchRuntime(model=model).generate([prompt], 4, hooks=hooks).tokens[0]
+    tokens = compressed(model, hooks).generate([prompt], 4).tokens[0]
     for handle in handles:
         handle.remove()
     kept = 1 + int(0.5 * (len(prompt) - 1))
@@ -163,7 +169,7 @@ def test_fastv_on_a_tiny_llama_shortens_the_layers_from_k(prompt):
 
 def test_fastv_k_beyond_the_model_is_refused(gqa_model, prompt):
     with pytest.raises(EffideployError, match="k=4 but the model has 4 layers"):
-        TorchRuntime(model=gqa_model).generate([prompt], 2, hooks=torch_hooks("fastv:k=4,r=0.5"))
+        compressed(gqa_model, torch_hooks("fastv:k=4,r=0.5")).generate([prompt], 2)
     assert no_hooks_left(gqa_model)
 
 
@@ -182,7 +188,7 @@ def test_cacheless_forward_is_refused(gqa_model, prompt):
     runtime = TorchRuntime(model=gqa_model)
     with pytest.raises(EffideployError, match="score_continuation"):
         with torch_hooks("snapkv:0.5")(gqa_model, len(prompt)):
-            runtime.score([prompt])
+            runtime.score_windows([prompt])
 
 
 def test_kv_dtype_stores_fp8_values(gqa_model, prompt):

@@ -102,26 +102,21 @@ def test_choice_tokens_follow_the_prompt_with_the_space_moved_to_the_choice(tiny
 class FakeScorer:
     """Every token's NLL is the token id / 10, so a choice's log-probability is minus its ids' sum / 10."""
 
-    def __call__(self, sequences):
-        return [TokenScores(nll=torch.tensor(s[1:], dtype=torch.float32) / 10, argmax=torch.zeros(len(s) - 1, dtype=torch.int64))
-                for s in sequences]
+    def __init__(self):
+        self.requests = []
+
+    def score_continuations(self, requests):
+        self.requests.append(requests)
+        return [TokenScores(nll=torch.tensor(c, dtype=torch.float32) / 10, argmax=torch.zeros(len(c), dtype=torch.int64))
+                for _, c in requests]
 
 
 def test_choice_log_probs_sum_the_choice_tokens_only():
     sequences = [([5, 6, 7, 1, 2], 3), ([5, 6, 7, 4], 3)]
-    assert choice_log_probs(FakeScorer(), sequences) == pytest.approx([-0.3, -0.4])
-
-
-def test_a_start_aware_scorer_gets_the_prompt_lengths():
-    calls = []
-
-    def scorer(sequences, starts):
-        calls.append(starts)
-        return [TokenScores(nll=torch.tensor(s[st:], dtype=torch.float32), argmax=torch.zeros(len(s) - st)) for s, st in zip(sequences, starts)]
-
-    scorer.needs_starts = True
-    assert choice_log_probs(scorer, [([9, 9, 1, 1], 2), ([9, 9, 3], 2)]) == pytest.approx([-2.0, -3.0])
-    assert calls == [[2, 2]]
+    scorer = FakeScorer()
+    assert choice_log_probs(scorer, sequences) == pytest.approx([-0.3, -0.4])
+    # one call per item, the prompt split off as the shared context
+    assert scorer.requests == [[([5, 6, 7], [1, 2]), ([5, 6, 7], [4])]]
 
 
 class CharTokenizer:

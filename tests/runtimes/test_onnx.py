@@ -80,7 +80,7 @@ def test_score_equals_pytorch(case):
     from effideploy.runtimes.pytorch import TorchRuntime
 
     runtime, model = case
-    got, expected = runtime.score(PROMPTS), TorchRuntime(model=model).score(PROMPTS)
+    got, expected = runtime.score_windows(PROMPTS), TorchRuntime(model=model).score_windows(PROMPTS)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.nll, b.nll, atol=1e-4, rtol=0)
         assert torch.equal(a.argmax, b.argmax)
@@ -105,6 +105,15 @@ def evicted_reference(model, prompt: list[int], keep: list[int], new_tokens: int
     return tokens
 
 
+def generate_with(runtime, hook, prompts, new_tokens):
+    """Generation with a raw kv_hook attached for this call only (the runtime fixture is shared)."""
+    runtime.compress(hook)
+    try:
+        return runtime.generate(prompts, new_tokens)
+    finally:
+        runtime.compress(None)
+
+
 def test_kv_hook_evicts_and_decoding_continues_at_absolute_positions(dense_runtime):
     prompt = PROMPTS[0]
     keep = [0, 1] + list(range(len(prompt) - 5, len(prompt)))  # sinks + recent window
@@ -114,7 +123,7 @@ def test_kv_hook_evicts_and_decoding_continues_at_absolute_positions(dense_runti
         calls.append(([k.shape for k, _ in past], attentions, prompt_length))
         return [(k[:, :, keep].copy(), v[:, :, keep].copy()) for k, v in past]
 
-    generation = dense_runtime.generate([prompt], 10, kv_hook=hook)
+    generation = generate_with(dense_runtime, hook, [prompt], 10)
     assert calls == [([(1, 1, len(prompt), 64)] * 4, None, len(prompt))]
     assert generation.extra["kv_length_after_prefill"] == [len(keep)]
     assert generation.tokens[0] == evicted_reference(tiny_llama(), prompt, keep, 10)
@@ -126,7 +135,7 @@ def test_kv_hook_evicts_and_decoding_continues_at_absolute_positions(dense_runti
 
 def test_kv_hook_may_return_slices_of_its_views(dense_runtime):
     prompt = PROMPTS[0]
-    generation = dense_runtime.generate([prompt], 8, kv_hook=lambda past, _, n: [(k[:, :, -6:], v[:, :, -6:]) for k, v in past])
+    generation = generate_with(dense_runtime, lambda past, _, n: [(k[:, :, -6:], v[:, :, -6:]) for k, v in past], [prompt], 8)
     keep = list(range(len(prompt) - 6, len(prompt)))
     assert generation.tokens[0] == evicted_reference(tiny_llama(), prompt, keep, 8)
 
@@ -138,7 +147,7 @@ def test_kv_hook_may_return_slices_of_its_views(dense_runtime):
 ])
 def test_bad_kv_hook_results_are_refused(dense_runtime, hook, message):
     with pytest.raises(EffideployError, match=message):
-        dense_runtime.generate([PROMPTS[0]], 4, kv_hook=hook)
+        generate_with(dense_runtime, hook, [PROMPTS[0]], 4)
 
 
 def test_attention_outputs_reach_the_hook_and_equal_eager_attention(tmp_path_factory, tiny_model_dir, calib_file):
@@ -153,7 +162,7 @@ def test_attention_outputs_reach_the_hook_and_equal_eager_attention(tmp_path_fac
         expected = model(input_ids=torch.tensor([prompt]), output_attentions=True).attentions
     seen = []
     with OnnxRuntime(result.output) as runtime:
-        generation = runtime.generate([prompt], 6, kv_hook=lambda past, attentions, n: seen.append(attentions) or past)
+        generation = generate_with(runtime, lambda past, attentions, n: seen.append(attentions) or past, [prompt], 6)
     (attentions,) = seen
     assert len(attentions) == 4
     for got, want in zip(attentions, expected):

@@ -58,7 +58,7 @@ def test_generate_batch_gives_the_same_tokens_for_prompts_of_different_lengths(r
 
 def test_score_matches_transformers(runtime, reference, prompts):
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference.generate(prompts, 6).tokens)]
-    for got, expected in zip(runtime.score(sequences), reference.score(sequences)):
+    for got, expected in zip(runtime.score_windows(sequences), reference.score_windows(sequences)):
         assert torch.equal(got.argmax, expected.argmax)
         torch.testing.assert_close(got.nll, expected.nll, atol=1e-3, rtol=1e-4)
 
@@ -74,7 +74,7 @@ def test_too_long_requests_are_refused_in_one_line(runtime, prompts):
     with pytest.raises(EffideployError, match="exceeds max_model_len 256"):
         runtime.generate([prompts[0] * 40], 4)
     with pytest.raises(EffideployError, match="at least 2 tokens"):
-        runtime.score([[5]])
+        runtime.score_windows([[5]])
 
 
 def test_engines_coexist_and_close_frees_them_so_others_start(runtime, tiny_model_dir, prompts):

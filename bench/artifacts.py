@@ -1,0 +1,140 @@
+"""What each bench model opens: a checkpoint as it is, an export given by the user, or an export made (once) from a
+checkpoint for the runtime's exporter.
+
+Export-or-reuse, the one rule (the bench, ``effideploy run`` and the benchmark scripts all go through
+:func:`export_or_reuse`): an export is reused when it was made from a source checkpoint with the same *content*
+(a sha256 over its files) with the same export options by the same effideploy version; anything else exports
+afresh. Keys on content, not on paths or modification times, so a re-prune in place is never served a stale export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import effideploy
+from effideploy import progress
+from effideploy.bench.config import DENSE_LABEL, BenchConfig, CandidateSpec
+from effideploy.bench.results import ExportRecord, ModelResult, Parameters, Size
+from effideploy.errors import EffideployError
+from effideploy.exporters.manifest import read_export_manifest
+
+CHUNK = 1 << 22
+
+
+def content_fingerprint(folder: Path) -> str:
+    """sha256 over the names and bytes of every regular file in ``folder`` (sorted), 16 hex digits."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def export_key(source_path: Path, runtime: str, options: dict) -> str:
+    payload = json.dumps({"source": content_fingerprint(source_path), "runtime": runtime, "options": options,
+                          "effideploy": effideploy.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def export_or_reuse(exporter: str, source, root: Path, label: str, options: dict | None = None
+                    ) -> tuple[Path, ExportRecord]:
+    """The export of ``source`` (a ModelSource) for ``exporter`` with ``options`` under ``root``: reused when one
+    with the same key exists there (see the module docstring), else written to ``root/<label>-<exporter>-<key>``."""
+    from effideploy.exporters import EXPORTERS
+
+    options = dict(options or {})
+    key = export_key(source.path, exporter, options)
+    root = Path(root)
+    done = [folder for folder in sorted(root.glob(f"*-{exporter}-{key}")) if read_export_manifest(folder) is not None]
+    if done:
+        return done[0], ExportRecord(path=str(done[0]), reused=True, seconds=0.0)
+    target = root / f"{label}-{exporter}-{key}"
+    tick = time.perf_counter()
+    with progress.status(f"Exporting {label} for {exporter} to {target}"):
+        EXPORTERS.get(exporter)(source, target, overwrite=True, **options)
+    return target, ExportRecord(path=str(target), reused=False, seconds=time.perf_counter() - tick)
+
+
+def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spec: str,
+                  compression: str | None = None) -> ModelResult:
+    """Resolve ``spec`` for the runtime: a runtime without an exporter reads checkpoints directly; one with an
+    exporter takes an export as it is, or exports a checkpoint under ``config.export_root`` (export_or_reuse). A
+    compression candidate shares the dense model's export unless its method needs other export options."""
+    from effideploy.models.resolve import resolve_model
+
+    exporter = runtime_class.capabilities.exporter
+    path = Path(spec).expanduser()
+    manifest = read_export_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        if exporter is None or manifest.get("runtime") != exporter:
+            raise EffideployError(f"{path} is an export for {manifest.get('runtime')!r}, not for --runtime {config.runtime}")
+        source_path = Path((manifest.get("source") or {}).get("path", ""))
+        config_dict = _config_dict(path) or _config_dict(source_path)
+        return ModelResult(label, kind, spec, path, source_path if source_path.is_dir() else None, config_dict,
+                           compression)
+    source = resolve_model(spec)
+    if exporter is None:
+        return ModelResult(label, kind, spec, source.path, source.path, source.config_dict, compression)
+    options = runtime_class.export_options(compression)
+    base = DENSE_LABEL if kind == "compression" else label
+    suffix = "".join(f"-{k}={v}" for k, v in options.items()).replace(":", "_")
+    target, record = export_or_reuse(exporter, source, Path(config.export_root), base + suffix, options)
+    return ModelResult(label, kind, spec, target, source.path, source.config_dict, compression, export=record)
+
+
+def _config_dict(folder: Path) -> dict | None:
+    from effideploy.models.resolve import read_config_dict
+
+    return read_config_dict(folder) if (folder / "config.json").is_file() else None
+
+
+def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
+    """The candidate's name in the report: given, else method-sparsity from its provenance, else the folder name;
+    made unique with #2, #3..."""
+    if spec.label:
+        label = spec.label
+    elif spec.model is None:
+        label = f"{DENSE_LABEL}+{spec.compression}"
+    else:
+        from effideploy.checkpoint.writer import read_provenance
+
+        path = Path(spec.model).expanduser()
+        record = read_provenance(path) if path.is_dir() else None
+        manifest = read_export_manifest(path) if path.is_dir() else None
+        if record is None and manifest and manifest.get("provenance"):
+            record = {"method": manifest["provenance"].get("method"), "sparsity": manifest["provenance"].get("sparsity")}
+        if record and record.get("method") and record.get("sparsity"):
+            label = f"{record['method']}-{record['sparsity'].get('ffn_requested', 0):g}"
+        else:
+            label = path.name or str(spec.model)
+        if spec.compression:
+            label += f"+{spec.compression}"
+    unique, number = label, 2
+    while unique in taken:
+        unique, number = f"{label}#{number}", number + 1
+    taken.add(unique)
+    return unique
+
+
+def describe_model(model: ModelResult) -> None:
+    """Parameter counts (from the config alone) and sizes on disk."""
+    from effideploy.checkpoint.writer import folder_size
+    from effideploy.models.build import build_config, count_parameters, ffn_widths
+
+    if model.config_dict is not None:
+        model_config = build_config(model.config_dict)
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        model.parameters = Parameters(
+            counts=count_parameters(model_config), ffn_widths=ffn_widths(model_config),
+            attention_width=model_config.num_hidden_layers * model_config.num_attention_heads * head_dim,
+            max_positions=getattr(model_config, "max_position_embeddings", None))
+    weights = None
+    if model.checkpoint is not None and model.checkpoint.is_dir():
+        weights = sum(p.stat().st_size for p in model.checkpoint.glob("*.safetensors"))
+    model.size = Size(checkpoint_weights_bytes=weights, artifact_bytes=folder_size(model.artifact),
+                      artifact=str(model.artifact), checkpoint=None if model.checkpoint is None else str(model.checkpoint))

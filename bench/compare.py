@@ -1,0 +1,182 @@
+"""A candidate against the dense model measured in the same run: ``Comparison``, the typed record the policy and the
+report read by attribute, and the Pareto fronts of quality against speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from effideploy.bench import metrics
+from effideploy.bench.config import DENSE_LABEL, BenchConfig
+from effideploy.bench.results import ModelResult
+from effideploy.eval.perplexity import second_half_start
+
+
+@dataclass
+class Comparison:
+    """Every ratio of one candidate to the dense model (EffiVLM-Bench's OP/OG/OL/OE among them). A metric that was
+    not measured is None; the policy fails a threshold on a None."""
+
+    candidate: str
+    kind: str
+    # accuracy
+    perplexity: float | None = None
+    perplexity_dense: float | None = None
+    perplexity_scope: str | None = None
+    perplexity_increase: float | None = None
+    ratios: dict[str, float] = field(default_factory=dict)  # candidate / dense score per benchmark
+    op: float = float("nan")
+    og: float = float("nan")
+    accuracy_mean: float | None = None
+    accuracy_mean_dense: float | None = None
+    accuracy_drop: float | None = None
+    loyalty: float = float("nan")
+    loyalty_tokens: float | None = None
+    loyalty_choices: float | None = None
+    loyalty_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # speed
+    ttft_speedup: float = float("nan")
+    decode_speedup: float = float("nan")
+    e2e_speedup: float = float("nan")
+    p99_latency_ms: float = float("nan")
+    p99_tpot_ms: float = float("nan")
+    generation_match: float = float("nan")
+    throughput_speedups: dict[str, float] = field(default_factory=dict)
+    throughput_speedup: float | None = None
+    # memory and size
+    peak_memory_mb: float | None = None
+    peak_memory_ratio: float | None = None
+    model_memory_ratio: float | None = None
+    size_ratio: float | None = None
+    size_reduction: float | None = None
+    parameters_removed: int | None = None
+    ideal: dict | None = None  # metrics.ideal_ratios: what the removed FLOPs and weight bytes alone predict
+    weight_bytes_ratio: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare(dense: ModelResult, candidate: ModelResult, config: BenchConfig) -> Comparison:
+    record = Comparison(candidate=candidate.label, kind=candidate.kind)
+    _accuracy(record, dense, candidate)
+    _loyalty(record, dense, candidate)
+    _speed(record, dense, candidate)
+    _size(record, dense, candidate, config)
+    return record
+
+
+def _accuracy(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:
+    """Perplexity on the same positions, per-task accuracy, and OP / OG over both."""
+    ppl = candidate.perplexity
+    if ppl is not None and dense.perplexity is not None:
+        dense_ppl = dense.perplexity.perplexity
+        if ppl.scope == "second_half":
+            dense_ppl = dense.perplexity.perplexity_from(second_half_start(dense.perplexity.seqlen))
+        record.perplexity, record.perplexity_dense, record.perplexity_scope = ppl.perplexity, dense_ppl, ppl.scope
+        record.perplexity_increase = ppl.perplexity / dense_ppl - 1.0
+    dense_scores = {name: task.accuracy for name, task in dense.tasks.items()}
+    candidate_scores = {name: task.accuracy for name, task in candidate.tasks.items()}
+    if record.perplexity is not None:  # lower is better: 1 / perplexity makes the ratio dense_ppl / candidate_ppl
+        dense_scores["wikitext2"], candidate_scores["wikitext2"] = 1 / record.perplexity_dense, 1 / record.perplexity
+    record.ratios = metrics.ratios(candidate_scores, dense_scores)
+    record.op = metrics.overall_performance(list(record.ratios.values()))
+    record.og = metrics.generalization_gap(list(record.ratios.values()))
+    names = [name for name in dense.tasks if name in candidate.tasks]
+    if names:
+        record.accuracy_mean = sum(candidate_scores[n] for n in names) / len(names)
+        record.accuracy_mean_dense = sum(dense_scores[n] for n in names) / len(names)
+        record.accuracy_drop = record.accuracy_mean_dense - record.accuracy_mean
+
+
+def _loyalty(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:
+    """OL: next-token argmax on the same positions, and the chosen options."""
+    pairs = {}
+    ppl = candidate.perplexity
+    if ppl is not None and dense.perplexity is not None:
+        offset = second_half_start(dense.perplexity.seqlen) if ppl.scope == "second_half" else 0
+        dense_tokens = [t for row in dense.perplexity.predictions for t in row[offset:]]
+        candidate_tokens = [t for row in ppl.predictions for t in row]
+        pairs["tokens"] = metrics.agreement(dense_tokens, candidate_tokens)
+    names = [name for name in dense.tasks if name in candidate.tasks]
+    if names:
+        pairs["choices"] = metrics.agreement([x for n in names for x in dense.tasks[n].chosen],
+                                             [x for n in names for x in candidate.tasks[n].chosen])
+    record.loyalty = metrics.loyalty(*pairs.values()) if pairs else float("nan")
+    record.loyalty_tokens = metrics.loyalty(pairs["tokens"]) if "tokens" in pairs else None
+    record.loyalty_choices = metrics.loyalty(pairs["choices"]) if "choices" in pairs else None
+    record.loyalty_counts = {k: {"identical": v[0], "total": v[1]} for k, v in pairs.items()}
+
+
+def _speed(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:
+    d, c = dense.latency, candidate.latency
+    efficiency = metrics.efficiency(d.p50("ttft_s"), c.p50("ttft_s"), d.p50("tpot_s"), c.p50("tpot_s"))
+    record.ttft_speedup, record.decode_speedup = efficiency["ttft_speedup"], efficiency["decode_speedup"]
+    record.e2e_speedup = metrics.speedup(d.p50("e2e_s"), c.p50("e2e_s"))
+    record.p99_latency_ms = metrics.percentile(c.e2e_s, 99) * 1000
+    record.p99_tpot_ms = metrics.percentile(c.tpot_s, 99) * 1000
+    record.generation_match = generation_match(d.tokens or [], c.tokens or [])
+    shared = [b for b in candidate.throughput if b in dense.throughput]
+    record.throughput_speedups = {b: metrics.percentile(candidate.throughput[b], 50)
+                                  / metrics.percentile(dense.throughput[b], 50) for b in shared}
+    record.throughput_speedup = record.throughput_speedups[max(shared, key=int)] if shared else None
+
+
+def _size(record: Comparison, dense: ModelResult, candidate: ModelResult, config: BenchConfig) -> None:
+    if candidate.memory and dense.memory:
+        record.peak_memory_mb = candidate.memory["peak_rss_mb"]
+        record.peak_memory_ratio = candidate.memory["peak_rss_mb"] / dense.memory["peak_rss_mb"]
+        record.model_memory_ratio = candidate.memory["model_rss_mb"] / dense.memory["model_rss_mb"]
+    dp, cp = dense.parameters, candidate.parameters
+    if dp and cp:
+        record.size_ratio = dp.counts["total"] / cp.counts["total"]
+        record.size_reduction = 1.0 - cp.counts["total"] / dp.counts["total"]
+        record.parameters_removed = dp.counts["total"] - cp.counts["total"]
+        kept = (candidate.kv_cache or {}).get("kept_mean")
+        record.ideal = metrics.ideal_ratios(dp.counts, cp.counts, dp.attention_width, config.prompt_tokens,
+                                            config.new_tokens, candidate_cached_prompt=kept)
+    dw = dense.size.checkpoint_weights_bytes if dense.size else None
+    cw = candidate.size.checkpoint_weights_bytes if candidate.size else None
+    if dw and cw:
+        record.weight_bytes_ratio = dw / cw
+
+
+def generation_match(dense: list[list[int]], candidate: list[list[int]]) -> float:
+    """Share of greedily generated tokens equal to the dense model's, position by position."""
+    pairs = [(a, b) for x, y in zip(dense, candidate) for a, b in zip(x, y)]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")
+
+
+QUALITIES = {"op": "OP", "perplexity_ratio": "dense PPL / candidate PPL"}
+SPEEDUPS = ("decode_speedup", "ttft_speedup", "throughput_speedup")
+
+
+@dataclass
+class ParetoPoint:
+    model: str
+    speedup: float
+    quality: float
+    non_dominated: bool
+
+
+def pareto(comparisons: list[Comparison]) -> dict[str, dict[str, list[ParetoPoint]]]:
+    """Non-dominated models (the dense one at quality 1, speedup 1 included) of each quality against each speedup:
+    OP as EffiVLM-Bench defines it, and the WikiText-2 perplexity ratio alone (which still separates models where
+    small-sample task accuracies are noise)."""
+    fronts = {}
+    for quality in QUALITIES:
+        fronts[quality] = {}
+        for axis in SPEEDUPS:
+            points = [(DENSE_LABEL, 1.0, 1.0)]
+            for record in comparisons:
+                score = record.op if quality == "op" else record.ratios.get("wikitext2", float("nan"))
+                speed = getattr(record, axis)
+                points.append((record.candidate, float("nan") if speed is None else speed, score))
+            flags = metrics.pareto_front([(x, y) for _, x, y in points])
+            fronts[quality][axis] = [ParetoPoint(name, x, y, flag) for (name, x, y), flag in zip(points, flags)]
+    return fronts
+
+
+def nan_to_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value

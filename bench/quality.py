@@ -1,0 +1,25 @@
+"""Accuracy through the runtime's own scoring: WikiText-2 perplexity and BIG-bench multiple choice.
+
+A token-compression candidate (the dense model with a compression spec) is scored with its context compressed:
+perplexity windows are split in half (the first half prefilled and compressed, the second half teacher-forced) and
+choices are scored after a compressed prompt; the comparison then reads the dense model's perplexity on the same
+second halves. The argmax predictions and chosen options feed loyalty.
+"""
+
+from __future__ import annotations
+
+from effideploy.bench.config import BenchConfig
+from effideploy.bench.results import ModelResult
+from effideploy.eval.perplexity import window_perplexity
+
+
+def measure_perplexity(model: ModelResult, runtime, windows) -> None:
+    model.perplexity = window_perplexity(runtime, windows, compressed=model.compression is not None,
+                                         description=f"Perplexity {model.label}")
+
+
+def measure_multiple_choice(model: ModelResult, runtime, tasks, tokenizer, config: BenchConfig) -> None:
+    from effideploy.eval.multiple_choice import evaluate_task
+
+    model.tasks = {task.name: evaluate_task(runtime, tokenizer, task, limit=config.mc_limit, seed=config.seed)
+                   for task in tasks}

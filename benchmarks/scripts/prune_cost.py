@@ -13,8 +13,8 @@
 
 Prints the ratios measured in this run:
 
-    python bench/scripts/prune_cost.py                      # 16 x 1024 calibration windows on SmolLM2
-    python bench/scripts/prune_cost.py --samples 128        # the reference's 128 x 1024 (about 15 minutes)
+    python benchmarks/scripts/prune_cost.py                      # 16 x 1024 calibration windows on SmolLM2
+    python benchmarks/scripts/prune_cost.py --samples 128        # the reference's 128 x 1024 (about 15 minutes)
 """
 
 from __future__ import annotations

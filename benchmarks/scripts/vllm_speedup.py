@@ -1,8 +1,8 @@
 """Decode speed of FFN-pruned models against their dense original in stock vLLM, measured against the ideal.
 
-    python bench/scripts/vllm_speedup.py                          # SmolLM2 dense + a 50% CFSP prune, exported here
-    python bench/scripts/vllm_speedup.py --pruned out/pruned --pruned out/pruned-a128   # checkpoints (exported under --work)
-    python bench/scripts/vllm_speedup.py --dense out/vllm-dense --pruned out/vllm-pruned  # existing vLLM exports
+    python benchmarks/scripts/vllm_speedup.py                          # SmolLM2 dense + a 50% CFSP prune, exported here
+    python benchmarks/scripts/vllm_speedup.py --pruned out/pruned --pruned out/pruned-a128   # checkpoints (exported under --work)
+    python benchmarks/scripts/vllm_speedup.py --dense out/vllm-dense --pruned out/vllm-pruned  # existing vLLM exports
 
 Each model runs in its own vLLM engine in its own worker process (the VllmRuntime adapter: in-process engine,
 eager, fp32, prefix caching off). All engines are started first and then measured in interleaved rounds (dense,

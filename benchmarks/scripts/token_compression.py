@@ -2,7 +2,7 @@
 budget, on the PyTorch runtime and on ONNX Runtime (its runner evicts through ``make_kv_hook`` between prefill and
 decode; PyramidKV and FastV do not run there). Prints a markdown table.
 
-    nice -n 5 python bench/scripts/token_compression.py --model llama --prompts 3 --new-tokens 32 --threads 1
+    nice -n 5 python benchmarks/scripts/token_compression.py --model llama --prompts 3 --new-tokens 32 --threads 1
 
 ONNX Runtime needs an export with attention outputs (for H2O/SnapKV); ``--onnx-dir`` is made with
 ``export_onnx(..., attention_outputs=True)`` when it does not exist yet (about 0.5 GB for SmolLM2).

@@ -6,8 +6,8 @@ Training text: WikiText-2 validation (``wikitext2``); evaluation: the first --ev
 of WikiText-2 test, never trained on. Prints a markdown table; --json also keeps the numbers and loss curves and
 --markdown writes the table with the command line and the wall time.
 
-    python bench/scripts/recovery.py --checkpoint out/pruned --steps 100 --threads 1
-    python bench/scripts/recovery.py --model llama --sparsity 0.5   # prunes first (CFSP, 128 x 1024 calibration)
+    python benchmarks/scripts/recovery.py --checkpoint out/pruned --steps 100 --threads 1
+    python benchmarks/scripts/recovery.py --model llama --sparsity 0.5   # prunes first (CFSP, 128 x 1024 calibration)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Decode speed of an FFN-pruned model against its dense original on ONNX Runtime, measured against the ideal.
 
-    python bench/scripts/onnx_speedup.py                        # SmolLM2 dense + a 50% CFSP prune, exported here
-    python bench/scripts/onnx_speedup.py --pruned out/pruned    # an existing checkpoint (exported under --work)
-    python bench/scripts/onnx_speedup.py --dense out/export-dense --pruned out/export-onnx   # existing exports
+    python benchmarks/scripts/onnx_speedup.py                        # SmolLM2 dense + a 50% CFSP prune, exported here
+    python benchmarks/scripts/onnx_speedup.py --pruned out/pruned    # an existing checkpoint (exported under --work)
+    python benchmarks/scripts/onnx_speedup.py --dense out/export-dense --pruned out/export-onnx   # existing exports
 
 Both models are loaded in one process and measured interleaved (dense, pruned, pruned, dense, ...) after a warm-up,
 so drift and other load on the machine hit both alike: bs1 greedy generation of --new-tokens after a prompt of

@@ -2,9 +2,9 @@
 
 Every method except mag-sp reads the same calibration statistics (block angular distances, FFN activation sums),
 so they are collected once (and cached with --stats-cache) and each method/sparsity is then planned, applied to
-a fresh copy of the dense model and evaluated. Prints a markdown table for the README.
+a fresh copy of the dense model and evaluated. Prints a markdown table for docs/pruning.md.
 
-    python bench/scripts/accuracy_table.py --model llama --sparsities 0.2 0.3 0.5
+    python benchmarks/scripts/accuracy_table.py --model llama --sparsities 0.2 0.3 0.5
 """
 
 from __future__ import annotations

@@ -60,6 +60,18 @@ def export_or_reuse(exporter: str, source, root: Path, label: str, options: dict
     return target, ExportRecord(path=str(target), reused=False, seconds=time.perf_counter() - tick)
 
 
+def export_for(exporter: str, spec: str, root, label: str | None = None, **options) -> Path:
+    """An export of ``spec`` for ``exporter``: ``spec`` itself when it already is one, else :func:`export_or_reuse`
+    under ``root`` (the benchmark scripts re-run cheaply through this)."""
+    from effideploy.models.resolve import resolve_model
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and read_export_manifest(path) is not None:
+        return path
+    source = resolve_model(spec)
+    return export_or_reuse(exporter, source, Path(root), label or source.path.name, options)[0]
+
+
 def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spec: str,
                   compression: str | None = None) -> ModelResult:
     """Resolve ``spec`` for the runtime: a runtime without an exporter reads checkpoints directly; one with an
@@ -138,3 +150,20 @@ def describe_model(model: ModelResult) -> None:
         weights = sum(p.stat().st_size for p in model.checkpoint.glob("*.safetensors"))
     model.size = Size(checkpoint_weights_bytes=weights, artifact_bytes=folder_size(model.artifact),
                       artifact=str(model.artifact), checkpoint=None if model.checkpoint is None else str(model.checkpoint))
+
+
+def matmul_parameters_of(folder) -> tuple[int, list[int]]:
+    """Weights one decoded token multiplies (bench.metrics.matmul_parameters) and the FFN widths of a checkpoint or
+    an export (read from its own config.json, else from its source checkpoint's)."""
+    from effideploy.bench.metrics import matmul_parameters
+    from effideploy.models.build import build_config, count_parameters, ffn_widths
+
+    folder = Path(folder)
+    manifest = read_export_manifest(folder)
+    config_dict = _config_dict(folder)
+    if config_dict is None and manifest is not None:
+        config_dict = _config_dict(Path((manifest.get("source") or {}).get("path", "")))
+    if config_dict is None:
+        raise EffideployError(f"{folder} has no config.json, nor a source checkpoint that has one")
+    model_config = build_config(config_dict)
+    return matmul_parameters(count_parameters(model_config)), ffn_widths(model_config)

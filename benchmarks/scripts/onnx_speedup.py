@@ -25,20 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-from effideploy.exporters import export_or_reuse
+from effideploy.bench.artifacts import export_for, matmul_parameters_of
 
 import numpy as np
 
 TARGET_FRACTION = 0.9
-
-
-def matmul_parameters(model: dict) -> int:
-    """Weights one decoded token multiplies: q/k/v/o projections and FFN of every block, and the lm_head."""
-    hidden, head_dim = model["hidden_size"], model["head_dim"]
-    q_width, kv_width = model["num_attention_heads"] * head_dim, model["num_key_value_heads"] * head_dim
-    attention = model["num_layers"] * (2 * hidden * q_width + 2 * hidden * kv_width)
-    ffn = sum(3 * hidden * width for width in model["ffn_widths"])
-    return attention + ffn + model["vocab_size"] * hidden
 
 
 def timed_generation(runtime, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[float]]:
@@ -91,8 +82,8 @@ def main() -> None:
     from effideploy.runtimes.onnx import OnnxRuntime
 
     pruned_spec = args.pruned or pruned_checkpoint(args.work, args.sparsity, args.calib_samples, args.calib_seqlen)
-    folders = {"dense": export_or_reuse("onnx", args.dense, args.work / "dense-onnx"),
-               "pruned": export_or_reuse("onnx", pruned_spec, args.work / "pruned-onnx")}
+    folders = {"dense": export_for("onnx", args.dense, args.work, "dense"),
+               "pruned": export_for("onnx", pruned_spec, args.work, "pruned")}
     config = {"session.intra_op.allow_spinning": args.spinning}
     runtimes = {name: OnnxRuntime(folder, threads=args.threads, session_config=config) for name, folder in folders.items()}
     manifests = {name: runtime.manifest for name, runtime in runtimes.items()}
@@ -124,7 +115,7 @@ def main() -> None:
             "decode_ms_p10_p90": [float(np.percentile(steps, 10)), float(np.percentile(steps, 90))],
             "decode_cpu_ms_per_token": float(np.median(decode_cpu[name]) * 1e3),
             "prefill_ms": float(statistics.median(prefill[name]) * 1e3),
-            "matmul_parameters": matmul_parameters(manifests[name]["model"]),
+            "matmul_parameters": matmul_parameters_of(folders[name])[0],
             "export_seconds": manifests[name]["seconds"].get("export"),
             "model_bytes": manifests[name]["sizes"]["model_bytes"],
             "parity": manifests[name]["parity"],

@@ -29,19 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from effideploy.exporters import export_or_reuse
+from effideploy.bench.artifacts import export_for, matmul_parameters_of
 
 TARGET_FRACTION = 0.9
 RESULT = "@@RESULT "
-
-
-def matmul_parameters(config_path: Path) -> tuple[int, list[int]]:
-    """Weights one decoded token multiplies (q/k/v/o and FFN of every block, and the lm_head), and the FFN widths."""
-    from effideploy.models.build import build_config, count_parameters, ffn_widths
-
-    config = build_config(json.loads(config_path.read_text()))
-    counts = count_parameters(config)
-    return counts["attention"] + counts["ffn"] + config.vocab_size * config.hidden_size, ffn_widths(config)
 
 
 def default_pruned(work: Path) -> str:
@@ -134,10 +125,10 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
-    models = {"dense": export_or_reuse("vllm", args.dense, args.work / "dense-vllm", verify=args.verify)}
+    models = {"dense": export_for("vllm", args.dense, args.work, "dense", verify=args.verify)}
     for spec in args.pruned or [default_pruned(args.work)]:
         label = Path(spec).expanduser().resolve().name
-        models[label] = export_or_reuse("vllm", spec, args.work / f"{label}-vllm", verify=args.verify)
+        models[label] = export_for("vllm", spec, args.work, label, verify=args.verify)
     prompt_file = args.work / "prompt.json"
     prompt_file.write_text(json.dumps(prompt_ids(models["dense"], args.prompt_tokens)))
 
@@ -157,7 +148,7 @@ def main() -> None:
     rows = []
     dense_params = None
     for item in workers:
-        params, widths = matmul_parameters(item.path / "config.json")
+        params, widths = matmul_parameters_of(item.path)
         dense_params = dense_params or params
         decode = statistics.median(step for r in item.rounds for step in r["decode"]) * 1e3
         ttft = statistics.median(r["ttft"] for r in item.rounds) * 1e3

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
 import os
 import platform
@@ -119,7 +118,9 @@ def _source_key(path: Path) -> str:
 
 def read_manifest(path: Path) -> dict | None:
     manifest = path / EXPORT_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(manifest, what="export manifest")
 
 
 def export_options(runtime: str, compression: str | None) -> dict:
@@ -191,7 +192,9 @@ def prepare_entry(config: BenchConfig, label: str, kind: str, spec: str, compres
 
 def _config_dict(folder: Path) -> dict | None:
     path = folder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(path, what="model config")
 
 
 def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:

@@ -18,7 +18,6 @@ eviction) and an ``attention_mask`` as long as the shortened cache.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -312,4 +311,6 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 def _read_manifest(folder: Path) -> dict | None:
     path = folder / EXPORT_MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(path, what="export manifest")

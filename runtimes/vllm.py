@@ -21,7 +21,6 @@ eager mode (no torch.compile start-up), EOS ignored (every prompt generates exac
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -45,7 +44,9 @@ def _import_vllm():
 
 def read_export_manifest(path: str | os.PathLike) -> dict | None:
     manifest = Path(path) / EXPORT_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(manifest, what="export manifest")
 
 
 class VllmRuntime(Runtime):

@@ -23,7 +23,21 @@ def echo(message: str) -> None:
 
 
 def set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        from effideploy.errors import EffideployError
+
+        raise EffideployError(f"--threads must be at least 1, got {threads}")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def check_option_text(value: Optional[str], option: str) -> None:
+    """An option given as text must say something: ``--token-compression ""`` is refused, not ignored."""
+    if value is not None and not str(value).strip():
+        from effideploy.errors import EffideployError
+
+        raise EffideployError(f"{option} is empty; give a value or leave the option out")

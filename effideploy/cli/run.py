@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from effideploy.cli.app import app, echo, set_threads
+from effideploy.cli.app import app, check_option_text, echo, set_threads
 from effideploy.errors import EffideployError
 
 
@@ -44,6 +44,8 @@ def run(
     from effideploy.bench.policy import load_policy
     from effideploy.cli.bench import finish
 
+    for spec in token_compression or []:
+        check_option_text(spec, "--token-compression")
     loaded_policy = load_policy(policy) if policy is not None else None
     set_threads(threads)
     prune_options = dict(QUICK_PRUNE) if quick else {}

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: internal error ({reason[:500]}); this is a bug in effideploy: rerun with "
               f"{DEBUG_ENV}=1 to see the traceback", file=sys.stderr)
         sys.exit(1)
+    if code == 130:  # typer turns a KeyboardInterrupt into Exit(130) after the writers have cleaned up
+        _fail("error: interrupted; nothing was written", 130, False)
     sys.exit(code if isinstance(code, int) else 0)
 
 

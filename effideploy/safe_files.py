@@ -121,3 +121,27 @@ def copy_json_without_foreign_code(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
     else:
         target.write_text(json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_own_remote_code(folder: str | os.PathLike) -> None:
+    """Before a folder is loaded with ``trust_remote_code=True`` (vLLM serving a pruned checkpoint): its
+    ``auto_map`` may name only effideploy's DeciLM code, and those files must be byte-identical to the copies
+    effideploy ships. Anything else would run code effideploy did not write."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json", what="model config")
+    auto_map = config.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        raise EffideployError(f"{folder}/config.json: auto_map must be an object")
+    foreign = sorted(f"{key}={value}" for key, value in auto_map.items() if OWN_AUTO_MAP.get(key) != value)
+    if foreign:
+        raise EffideployError(f"{folder}/config.json names remote code effideploy does not ship ({', '.join(foreign)}); "
+                              "refusing to run it")
+    shipped = Path(__file__).resolve().parent / "checkpoint" / "remote"
+    for module in sorted({value.split(".")[0] for value in auto_map.values()}):
+        name = f"{module}.py"
+        path = member_path(folder, name, what="remote code file")
+        if not path.is_file():
+            raise EffideployError(f"{folder} lacks {name}, which its config.json auto_map names")
+        if read_bytes(path, what="remote code file") != (shipped / name).read_bytes():
+            raise EffideployError(f"{path} differs from the code effideploy ships; refusing to run it "
+                                  "(export the checkpoint again with this version)")

@@ -145,7 +145,7 @@ def _bench_policy_inside_output(c: Ctx) -> Case:
     report.mkdir()
     for name in ("report.json", "report.md"):  # an earlier report: replaceable, but not while it holds an input
         (report / name).write_text("{}")
-    (report / "policy.toml").write_text('name = "mine"\n[thresholds]\nop_min = 0.5\n')
+    (report / "policy.toml").write_text('name = "mine"\n[thresholds]\nmin_op = 0.5\n')
     return Case(["bench", "--model", c.model, "--candidate", c.pruned, "--policy", report / "policy.toml",
                  "--output", report, "--overwrite", *QUICK_BENCH], "overlaps the input")
 
@@ -318,15 +318,83 @@ def _recover_seqlen_beyond_positions(c: Ctx) -> Case:
 CASES = {name[1:]: builder for name, builder in sorted(globals().items())
          if name.startswith(("_bench_", "_prune_", "_eval_", "_export_", "_recover_")) and callable(builder)}
 
+# Each case runs ``effideploy.cli.main(args)`` -- what ``python -m effideploy`` runs -- in its own process, forked
+# from one driver process that imported effideploy, torch and transformers once: the imports cost ~5 s per fresh
+# interpreter on a loaded CI machine, the cases themselves well under a second each. (A few cases below also run
+# through a fresh ``python -m effideploy`` to cover the entry point itself.)
+DRIVER = r"""
+import json, os, sys
+os.environ["EFFIDEPLOY_PROGRESS"] = "0"
+import torch, transformers, safetensors, typer  # noqa: F401 - imported once, shared by every forked case
+import effideploy.cli as cli
+import effideploy.models.build, effideploy.pruning, effideploy.data.text  # noqa: F401
+cases = json.load(open(sys.argv[1]))
+codes = []
+for case in cases:
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.chdir(case["cwd"])
+            os.environ.update(case["env"])
+            os.dup2(os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.argv = ["effideploy", *case["args"]]
+            cli.main(case["args"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(codes, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, tiny_model_dir, pruned_dir, calib_file):
+    """Build every case in its own folder, snapshot, run them all, and return name -> (case, code, stderr, ok)."""
+    shared = (tiny_model_dir, pruned_dir, calib_file.parent)
+    work = tmp_path_factory.mktemp("safety-driver")
+    built, payload = {}, []
+    for name, builder in CASES.items():
+        tmp = tmp_path_factory.mktemp(name)
+        case = builder(Ctx(tmp=tmp, model=tiny_model_dir, pruned=pruned_dir, calib=calib_file))
+        built[name] = (case, tmp, snapshot(tmp))
+        payload.append({"args": [str(a) for a in case.args], "cwd": str(case.cwd or tmp), "env": case.env,
+                        "stderr": str(work / f"{name}.err")})
+    before_shared = snapshot(*shared)
+    (work / "cases.json").write_text(json.dumps(payload))
+    subprocess.run([sys.executable, "-c", DRIVER, work / "cases.json", work / "codes.json"], check=True,
+                   env={**os.environ, "EFFIDEPLOY_PROGRESS": "0"}, timeout=900)
+    codes = json.loads((work / "codes.json").read_text())
+    shared_ok = snapshot(*shared) == before_shared
+    return {name: (case, code, (work / f"{name}.err").read_text(), snapshot(tmp) == before, shared_ok)
+            for (name, (case, tmp, before)), code in zip(built.items(), codes)}
+
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_fails_cleanly(name, tmp_path, tiny_model_dir, pruned_dir, calib_file):
-    case = CASES[name](Ctx(tmp=tmp_path, model=tiny_model_dir, pruned=pruned_dir, calib=calib_file))
-    before = snapshot(tmp_path, tiny_model_dir, pruned_dir, calib_file.parent)
-    code, _, err = run_cli(*case.args, cwd=case.cwd, env=case.env)
+def test_bad_input_fails_cleanly(name, table):
+    case, code, err, unchanged, shared_unchanged = table[name]
     assert_one_error(code, err, case.code, case.fragment)
     # inputs byte-identical, and nothing written anywhere: no output, parent, partial or scratch folder
-    assert snapshot(tmp_path, tiny_model_dir, pruned_dir, calib_file.parent) == before
+    assert unchanged, f"{name}: files changed in its folder"
+    assert shared_unchanged, "a shared input changed"
+
+
+@pytest.mark.parametrize("name", ["prune_threads_negative", "prune_config_not_utf8", "bench_output_is_candidate"])
+def test_the_entry_point_itself(name, tmp_path, tiny_model_dir, pruned_dir, calib_file):
+    """The same through a fresh ``python -m effideploy`` (the table forks from one interpreter)."""
+    case = CASES[name](Ctx(tmp=tmp_path, model=tiny_model_dir, pruned=pruned_dir, calib=calib_file))
+    before = snapshot(tmp_path, tiny_model_dir, pruned_dir)
+    code, _, err = run_cli(*case.args, cwd=case.cwd, env=case.env)
+    assert_one_error(code, err, case.code, case.fragment)
+    assert snapshot(tmp_path, tiny_model_dir, pruned_dir) == before
 
 
 # ------------------------------------------------------------------------------------ CLI runs that succeed
@@ -761,3 +829,19 @@ def test_os_errors_are_one_line_with_exit_2(monkeypatch, capsys):
         cli.main(["prune", "--output", "/nonexistent/never"])
     assert exit_info.value.code == 2
     assert error_lines(capsys.readouterr().err) == ["error: Permission denied: /some/file"]
+
+
+def test_only_effideploys_own_remote_code_is_ever_trusted(tmp_path, pruned_dir):
+    """vLLM loads pruned exports with trust_remote_code=True: only after this check passes."""
+    from effideploy.safe_files import check_own_remote_code
+
+    check_own_remote_code(pruned_dir)  # effideploy's own checkpoint
+    tampered = copy_model(pruned_dir, tmp_path / "tampered")
+    with (tampered / "configuration_decilm.py").open("a") as handle:
+        handle.write("\nimport os; os.system('touch PWNED')\n")
+    with pytest.raises(EffideployError, match="differs from the code effideploy ships"):
+        check_own_remote_code(tampered)
+    foreign = copy_model(pruned_dir, tmp_path / "foreign")
+    edit_json(foreign / "config.json", lambda d: d["auto_map"].update(AutoModel="evil.Model"))
+    with pytest.raises(EffideployError, match="remote code effideploy does not ship"):
+        check_own_remote_code(foreign)

@@ -246,8 +246,12 @@ def _convert_gguf(path: Path, staging: Path) -> None:
 def _convert_pickled(folder: Path, staging: Path) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    import warnings
+
     try:
-        model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=False)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are noise next to the one-line error
+            warnings.simplefilter("ignore")
+            model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=False)
     except Exception as exc:  # noqa: BLE001 - torch refuses a hostile pickle (weights_only); the user's file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EffideployError(f"cannot load the pickled weights in {folder}: {reason}") from None

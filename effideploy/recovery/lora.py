@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import math
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from torch import nn
 
 import effideploy
 from effideploy import progress
-from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code, copy_tokenizer
 from effideploy.data.text import TextSpec, load_text, resolve_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError
@@ -317,11 +315,7 @@ def write_weights(model: nn.Module, source: ModelSource, folder: Path) -> None:
 def copy_model_files(source: ModelSource, folder: Path) -> None:
     copy_json_without_foreign_code(source.path / "config.json", folder / "config.json")
     if source.is_pruned_checkpoint:
-        if all((source.path / name).is_file() for name in REMOTE_FILES):
-            for name in REMOTE_FILES:
-                shutil.copy2(source.path / name, folder / name)
-        else:
-            copy_remote_code(folder)
+        copy_remote_code(folder)  # effideploy's own code, never the input's (which could be anything)
     copy_tokenizer(source.path, folder)
 
 

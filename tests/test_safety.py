@@ -178,6 +178,16 @@ def _prune_output_dot_overwrite(c: Ctx) -> Case:
                 "was not written by effideploy", cwd=project)
 
 
+def _prune_calib_inside_output(c: Ctx) -> Case:
+    old = c.tmp / "old"
+    old.mkdir()
+    for name in ("effideploy.json", "config.json"):  # an earlier checkpoint, replaceable with --overwrite ...
+        (old / name).write_text("{}")
+    shutil.copy(c.calib, old / "calib.txt")  # ... but not while it holds this run's calibration text
+    return Case(["prune", "--model", c.model, "--calib", old / "calib.txt", *QUICK_PRUNE, "--output", old,
+                 "--overwrite"], "overlaps the input")
+
+
 def _prune_output_parent_is_file(c: Ctx) -> Case:
     (c.tmp / "notes.txt").write_text("a file")
     return Case(["prune", "--model", c.model, "--calib", c.calib, *QUICK_PRUNE, "--output",

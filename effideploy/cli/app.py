@@ -41,3 +41,14 @@ def check_option_text(value: Optional[str], option: str) -> None:
         from effideploy.errors import EffideployError
 
         raise EffideployError(f"{option} is empty; give a value or leave the option out")
+
+
+def check_output_against_inputs(output, overwrite: bool, *inputs) -> None:
+    """The output-folder policy (effideploy.io.check_output_dir) against every input given on the command line
+    that names a file or folder (model aliases, hub ids and 'wikitext2' are not paths and are skipped)."""
+    from pathlib import Path
+
+    from effideploy.io import check_output_dir
+
+    paths = [value for value in inputs if value is not None and Path(str(value)).expanduser().exists()]
+    check_output_dir(output, overwrite=overwrite, inputs=paths)

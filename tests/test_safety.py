@@ -313,6 +313,24 @@ def _export_malformed_provenance(c: Ctx) -> Case:
                 "provenance file .*effideploy.json is not valid JSON")
 
 
+def _export_empty_token_compression(c: Ctx) -> Case:
+    return Case(["export", c.pruned, "--runtime", "vllm", "--no-verify", "--token-compression", " ", "--output",
+                 c.tmp / "out"], "--token-compression is empty")
+
+
+def _eval_windows_zero(c: Ctx) -> Case:
+    return Case(["eval", "ppl", c.model, "--text", c.calib, "--seqlen", "32", "--windows", "0"],
+                "--windows must be at least 1")
+
+
+def _run_policy_inside_report(c: Ctx) -> Case:
+    report = c.tmp / "run" / "report"
+    report.mkdir(parents=True)
+    (report / "gate.toml").write_text('[thresholds]\nmin_op = 0.5\n')
+    return Case(["run", "--model", c.model, "--policy", report / "gate.toml", "--output", c.tmp / "run", "--quick"],
+                "overlaps the input")
+
+
 def _recover_data_not_utf8(c: Ctx) -> Case:
     data = c.tmp / "train.jsonl"
     data.write_bytes(b'{"text": "fine"}\n{"text": "\xc0\xaf"}\n')
@@ -326,7 +344,7 @@ def _recover_seqlen_beyond_positions(c: Ctx) -> Case:
 
 
 CASES = {name[1:]: builder for name, builder in sorted(globals().items())
-         if name.startswith(("_bench_", "_prune_", "_eval_", "_export_", "_recover_")) and callable(builder)}
+         if name.startswith(("_bench_", "_prune_", "_eval_", "_export_", "_recover_", "_run_")) and callable(builder)}
 
 # Each case runs ``effideploy.cli.main(args)`` -- what ``python -m effideploy`` runs -- in its own process, forked
 # from one driver process that imported effideploy, torch and transformers once: the imports cost ~5 s per fresh

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import tomllib
+
+from effideploy.safe_files import read_text
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def load_policy(path: str | Path) -> Policy:
     if not path.is_file():
         raise EffideployError(f"policy file {path} not found")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path, what="policy file"))
     except tomllib.TOMLDecodeError as exc:
         raise EffideployError(f"policy file {path} is not valid TOML: {exc}") from None
     return policy_from_dict(data, str(path))

@@ -36,7 +36,9 @@ def export_or_reuse(runtime: str, spec: str, target, **options):
         return path
     source = resolve_model(spec)
     manifest = target / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text())["source"]["path"] == str(source.path):
+    from effideploy.safe_files import read_json
+
+    if manifest.is_file() and (read_json(manifest, what="export manifest").get("source") or {}).get("path") == str(source.path):
         return target
     print(f"exporting {spec} -> {target}", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)

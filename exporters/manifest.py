@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import effideploy
 from effideploy.checkpoint.writer import PROVENANCE_FILE
-from effideploy.errors import EffideployError
 
 MANIFEST_FILE = "effideploy_export.json"
 MANIFEST_FORMAT = 1
@@ -31,13 +29,6 @@ def manifest_header(runtime: str, source, provenance: dict | None) -> dict:
 
 def read_export_manifest(folder) -> dict | None:
     """The folder's effideploy_export.json, or None when it has none (not an export)."""
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EffideployError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise EffideployError(f"{path} is not a JSON object")
-    return manifest
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(Path(folder) / MANIFEST_FILE, what="export manifest")

@@ -42,6 +42,7 @@ from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.checkpoint.writer import PROVENANCE_FILE, TOKENIZER_FILES, copy_files, copy_remote_code, folder_size
 from effideploy.errors import EffideployError
+from effideploy.safe_files import read_json, strip_foreign_auto_map
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -123,7 +124,7 @@ def export_vllm(
         tick = time.perf_counter()
         with progress.status(f"Writing the vLLM export of {source.spec}"):
             linked = _write_weights(source.path, staging, realigned, dtype)
-            config_dict = dict(source.config_dict, dtype=dtype)
+            config_dict = strip_foreign_auto_map(dict(source.config_dict, dtype=dtype))
             if "torch_dtype" in config_dict:  # the key's name before transformers 5
                 config_dict["torch_dtype"] = dtype
             if realigned:
@@ -279,8 +280,10 @@ def _link_or_copy(source: Path, target: Path) -> bool:
 def _weight_files(folder: Path) -> dict[str, str]:
     """Tensor name -> file name, from the index when there is one."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
+    if index.is_file():  # every file name stays inside the folder (validated by index_files)
+        from effideploy.models.weights import index_files
+
+        return {name: path.name for name, path in index_files(folder).items()}
     from safetensors import safe_open
 
     names = {}
@@ -379,7 +382,7 @@ def _write_weights(source: Path, staging: Path, realigned: list[dict], dtype: st
         save_file(tensors, staging / name, metadata={"format": "pt"})
     index = source / "model.safetensors.index.json"
     if index.is_file():
-        payload = json.loads(index.read_text())
+        payload = read_json(index, what="safetensors index")
         if not linked:
             payload.setdefault("metadata", {})["total_size"] = _tensor_bytes(staging)
         write_json(staging / index.name, payload)

@@ -58,6 +58,9 @@ class VllmRuntime(Runtime):
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise EffideployError(f"{self.path} is not a model folder vLLM can serve: config.json is missing")
+        from effideploy.safe_files import check_own_remote_code
+
+        check_own_remote_code(self.path)  # vLLM loads it with trust_remote_code=True: only effideploy's own code
         vllm = _import_vllm()
         manifest = read_export_manifest(self.path) or {}
         self.kv_cache_dtype = kv_cache_dtype or manifest.get("kv_cache_dtype") or "auto"

@@ -69,7 +69,8 @@ def test_pickled_weights_are_refused(tmp_path, tiny_model_dir):
 def test_calibration_text_shorter_than_one_window(tmp_path, tiny_model_dir):
     text = tmp_path / "short.txt"
     text.write_text("only a few words here")
-    code, _, err = run_cli("prune", "--model", tiny_model_dir, "--calib", text, "--output", tmp_path / "out")
+    code, _, err = run_cli("prune", "--model", tiny_model_dir, "--calib", text, "--calib-seqlen", "64",
+                           "--output", tmp_path / "out")
     assert_one_line_error(code, err, "shorter than one window")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
+# JSON files whose auto_map could point at remote code
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 PROVENANCE_FILE = "effideploy.json"
 PROVENANCE_FORMAT = 1
 
@@ -48,9 +49,14 @@ class ShardWriter:
 def copy_files(source: Path, target: Path, names) -> list[str]:
     """Copy those of ``names`` that exist in ``source``; returns the ones copied."""
     copied = []
+    from effideploy.safe_files import copy_json_without_foreign_code
+
     for name in names:
         if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
+            if name in AUTO_MAP_FILES:  # remote code effideploy does not ship is never carried over
+                copy_json_without_foreign_code(source / name, target / name)
+            else:
+                shutil.copy2(source / name, target / name)
             copied.append(name)
     return copied
 
@@ -67,7 +73,9 @@ def copy_remote_code(target: Path) -> None:
 
 def read_provenance(folder: str | Path) -> dict | None:
     path = Path(folder) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    from effideploy.safe_files import read_json_if_exists
+
+    return read_json_if_exists(path, what="provenance file")
 
 
 def folder_size(folder: str | Path) -> int:

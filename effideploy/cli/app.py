@@ -23,6 +23,12 @@ def echo(message: str) -> None:
 
 
 def set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        from effideploy.errors import EffideployError
+
+        raise EffideployError(f"--threads must be at least 1, got {threads}")
     if threads:
         import torch
 
@@ -35,3 +41,22 @@ def default_of(config_class, name: str):
 
     field = {f.name: f for f in dataclasses.fields(config_class)}[name]
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def check_option_text(value: Optional[str], option: str) -> None:
+    """An option given as text must say something: ``--token-compression ""`` is refused, not ignored."""
+    if value is not None and not str(value).strip():
+        from effideploy.errors import EffideployError
+
+        raise EffideployError(f"{option} is empty; give a value or leave the option out")
+
+
+def check_output_against_inputs(output, overwrite: bool, *inputs) -> None:
+    """The output-folder policy (effideploy.io.check_output_dir) against every input given on the command line
+    that names a file or folder (model aliases, hub ids and 'wikitext2' are not paths and are skipped)."""
+    from pathlib import Path
+
+    from effideploy.io import check_output_dir
+
+    paths = [value for value in inputs if value is not None and Path(str(value)).expanduser().exists()]
+    check_output_dir(output, overwrite=overwrite, inputs=paths)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from effideploy.bench.config import BenchConfig
-from effideploy.cli.app import DEFAULT_PRUNED, app, default_of, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_option_text, default_of, echo, set_threads
 from effideploy.errors import EffideployError
 
 DEFAULT_BENCH_OUTPUT = "out/bench"
@@ -109,7 +109,13 @@ def bench(
 
     RUNTIMES.target(runtime)
     loaded_policy = load_policy(policy) if policy is not None else None  # a bad policy fails before measuring
-    check_output_dir(output, overwrite=overwrite)
+    for spec in token_compression or []:
+        check_option_text(spec, "--token-compression")
+    for path in candidate or []:
+        check_option_text(path, "--candidate")
+    # Every input: --overwrite must never delete a model, a candidate, the policy, a task or the data.
+    inputs = [path for path in [model, *(candidate or []), policy, *(task or []), data_dir] if path is not None]
+    check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
     set_threads(threads)
     specs = [CandidateSpec(model=path) for path in candidate or []]
     specs += [CandidateSpec(compression=spec) for spec in token_compression or []]

@@ -26,10 +26,14 @@ def eval_ppl(
     from effideploy.data.text import consecutive_windows, load_text, resolve_text, tokenize_text
     from effideploy.eval.perplexity import perplexity
     from effideploy.models.build import load_model, load_tokenizer
-    from effideploy.models.resolve import resolve_model
+    from effideploy.errors import EffideployError
+    from effideploy.models.resolve import check_seqlen, resolve_model
 
     set_threads(threads)
     source = resolve_model(model)
+    check_seqlen(source.config_dict, seqlen, "--seqlen")
+    if windows is not None and windows < 1:
+        raise EffideployError(f"--windows must be at least 1, got {windows}")
     spec = resolve_text(text, "test", str(data_dir) if data_dir else None)
     ids = tokenize_text(load_tokenizer(source), load_text(spec))
     result = perplexity(load_model(source), consecutive_windows(ids, seqlen, windows))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_option_text, echo, set_threads
 from effideploy.errors import EffideployError
 
 
@@ -35,6 +35,7 @@ def export(
     from effideploy.exporters import EXPORTERS
 
     exporter = EXPORTERS.get(runtime)  # an unknown runtime fails here, before any work
+    check_option_text(token_compression, "--token-compression")
     options: dict = {"overwrite": overwrite, "dtype": dtype, "token_compression": token_compression}
     if verify is not None:
         options["verify"] = verify

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, echo, set_threads
 
 
 @app.command()
@@ -71,6 +71,7 @@ def prune(
                                   lr=recover_lr, batch_size=recover_batch_size, seqlen=recover_seqlen,
                                   data=recover_data or calib, data_dir=str(data_dir) if data_dir else None,
                                   teacher=recover_teacher, seed=seed)
+    check_output_against_inputs(output, overwrite, model, calib, data_dir, recover_data, recover_teacher)
     source = resolve_model(model, allow_pickle=allow_pickle)
     text = resolve_text(calib, "calibration", str(data_dir) if data_dir else None)
     if recovery is None:

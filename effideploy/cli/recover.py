@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, echo, set_threads
 
 
 def report_recovery(result) -> None:
@@ -70,4 +70,5 @@ def recover(
                             data_dir=str(data_dir) if data_dir else None, teacher=teacher,
                             distill_weight=distill_weight, compute_dtype=dtype,
                             gradient_checkpointing=gradient_checkpointing, seed=seed)
+    check_output_against_inputs(output, overwrite, checkpoint, data, data_dir, teacher)
     report_recovery(run_with_warnings(recover_checkpoint, checkpoint, output, config, overwrite=overwrite))

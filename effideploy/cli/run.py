@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from effideploy.cli.app import app, echo, set_threads
+from effideploy.cli.app import app, check_option_text, echo, set_threads
 from effideploy.errors import EffideployError
 
 
@@ -44,7 +44,14 @@ def run(
     from effideploy.bench.policy import load_policy
     from effideploy.cli.bench import finish
 
+    for spec in token_compression or []:
+        check_option_text(spec, "--token-compression")
     loaded_policy = load_policy(policy) if policy is not None else None
+    from effideploy.io import check_output_dir
+
+    # report/ is replaced by every run: it must never hold or sit above an input, nor be a folder of the user's.
+    inputs = [p for p in (model, policy, data_dir) if p is not None and Path(str(p)).expanduser().exists()]
+    check_output_dir(output / "report", overwrite=True, inputs=inputs)
     set_threads(threads)
     prune_options = dict(QUICK_PRUNE) if quick else {}
     for key, value in {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen}.items():

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from effideploy.errors import EffideployError
+from effideploy.safe_files import read_text
 
 WIKITEXT_FILES = {"calibration": "wiki.valid.raw", "test": "wiki.test.raw", "validation": "wiki.valid.raw"}
 WIKITEXT_FOLDER = "wikitext-2-raw-v1"
@@ -73,7 +74,7 @@ def load_text(spec: TextSpec) -> str:
     path = Path(spec.path)
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(path, what="text file").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -84,7 +85,7 @@ def load_text(spec: TextSpec) -> str:
                 raise EffideployError(f"{path}:{number}: each line needs a string field \"text\"")
             texts.append(record["text"])
         return "\n\n".join(texts)
-    return path.read_text()
+    return read_text(path, what="text file")
 
 
 def _load_hub_wikitext(split: str) -> str:

@@ -10,7 +10,6 @@ choice has target score 1. Trailing whitespace of the prompt moves to the front 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,10 +63,9 @@ def load_task(path: str | Path) -> Task:
         path = path / "task.json"
     if not path.is_file():
         raise EffideployError(f"BIG-bench task {path} not found (give a task.json or a folder holding one)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EffideployError(f"{path} is not valid JSON: {exc}") from None
+    from effideploy.safe_files import read_json
+
+    data = read_json(path, what="BIG-bench task", expect=None)
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
         raise EffideployError(f"{path} is not a BIG-bench JSON task: it needs an \"examples\" list")
     task_prefix = data.get("task_prefix", "")

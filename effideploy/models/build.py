@@ -19,10 +19,14 @@ _IGNORED_KEYS = ("auto_map", "transformers_version", "model_type", "_name_or_pat
 def build_config(config_dict: dict) -> PretrainedConfig:
     check_architecture(config_dict, "config")
     values = {key: value for key, value in config_dict.items() if key not in _IGNORED_KEYS}
-    if config_dict["model_type"] == "nemotron-nas":
-        config = DeciLMConfig(**values)
-    else:
-        config = LlamaConfig(**values)
+    try:
+        if config_dict["model_type"] == "nemotron-nas":
+            config = DeciLMConfig(**values)
+        else:
+            config = LlamaConfig(**values)
+    except Exception as exc:  # noqa: BLE001 - transformers' field validation of the user's config.json
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise EffideployError(f"config.json is not a valid {config_dict['model_type']} config: {reason[:300]}") from None
     config._attn_implementation = "sdpa"
     return config
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,10 @@ class ModelSource:
         return self.model_type == "nemotron-nas"
 
     def provenance(self) -> dict | None:
+        from effideploy.safe_files import read_json
+
         path = self.path / "effideploy.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path, what="provenance file") if path.exists() else None
 
 
 def cache_root() -> Path:
@@ -86,14 +87,82 @@ def resolve_model(spec: str | os.PathLike, *, allow_pickle: bool = False) -> Mod
     raise EffideployError(f"model {text!r} not found: not a folder, a .gguf file, a hub id or one of {EMBEDDED_ALIASES}")
 
 
+# config.json fields every supported architecture needs: name -> (types, must be positive).
+_INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL_INT_FIELDS = ("intermediate_size", "num_key_value_heads", "max_position_embeddings", "head_dim")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
 def read_config_dict(folder: Path) -> dict:
-    config_path = folder / "config.json"
+    """``folder/config.json`` as a dict, validated: an object, and for a supported architecture the fields the
+    model is built from present with the right types. Anything else is a one-line ``EffideployError``."""
+    from effideploy.safe_files import read_json
+
+    config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise EffideployError(f"{folder} is not a model folder: config.json is missing")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EffideployError(f"{config_path} is not valid JSON: {exc}") from None
+    config_dict = read_json(config_path, what="model config")
+    validate_config_dict(config_dict, str(config_path))
+    return config_dict
+
+
+def validate_config_dict(config_dict: dict, where: str) -> None:
+    def bad(message: str) -> EffideployError:
+        return EffideployError(f"{where}: {message}")
+
+    model_type = config_dict.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise bad(f"model_type must be a string, got {model_type!r}")
+    architectures = config_dict.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise bad(f"architectures must be a list of strings, got {architectures!r}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return  # check_architecture names it
+    for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+        value = config_dict.get(name)
+        if value is None and name in _OPTIONAL_INT_FIELDS:
+            continue
+        if type(value) is not int or value < 1:
+            raise bad(f"{name} must be a positive integer, got {value!r}")
+    if model_type == "llama" and config_dict.get("intermediate_size") is None:
+        raise bad("intermediate_size must be a positive integer, got None")
+    for name in _BOOL_FIELDS:
+        if name in config_dict and not isinstance(config_dict[name], bool):
+            raise bad(f"{name} must be true or false, got {config_dict[name]!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = config_dict.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"{name} must be a number, got {value!r}")
+    heads, kv_heads = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
+    if heads % kv_heads:
+        raise bad(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if config_dict.get("head_dim") is None and config_dict["hidden_size"] % heads:
+        raise bad(f"hidden_size {config_dict['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if model_type == "nemotron-nas":
+        blocks = config_dict.get("block_configs")
+        if not isinstance(blocks, list) or len(blocks) != config_dict["num_hidden_layers"]:
+            raise bad("block_configs must be a list with one entry per layer (num_hidden_layers)")
+        for index, block in enumerate(blocks):
+            ffn = block.get("ffn") if isinstance(block, dict) else None
+            attention = block.get("attention") if isinstance(block, dict) else None
+            if not isinstance(ffn, dict) or not isinstance(attention, dict):
+                raise bad(f"block_configs[{index}] needs the objects 'attention' and 'ffn'")
+            width = ffn.get("intermediate_size")
+            if width is not None and (type(width) is not int or width < 1):
+                raise bad(f"block_configs[{index}].ffn.intermediate_size must be a positive integer, got {width!r}")
+            group = attention.get("n_heads_in_group")
+            if group is not None and (type(group) is not int or group < 1):
+                raise bad(f"block_configs[{index}].attention.n_heads_in_group must be a positive integer, got {group!r}")
+
+
+def check_seqlen(config_dict: dict, seqlen: int, option: str) -> None:
+    """A sequence length the model can attend over: at least 2 tokens and at most its position embeddings."""
+    if seqlen < 2:
+        raise EffideployError(f"{option} must be at least 2 tokens, got {seqlen}")
+    limit = config_dict.get("max_position_embeddings")
+    if isinstance(limit, int) and seqlen > limit:
+        raise EffideployError(f"{option} {seqlen} exceeds the model's max_position_embeddings {limit}")
 
 
 def check_architecture(config_dict: dict, where: str) -> None:
@@ -110,7 +179,10 @@ def check_architecture(config_dict: dict, where: str) -> None:
 def _from_folder(folder: Path, spec: str, *, origin: str = "local", allow_pickle: bool) -> ModelSource:
     config_dict = read_config_dict(folder)
     check_architecture(config_dict, str(folder))
-    if any(folder.glob("*.safetensors")):
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        from effideploy.models.weights import check_weights_match_config
+
+        check_weights_match_config(folder, config_dict)
         return ModelSource(spec=spec, path=folder, config_dict=config_dict, origin=origin)
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not pickled:
@@ -151,8 +223,9 @@ def _convert_gguf(path: Path, staging: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file, not our bug
         raise EffideployError(f"cannot read GGUF file {path}: {exc}") from None
     config_dict = model.config.to_dict()
@@ -173,10 +246,18 @@ def _convert_gguf(path: Path, staging: Path) -> None:
 def _convert_pickled(folder: Path, staging: Path) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=False)
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are noise next to the one-line error
+            warnings.simplefilter("ignore")
+            model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=False)
+    except Exception as exc:  # noqa: BLE001 - torch refuses a hostile pickle (weights_only); the user's file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EffideployError(f"cannot load the pickled weights in {folder}: {reason}") from None
     model.save_pretrained(staging)
     try:
-        AutoTokenizer.from_pretrained(folder).save_pretrained(staging)
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=False).save_pretrained(staging)
     except Exception:  # noqa: BLE001 - a model folder without a tokenizer still converts
         pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from effideploy.errors import EffideployError
@@ -41,6 +42,10 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("sparsity", "a", "b", "c", "damp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EffideployError(f"--{name} must be a finite number, got {value!r}")
         if not 0.0 < self.sparsity < 1.0:
             raise EffideployError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if self.align < 1:

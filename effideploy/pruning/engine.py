@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from effideploy.checkpoint.config import pruned_config
 from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code, copy_tokenizer
 from effideploy.data.text import TextSpec, load_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError
-from effideploy.io import atomic_output_dir, check_output_dir, write_json
+from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
 from effideploy.models.build import build_config, count_parameters, ffn_widths, load_tokenizer
 from effideploy.models.layerwise import LayerwiseModel
 from effideploy.models.resolve import ModelSource
@@ -151,12 +150,13 @@ def prune_checkpoint(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     model_config = build_config(source.config_dict)
+    check_prunable(config, model_config, source.config_dict)
     weights = SafetensorsWeights(source.path)
     layerwise = LayerwiseModel(model_config, weights)
 
     method = make_method(config)
     # Second moments are spooled to disk block by block (n x n each) until the rewrite reads them back.
-    with tempfile.TemporaryDirectory(prefix=".effideploy-gram-", dir=target.parent) as gram_dir:
+    with scratch_dir(target, "gram") as gram_dir:
         if stats is None and (method.needs_calibration or method.compensation != "none"):
             if calibration is None:
                 raise EffideployError(f"method {config.method!r} needs calibration text (--calib)")
@@ -166,6 +166,9 @@ def prune_checkpoint(
             stats = calibrate(layerwise, config, windows, gram_dir=gram_dir)
         with torch.no_grad():
             plan = plan_from_stats(layerwise, config, stats)
+        if sum(plan.widths) >= sum(plan.full_widths):
+            raise EffideployError(f"nothing would be pruned at --sparsity {config.sparsity} with --align {config.align} "
+                                  f"(FFN widths {min(plan.full_widths)}..{max(plan.full_widths)}); nothing was written")
         timings.update(plan.seconds)
 
         tick = time.perf_counter()
@@ -180,6 +183,17 @@ def prune_checkpoint(
             write_json(staging / PROVENANCE_FILE,
                        provenance(source, config, plan, model_config, new_config, calibration, timings))
     return target, plan
+
+
+def check_prunable(config: PruneConfig, model_config, config_dict: dict) -> None:
+    """Options that only make sense against the model: refused before any work instead of a silent no-op."""
+    from effideploy.models.resolve import check_seqlen
+
+    narrowest = min(ffn_widths(model_config))
+    if config.align >= narrowest:
+        raise EffideployError(f"--align {config.align} is not smaller than the narrowest FFN width {narrowest}: "
+                              "nothing could be pruned")
+    check_seqlen(config_dict, config.calib_seqlen, "--calib-seqlen")
 
 
 def calibrate_source(source: ModelSource, config: PruneConfig, calibration: TextSpec, *,

@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import math
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from torch import nn
 
 import effideploy
 from effideploy import progress
-from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code, copy_tokenizer
 from effideploy.data.text import TextSpec, load_text, resolve_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError
-from effideploy.io import atomic_output_dir, check_output_dir, write_json
+from effideploy.safe_files import copy_json_without_foreign_code
+from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
 from effideploy.models.build import build_config, load_model
 from effideploy.models.resolve import ModelSource, resolve_model
 from effideploy.models.weights import SafetensorsWeights
@@ -267,12 +266,16 @@ def load_checkpoint_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path, config=build_config(source.config_dict))
+        return AutoTokenizer.from_pretrained(source.path, config=build_config(source.config_dict),
+                                             trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is the user's checkpoint
         raise EffideployError(f"cannot load a tokenizer from {source.path}: {str(exc).splitlines()[0]}") from None
 
 
 def training_windows(source: ModelSource, text: TextSpec, config: RecoveryConfig) -> torch.Tensor:
+    from effideploy.models.resolve import check_seqlen
+
+    check_seqlen(source.config_dict, config.seqlen, "--seqlen")
     with progress.status(f"Tokenizing {Path(text.path).name}"):
         ids = tokenize_text(load_checkpoint_tokenizer(source), load_text(text))
     if ids.numel() < config.seqlen + 1:
@@ -310,13 +313,9 @@ def write_weights(model: nn.Module, source: ModelSource, folder: Path) -> None:
 
 
 def copy_model_files(source: ModelSource, folder: Path) -> None:
-    shutil.copy2(source.path / "config.json", folder / "config.json")
+    copy_json_without_foreign_code(source.path / "config.json", folder / "config.json")
     if source.is_pruned_checkpoint:
-        if all((source.path / name).is_file() for name in REMOTE_FILES):
-            for name in REMOTE_FILES:
-                shutil.copy2(source.path / name, folder / name)
-        else:
-            copy_remote_code(folder)
+        copy_remote_code(folder)  # effideploy's own code, never the input's (which could be anything)
     copy_tokenizer(source.path, folder)
 
 
@@ -421,7 +420,6 @@ def prune_and_recover(source: ModelSource, prune_config, output: str | Path, con
     Only the recovered checkpoint is kept; its effideploy.json holds the pruning provenance and the recovery.
     Returns (prune plan, recovery result).
     """
-    import tempfile
 
     from effideploy.pruning import prune_checkpoint
 
@@ -430,7 +428,7 @@ def prune_and_recover(source: ModelSource, prune_config, output: str | Path, con
     inputs = (source.path,) if config.teacher is None else (source.path, resolve_model(config.teacher).path)
     target = check_output_dir(output, overwrite=overwrite, inputs=inputs)
     resolve_text(config.data, "calibration", config.data_dir)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.pruned-", dir=target.parent) as scratch:
+    with scratch_dir(target, "pruned") as scratch:
         pruned, plan = prune_checkpoint(source, prune_config, Path(scratch) / "pruned", calibration=calibration)
         result = recover_checkpoint(pruned, target, config, overwrite=overwrite,
                                     input_label=f"pruned from {source.spec} in the same run (not kept)")

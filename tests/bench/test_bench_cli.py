@@ -30,7 +30,7 @@ def self_bench(tmp_path_factory, tiny_model_dir, tiny_pruned_dir, tiny_task_dir)
 def test_bench_writes_the_report_folder(self_bench):
     code, log, report = self_bench
     assert code == 0, log
-    assert sorted(p.name for p in report.iterdir()) == ["latency.png", "pareto.png", "report.json", "report.md", "speedup.png", "throughput.png"]
+    assert sorted(p.name for p in report.iterdir()) == [".effideploy-output", "latency.png", "pareto.png", "report.json", "report.md", "speedup.png", "throughput.png"]
     for name in ("pareto.png", "latency.png", "speedup.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads((report / "report.json").read_text())

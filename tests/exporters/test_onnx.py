@@ -188,6 +188,9 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(copied_graph, t
     (target / "keep.txt").write_text("old")
     with pytest.raises(EffideployError, match="already exists; pass --overwrite"):
         export_onnx(tiny_model_dir, target, verify=False)
+    with pytest.raises(EffideployError, match="not written by effideploy"):  # only effideploy's folders are replaced
+        export_onnx(tiny_model_dir, target, verify=False, overwrite=True)
+    (target / "effideploy_export.json").write_text("{}")  # an earlier export
     assert (target / "keep.txt").read_text() == "old"
     result = export_onnx(tiny_model_dir, target, verify=False, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "model.onnx").is_file() and result.parity is None

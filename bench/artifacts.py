@@ -17,7 +17,7 @@ from pathlib import Path
 import effideploy
 from effideploy import progress
 from effideploy.bench.config import DENSE_LABEL, BenchConfig, CandidateSpec
-from effideploy.bench.results import ExportRecord, ModelResult, Parameters, Size
+from effideploy.bench.results import ExportRecord, ModelResult, Parameters, Size, WeightStorage
 from effideploy.errors import EffideployError
 from effideploy.exporters.manifest import read_export_manifest
 
@@ -122,8 +122,13 @@ def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
             record = {"method": manifest["provenance"].get("method"), "sparsity": manifest["provenance"].get("sparsity")}
         if record and record.get("method") and record.get("sparsity"):
             label = f"{record['method']}-{record['sparsity'].get('ffn_requested', 0):g}"
+        elif manifest is not None:
+            label = "dense"
         else:
             label = path.name or str(spec.model)
+        scheme = ((manifest or {}).get("quantize") or {}).get("scheme")
+        if scheme:  # what is stored is part of the recipe: cfsp-0.2+int8
+            label += f"+{scheme}"
         if spec.compression:
             label += f"+{spec.compression}"
     unique, number = label, 2
@@ -150,6 +155,27 @@ def describe_model(model: ModelResult) -> None:
         weights = sum(p.stat().st_size for p in model.checkpoint.glob("*.safetensors"))
     model.size = Size(checkpoint_weights_bytes=weights, artifact_bytes=folder_size(model.artifact),
                       artifact=str(model.artifact), checkpoint=None if model.checkpoint is None else str(model.checkpoint))
+    model.weights = weight_storage(model)
+
+
+def weight_storage(model: ModelResult) -> WeightStorage | None:
+    """The export's record of its stored weights (``weight_storage`` in its manifest), else the safetensors
+    checkpoint's: every matmul weight read once per decoded token at the checkpoint's dtype."""
+    from effideploy.bench.metrics import matmul_parameters
+    from effideploy.models.weights import SafetensorsWeights
+
+    manifest = read_export_manifest(model.artifact) if Path(model.artifact).is_dir() else None
+    recorded = (manifest or {}).get("weight_storage")
+    if isinstance(recorded, dict) and {"format", "stored_bytes", "bytes_per_token"} <= set(recorded):
+        return WeightStorage(str(recorded["format"]), int(recorded["stored_bytes"]), int(recorded["bytes_per_token"]))
+    folder = Path(model.artifact) if any(Path(model.artifact).glob("*.safetensors")) else model.checkpoint
+    if folder is None or model.parameters is None or not any(Path(folder).glob("*.safetensors")):
+        return None
+    dtype = SafetensorsWeights(folder).dtype()
+    element = dtype.itemsize
+    return WeightStorage(format=str(dtype).replace("torch.", ""),
+                         stored_bytes=sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")),
+                         bytes_per_token=matmul_parameters(model.parameters.counts) * element)
 
 
 def matmul_parameters_of(folder) -> tuple[int, list[int]]:

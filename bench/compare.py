@@ -4,7 +4,6 @@ report read by attribute, and the Pareto fronts of quality against speed."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from effideploy.bench import metrics
@@ -129,17 +128,19 @@ def _size(record: Comparison, dense: ModelResult, candidate: ModelResult, config
         record.peak_memory_ratio = candidate.memory["peak_rss_mb"] / dense.memory["peak_rss_mb"]
         record.model_memory_ratio = candidate.memory["model_rss_mb"] / dense.memory["model_rss_mb"]
     dp, cp = dense.parameters, candidate.parameters
+    dw, cw = dense.weights, candidate.weights
     if dp and cp:
         record.size_ratio = dp.counts["total"] / cp.counts["total"]
         record.size_reduction = 1.0 - cp.counts["total"] / dp.counts["total"]
         record.parameters_removed = dp.counts["total"] - cp.counts["total"]
         kept = (candidate.kv_cache or {}).get("kept_mean")
         record.ideal = metrics.ideal_ratios(dp.counts, cp.counts, dp.attention_width, config.prompt_tokens,
-                                            config.new_tokens, candidate_cached_prompt=kept)
-    dw = dense.size.checkpoint_weights_bytes if dense.size else None
-    cw = candidate.size.checkpoint_weights_bytes if candidate.size else None
-    if dw and cw:
-        record.weight_bytes_ratio = dw / cw
+                                            config.new_tokens, candidate_cached_prompt=kept,
+                                            dense_bytes_per_token=dw.bytes_per_token if dw else None,
+                                            candidate_bytes_per_token=cw.bytes_per_token if cw else None)
+    if dw and cw:  # what is stored: pruning and quantization both count
+        record.weight_bytes_ratio = dw.stored_bytes / cw.stored_bytes
+        record.size_reduction = 1.0 - cw.stored_bytes / dw.stored_bytes
 
 
 def generation_match(dense: list[list[int]], candidate: list[list[int]]) -> float:
@@ -177,6 +178,3 @@ def pareto(comparisons: list[Comparison]) -> dict[str, dict[str, list[ParetoPoin
             fronts[quality][axis] = [ParetoPoint(name, x, y, flag) for (name, x, y), flag in zip(points, flags)]
     return fronts
 
-
-def nan_to_none(value):
-    return None if isinstance(value, float) and math.isnan(value) else value

@@ -124,12 +124,17 @@ def decode_flops(matmul_params: int, attention_width: int, context_tokens: float
 
 
 def ideal_ratios(dense_counts: dict, candidate_counts: dict, attention_width: int, prompt_tokens: int,
-                 new_tokens: int, bytes_per_parameter: float = 4.0, candidate_cached_prompt: float | None = None) -> dict:
+                 new_tokens: int, bytes_per_parameter: float = 4.0, candidate_cached_prompt: float | None = None,
+                 dense_bytes_per_token: float | None = None, candidate_bytes_per_token: float | None = None) -> dict:
     """What removing FLOPs and weight bytes alone would predict (no kernel, cache or framework overhead):
     prefill speedup from FLOPs, decode speedup from FLOPs (compute-bound) and from weight bytes read per token
     (memory-bound), and the size ratio. ``candidate_cached_prompt``: prompt entries the candidate keeps in its KV
-    cache after prefill (token compression; default all), which shortens the attention of every decode step."""
+    cache after prefill (token compression; default all), which shortens the attention of every decode step.
+    ``*_bytes_per_token``: the weight bytes one decode step reads as stored (quantized weights and their scales);
+    by default the matmul parameters at ``bytes_per_parameter`` each."""
     dense_mm, cand_mm = matmul_parameters(dense_counts), matmul_parameters(candidate_counts)
+    dense_bytes = dense_bytes_per_token or dense_mm * bytes_per_parameter
+    cand_bytes = candidate_bytes_per_token or cand_mm * bytes_per_parameter
     context = prompt_tokens + new_tokens / 2.0
     kept = prompt_tokens if candidate_cached_prompt is None else candidate_cached_prompt
     return {
@@ -138,8 +143,9 @@ def ideal_ratios(dense_counts: dict, candidate_counts: dict, attention_width: in
         / prefill_flops(cand_mm, attention_width, prompt_tokens),
         "decode_speedup_flops": decode_flops(dense_mm, attention_width, context)
         / decode_flops(cand_mm, attention_width, kept + new_tokens / 2.0),
-        "decode_speedup_weight_bytes": dense_mm / cand_mm,
+        "decode_speedup_weight_bytes": dense_bytes / cand_bytes,
         "size_ratio": dense_counts["total"] / candidate_counts["total"],
+        "weight_bytes_per_token": {"dense": dense_bytes, "candidate": cand_bytes},
         "weight_bytes": {"dense": dense_counts["total"] * bytes_per_parameter,
                          "candidate": candidate_counts["total"] * bytes_per_parameter},
     }

@@ -43,7 +43,8 @@ THRESHOLDS = {
     "max_p99_tpot_ms": Threshold("p99_tpot_ms", "max", "ms", "p99 time per output token"),
     "max_peak_memory_mb": Threshold("peak_memory_mb", "max", "MB", "peak RSS of the process tree"),
     "min_size_reduction": Threshold("size_reduction", "min", "fraction",
-                                    "share of parameters removed, 1 - candidate / dense"),
+                                    "share of stored weight bytes removed, 1 - candidate / dense (pruning and "
+                                    "quantization both count)"),
 }
 REQUIRE = ("all", "any")
 

@@ -153,7 +153,7 @@ def _speed_sections(report: BenchReport) -> list[str]:
     out.append(_table(["candidate", "prefill FLOPs removed", "decode FLOPs removed", "weight bytes/token removed",
                        "decode (measured)", "decode (ideal, FLOPs)", "decode (ideal, bytes)",
                        "TTFT (measured)", "prefill (ideal, FLOPs)", "e2e", "throughput (largest batch)",
-                       "parameters dense/cand", "weights on disk dense/cand"], rows))
+                       "parameters dense/cand", "weights stored dense/cand"], rows))
     return out
 
 
@@ -161,12 +161,13 @@ def _memory_section(report: BenchReport) -> list[str]:
     out = ["", "## Memory and size", ""]
     rows = []
     for m in report.models:
-        p, mem, size = m.parameters, m.memory or {}, m.size
-        rows.append([m.label, _f(p.counts["total"] / 1e6, 2) if p else "n/a",
-                     _mb(size.checkpoint_weights_bytes if size else None), _mb(size.artifact_bytes if size else None),
+        p, mem, size, weights = m.parameters, m.memory or {}, m.size, m.weights
+        rows.append([m.label, _f(p.counts["total"] / 1e6, 2) if p else "n/a", weights.format if weights else "n/a",
+                     _mb(weights.stored_bytes if weights else None), _mb(weights.bytes_per_token if weights else None),
+                     _mb(size.artifact_bytes if size else None),
                      _f(mem.get("peak_rss_mb"), 0), _f(mem.get("model_rss_mb"), 0), _f(mem.get("gpu_peak_allocated_mb"), 0)])
-    out.append(_table(["model", "parameters (M)", "weights on disk (MB)", "artifact (MB)", "peak RSS (MB)",
-                       "model RSS (MB)", "GPU peak (MB)"], rows))
+    out.append(_table(["model", "parameters (M)", "weights", "weights stored (MB)", "weights read per token (MB)",
+                       "artifact (MB)", "peak RSS (MB)", "model RSS (MB)", "GPU peak (MB)"], rows))
     out += ["", "Peak RSS: a fresh process per model opens it on the runtime and generates once; the peak is the larger "
             "of the process's own high-water mark (VmHWM) and its process tree's RSS sampled every 20 ms. "
             "Model RSS is that peak minus the process's RSS after importing the runtime, before loading the model."]

@@ -52,6 +52,17 @@ class Size:
 
 
 @dataclass
+class WeightStorage:
+    """How the weights are stored where the runtime reads them: ``format`` (e.g. float32, int8 MatMulNBits block
+    32, w4a16 group 128), ``stored_bytes`` (all weights as stored), ``bytes_per_token`` (what one decode step reads:
+    the matmul weights with their scales)."""
+
+    format: str
+    stored_bytes: int
+    bytes_per_token: int
+
+
+@dataclass
 class ExportRecord:
     path: str
     reused: bool
@@ -72,6 +83,7 @@ class ModelResult:
     export: ExportRecord | None = None
     parameters: Parameters | None = None
     size: Size | None = None
+    weights: WeightStorage | None = None
     memory: dict | None = None  # the memory probe's record (bench/memory.py)
     runtime: dict = field(default_factory=dict)  # the adapter's describe()
     latency: Latency = field(default_factory=Latency)
@@ -85,7 +97,7 @@ class ModelResult:
         per-token NLL and predictions behind loyalty."""
         out = {"label": self.label, "kind": self.kind, "spec": self.spec, "artifact": str(self.artifact),
                "compression": self.compression}
-        for name in ("export", "parameters", "size"):
+        for name in ("export", "parameters", "size", "weights"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = dataclasses.asdict(value)

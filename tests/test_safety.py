@@ -679,15 +679,13 @@ def test_readers_name_the_file_for_each_problem(tmp_path):
 
 
 def test_manifest_and_provenance_readers_refuse_malformed_files(tmp_path):
-    from bench.runner import read_manifest
     from effideploy.checkpoint.writer import read_provenance
-    from runtimes.vllm import read_export_manifest
+    from effideploy.exporters.manifest import read_export_manifest
 
     (tmp_path / "effideploy_export.json").write_text("[]")
     (tmp_path / "effideploy.json").write_bytes(b"\x80")
-    for reader in (read_manifest, read_export_manifest):
-        with pytest.raises(EffideployError, match="effideploy_export.json must hold an object"):
-            reader(tmp_path)
+    with pytest.raises(EffideployError, match="effideploy_export.json must hold an object"):
+        read_export_manifest(tmp_path)
     with pytest.raises(EffideployError, match="effideploy.json is not UTF-8"):
         read_provenance(tmp_path)
 

@@ -89,6 +89,11 @@ def test_ideal_ratios_from_hand_made_counts():
     assert ideal["prefill_speedup_flops"] == pytest.approx((2 * 500 * 10 + 2 * 2 * 100) / (2 * 350 * 10 + 2 * 2 * 100))
     assert ideal["size_ratio"] == pytest.approx(500 / 350)
     assert ideal["weight_bytes"] == {"dense": 2000.0, "candidate": 1400.0}
+    # quantized storage: the bytes each decode step reads as stored, not parameters x 4
+    stored = metrics.ideal_ratios(dense, pruned, attention_width=2, prompt_tokens=10, new_tokens=4,
+                                  dense_bytes_per_token=2000, candidate_bytes_per_token=350 + 44)
+    assert stored["decode_speedup_weight_bytes"] == pytest.approx(2000 / 394)
+    assert stored["decode_speedup_flops"] == ideal["decode_speedup_flops"]  # int8 weights do the same matmuls
 
 
 def test_ideal_decode_speedup_of_a_shorter_cache():

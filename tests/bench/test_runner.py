@@ -8,7 +8,7 @@ import pytest
 from effideploy.bench.artifacts import candidate_label
 from effideploy.bench.compare import Comparison, compare, pareto
 from effideploy.bench.config import BenchConfig, CandidateSpec
-from effideploy.bench.results import Latency, ModelResult, Parameters, Size
+from effideploy.bench.results import Latency, ModelResult, Parameters, Size, WeightStorage
 from effideploy.errors import EffideployError
 from effideploy.eval.multiple_choice import TaskResult
 from effideploy.eval.perplexity import PerplexityResult
@@ -27,6 +27,8 @@ def entry(label, *, ttft, tpot, nll, predictions, chosen, accuracy, counts, scop
     model.tasks = {"t": TaskResult(name="t", accuracy=accuracy, chosen=chosen, correct=[], indices=[])}
     model.parameters = Parameters(counts=counts, ffn_widths=[], attention_width=2, max_positions=None)
     model.size = Size(checkpoint_weights_bytes=counts["total"] * 4, artifact_bytes=0, artifact=".", checkpoint=None)
+    model.weights = WeightStorage(format="float32", stored_bytes=counts["total"] * 4,
+                                  bytes_per_token=(counts["attention"] + counts["ffn"] + counts["embedding"]) * 4)
     if peak is not None:
         model.memory = {"peak_rss_mb": peak, "model_rss_mb": peak - 100}
     return model
@@ -60,6 +62,18 @@ def test_comparison_record_from_hand_made_measurements():
     assert record["peak_memory_mb"] == 450.0 and record["size_reduction"] == pytest.approx(0.3)
     assert record["ideal"]["decode_speedup_weight_bytes"] == pytest.approx(500 / 350)
     assert record["weight_bytes_ratio"] == pytest.approx(500 / 350)
+
+
+def test_size_and_ideal_bytes_follow_the_stored_weights():
+    """An int8 export of the dense model: the same parameters, a quarter of the bytes (plus scales)."""
+    kwargs = dict(ttft=[0.2], tpot=[0.05], nll=[[1.0, 2.0]], predictions=[[1, 2]], chosen=[0], accuracy=0.5,
+                  counts=COUNTS_DENSE)
+    dense, int8 = entry("dense", **kwargs), entry("dense+int8", **kwargs)
+    int8.weights = WeightStorage(format="int8 block 32", stored_bytes=500 + 64, bytes_per_token=500 + 64)
+    record = compare(dense, int8, config())
+    assert record.size_reduction == pytest.approx(1 - 564 / 2000) and record.weight_bytes_ratio == pytest.approx(2000 / 564)
+    assert record.ideal["decode_speedup_weight_bytes"] == pytest.approx(2000 / 564)
+    assert record.ideal["decode_speedup_flops"] == pytest.approx(1.0) and record.parameters_removed == 0
 
 
 def test_a_compressed_candidate_is_compared_on_the_same_second_halves():

@@ -2,8 +2,9 @@
 vLLM, onnxruntime and onnxscript are imported only when their exporter is used.
 
 Every exporter is ``export_<runtime>(source, output, *, overwrite=False, verify=..., dtype=..., **options)`` and
-returns a result with at least ``output``, ``files``, ``size_bytes``, ``seconds`` and ``parity``; it writes
-``effideploy_export.json`` into the folder and writes the folder atomically (nothing is left on failure).
+returns an ``effideploy.exporters.base.ExportResult``; it writes ``effideploy_export.json`` into the folder (read it
+back with ``effideploy.exporters.manifest.read_export_manifest``) and writes the folder atomically (nothing is left
+on failure).
 """
 
 from effideploy.registry import Registry
@@ -25,18 +26,17 @@ def export(runtime: str, source, output, **options):
 def export_or_reuse(runtime: str, spec: str, target, **options):
     """The folder of an export for ``spec``: ``spec`` itself when it is an export, ``target`` when it already holds
     an export of the same source, else a new export written to ``target`` (benchmark scripts re-run cheaply)."""
-    import json
     from pathlib import Path
 
-    from effideploy.exporters.manifest import MANIFEST_FILE
+    from effideploy.exporters.manifest import read_export_manifest
     from effideploy.models.resolve import resolve_model
 
     path, target = Path(spec).expanduser(), Path(target)
-    if (path / MANIFEST_FILE).is_file():
+    if read_export_manifest(path) is not None:
         return path
     source = resolve_model(spec)
-    manifest = target / MANIFEST_FILE
-    if manifest.is_file() and json.loads(manifest.read_text())["source"]["path"] == str(source.path):
+    manifest = read_export_manifest(target)
+    if manifest is not None and manifest.get("source", {}).get("path") == str(source.path):
         return target
     print(f"exporting {spec} -> {target}", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)

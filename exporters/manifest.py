@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import effideploy
-from effideploy.checkpoint.writer import PROVENANCE_FILE
+from effideploy.checkpoint.writer import PROVENANCE_FILE, source_record
 from effideploy.errors import EffideployError
 
 MANIFEST_FILE = "effideploy_export.json"
@@ -22,8 +22,7 @@ def manifest_header(runtime: str, source, provenance: dict | None) -> dict:
         "runtime": runtime,
         "effideploy_version": effideploy.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                   "model_type": source.model_type, "pruned": source.is_pruned_checkpoint},
+        "source": {**source_record(source), "pruned": source.is_pruned_checkpoint},
         "provenance": None if provenance is None else {
             "file": PROVENANCE_FILE, "method": provenance.get("method"),
             "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),

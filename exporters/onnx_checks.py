@@ -47,10 +47,8 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
     """Full-sequence logits and greedy tokens of the graph in ``folder`` against ``reference`` (transformers,
     fp32); raises EffideployError on a mismatch."""
     import numpy as np
-    import torch
 
     from effideploy.runtimes.onnx import OnnxRuntime
-    from effideploy.runtimes.pytorch import TorchRuntime
 
     prompts = parity_prompts(source, reference.config.vocab_size)
     try:
@@ -59,11 +57,8 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
         raise EffideployError(f"ONNX parity: the exported graph does not load: {exc}") from None
     with runtime:
         worst, tolerance = 0.0, float("inf")
-        for prompt in prompts:
-            with torch.no_grad():
-                expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        for expected, got in _logits(runtime, reference, prompts):
             limit = PARITY_ATOL[dtype] + PARITY_RTOL[dtype] * float(np.abs(expected).max())
-            got = runtime.logits([prompt])[0].astype(np.float32)
             difference = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
             worst, tolerance = max(worst, difference), min(tolerance, limit)
             if not difference <= limit:
@@ -71,9 +66,8 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
                 raise EffideployError(
                     f"ONNX parity failed: logits differ from transformers by {difference:.3g} (tolerance "
                     f"{limit:.3g}, {dtype}) at prompt position {position}; the export was not kept")
-        expected_tokens = TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens
-        generation = runtime.generate(prompts, PARITY_NEW_TOKENS)
-    mismatch = first_mismatch(expected_tokens, generation.tokens)
+        expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
+    mismatch = first_mismatch(expected_tokens, tokens)
     if mismatch is not None:
         prompt, step, want, got_token = mismatch
         raise EffideployError(
@@ -89,27 +83,39 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
 def measure_deviation(folder: Path, reference, source: ModelSource) -> dict:
     """How far a lossy (quantized) graph is from the reference: recorded, not required."""
     import numpy as np
-    import torch
 
     from effideploy.runtimes.onnx import OnnxRuntime
-    from effideploy.runtimes.pytorch import TorchRuntime
 
     prompts = parity_prompts(source, reference.config.vocab_size)
     with OnnxRuntime(folder, providers=["CPUExecutionProvider"]) as runtime:
         differences = []
-        for prompt in prompts:
-            with torch.no_grad():
-                expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
-            got = runtime.logits([prompt])[0].astype(np.float32)
+        for expected, got in _logits(runtime, reference, prompts):
             if not np.isfinite(got).all():
                 raise EffideployError("the int8 graph produced non-finite logits; the export was not kept")
             differences.append(float(np.abs(got - expected).max()))
-        expected_tokens = TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens
-        tokens = runtime.generate(prompts, PARITY_NEW_TOKENS).tokens
+        expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
     same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
     return {"logits_max_abs_diff": max(differences), "token_agreement": same / sum(map(len, expected_tokens)),
             "first_mismatch": first_mismatch(expected_tokens, tokens)}
 
+
+def _logits(runtime, reference, prompts: list[list[int]]):
+    """(transformers, ONNX Runtime) full-sequence logits of each prompt in turn, as float32 arrays."""
+    import numpy as np
+    import torch
+
+    for prompt in prompts:
+        with torch.no_grad():
+            expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        yield expected, runtime.logits([prompt])[0].astype(np.float32)
+
+
+def _greedy_tokens(runtime, reference, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of transformers and of ONNX Runtime for ``PARITY_NEW_TOKENS`` steps."""
+    from effideploy.runtimes.pytorch import TorchRuntime
+
+    return (TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens,
+            runtime.generate(prompts, PARITY_NEW_TOKENS).tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------- int8

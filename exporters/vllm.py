@@ -42,7 +42,6 @@ from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.exporters.vllm_checks import check_export_folder, check_parity, vllm_installed, vllm_version
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
-from effideploy.pruning import realign as tp_realign
 
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's quantized KV caches (CPU: x86 AVX-512/AMX; GPU)
@@ -86,6 +85,7 @@ def export_vllm(
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
 
     from effideploy.models.build import build_config, ffn_widths
+    from effideploy.pruning import realign as tp_realign
 
     config = build_config(source.config_dict)
     widths = ffn_widths(config)
@@ -247,6 +247,8 @@ def _write_weights(source: Path, staging: Path, realigned: list[dict], dtype: st
     import torch
     from safetensors.torch import load_file, save_file
 
+    from effideploy.pruning.realign import realign_block_tensors
+
     weight_files = _weight_files(source)
     by_file: dict[str, list[dict]] = {}
     for block in realigned:
@@ -263,7 +265,7 @@ def _write_weights(source: Path, staging: Path, realigned: list[dict], dtype: st
         linked = False
         tensors = load_file(source / name)
         for block in by_file.get(name, []):
-            tensors.update(tp_realign.realign_block_tensors(tensors, block["index"], block["before"], block["after"]))
+            tensors.update(realign_block_tensors(tensors, block["index"], block["before"], block["after"]))
         tensors = {key: (value.to(target_dtype) if value.is_floating_point() else value).contiguous()
                    for key, value in tensors.items()}
         save_file(tensors, staging / name, metadata={"format": "pt"})

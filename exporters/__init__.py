@@ -2,8 +2,10 @@
 vLLM, onnxruntime and onnxscript are imported only when their exporter is used.
 
 Every exporter is ``export_<runtime>(source, output, *, overwrite=False, verify=..., dtype=..., **options)`` and
-returns a result with at least ``output``, ``files``, ``size_bytes``, ``seconds`` and ``parity``; it writes
-``effideploy_export.json`` into the folder and writes the folder atomically (nothing is left on failure).
+returns an ``effideploy.exporters.base.ExportResult``; it writes ``effideploy_export.json`` into the folder (read it
+back with ``effideploy.exporters.manifest.read_export_manifest``) and writes the folder atomically (nothing is left
+on failure). Reusing an export that already exists is ``effideploy.bench.artifacts.export_or_reuse`` (keyed by the
+source checkpoint's content and the export options).
 """
 
 from effideploy.registry import Registry
@@ -20,26 +22,3 @@ EXPORTERS = Registry(
 def export(runtime: str, source, output, **options):
     """Export ``source`` for ``runtime`` (see each exporter for its options)."""
     return EXPORTERS.get(runtime)(source, output, **options)
-
-
-def export_or_reuse(runtime: str, spec: str, target, **options):
-    """The folder of an export for ``spec``: ``spec`` itself when it is an export, ``target`` when it already holds
-    an export of the same source, else a new export written to ``target`` (benchmark scripts re-run cheaply)."""
-    import json
-    from pathlib import Path
-
-    from effideploy.exporters.manifest import MANIFEST_FILE
-    from effideploy.models.resolve import resolve_model
-
-    path, target = Path(spec).expanduser(), Path(target)
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    source = resolve_model(spec)
-    manifest = target / MANIFEST_FILE
-    from effideploy.safe_files import read_json
-
-    if manifest.is_file() and (read_json(manifest, what="export manifest").get("source") or {}).get("path") == str(source.path):
-        return target
-    print(f"exporting {spec} -> {target}", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return export(runtime, source, target, overwrite=True, **options).output

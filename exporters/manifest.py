@@ -1,4 +1,5 @@
-"""The header every export's ``effideploy.json`` manifest starts with (which runtime, from what, when)."""
+"""The export manifest ``effideploy_export.json``: the header every export's manifest starts with (which runtime,
+from what, when) and the one reader of it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import datetime
 from pathlib import Path
 
 import effideploy
-from effideploy.checkpoint.writer import PROVENANCE_FILE
+from effideploy.checkpoint.writer import PROVENANCE_FILE, source_record
 
 MANIFEST_FILE = "effideploy_export.json"
 MANIFEST_FORMAT = 1
@@ -18,8 +19,7 @@ def manifest_header(runtime: str, source, provenance: dict | None) -> dict:
         "runtime": runtime,
         "effideploy_version": effideploy.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                   "model_type": source.model_type, "pruned": source.is_pruned_checkpoint},
+        "source": {**source_record(source), "pruned": source.is_pruned_checkpoint},
         "provenance": None if provenance is None else {
             "file": PROVENANCE_FILE, "method": provenance.get("method"),
             "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),

@@ -20,7 +20,8 @@ Choices:
   pruned model 6-12 of 32 greedy tokens matched, max |logit| error 17), while block-wise scales kept all 32 (error
   3.3) at the same speed (1.5x less CPU per decode token than fp32). The float graph is exported and verified first
   (the strict check proves the export); the int8 graph's deviation (max |logit| difference, greedy-token agreement)
-  is then measured and recorded, not required: quantization error is an accuracy question for the benchmark.
+  is then measured and recorded, not required: quantization error is an accuracy question for the benchmark
+  (``effideploy.exporters.onnx_checks``, with the parity check).
 - Parity (on by default): on two prompts, the full-sequence logits of ONNX Runtime must be within 1e-3 of
   transformers (float16: 1% of the largest |logit|), and the greedy tokens of ``PARITY_NEW_TOKENS`` steps through ``OnnxRuntime`` (prefill, then
   decode with the KV cache fed back) must equal transformers' own. A failure raises ``EffideployError`` with the
@@ -35,14 +36,14 @@ import copy
 import os
 import shutil
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy import progress
 from effideploy.checkpoint.writer import PROVENANCE_FILE, copy_tokenizer, folder_size
 from effideploy.errors import EffideployError
+from effideploy.exporters.base import ExportResult, folder_files
+from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
+from effideploy.exporters.onnx_checks import check_parity, measure_deviation, quantize_int8
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -50,31 +51,6 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8",)
-# Max |logit difference| allowed between ONNX Runtime and transformers (fp32 reference): absolute + relative to the
-# largest |logit|. fp32 differences come from kernel summation order (SmolLM2: ~8e-5); fp16 rounds every activation
-# of every layer (SmolLM2: ~0.1 with logits up to 31, i.e. 0.3%).
-PARITY_ATOL = {"float32": 1e-3, "float16": 0.0}
-PARITY_RTOL = {"float32": 0.0, "float16": 1e-2}
-PARITY_NEW_TOKENS = 16
-PARITY_PROMPT_TOKENS = 32
-PARITY_TEXTS = (
-    "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
-    "In physics, the conservation of energy states that the total energy of an isolated system remains constant.",
-)
-
-
-@dataclass
-class ExportResult:
-    output: Path
-    model_file: Path
-    files: list[str]  # relative to output
-    size_bytes: int  # the whole folder
-    model_bytes: int  # model.onnx + its external data
-    seconds: dict[str, float]
-    parity: dict | None  # None when not verified
-    dtype: str
-    quantize: str | None
-    manifest: dict = field(default_factory=dict, repr=False)
 
 
 def export_onnx(
@@ -180,10 +156,11 @@ def export_onnx(
         write_json(staging / MANIFEST_FILE, manifest)
         manifest["sizes"]["bytes"] = folder_size(staging)
         write_json(staging / MANIFEST_FILE, manifest)
-        files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
-    return ExportResult(output=target, model_file=target / MODEL_FILE, files=files, size_bytes=manifest["sizes"]["bytes"],
-                        model_bytes=model_bytes, seconds=timings, parity=parity, dtype=dtype, quantize=quantize,
-                        manifest=manifest)
+        files = folder_files(staging)
+    return ExportResult(output=target, runtime="onnx", files=files, size_bytes=manifest["sizes"]["bytes"],
+                        source_size_bytes=manifest["sizes"]["source_bytes"], seconds=timings, parity=parity,
+                        manifest=manifest, details={"model_file": target / MODEL_FILE, "model_bytes": model_bytes,
+                                                    "dtype": dtype, "quantize": quantize})
 
 
 # ---------------------------------------------------------------------------------------------------------- options
@@ -208,134 +185,6 @@ def _require_onnx_packages() -> None:
     for package in ("onnx", "onnxscript", "onnxruntime"):
         if importlib.util.find_spec(package) is None:
             raise EffideployError(f"the ONNX export needs {package}: pip install 'effideploy[onnx]'")
-
-
-# ---------------------------------------------------------------------------------------------------------- parity
-
-def parity_prompts(source: ModelSource, vocab_size: int) -> list[list[int]]:
-    """Two prompts of up to PARITY_PROMPT_TOKENS tokens: fixed English sentences through the model's tokenizer,
-    or seeded random ids when the checkpoint has no tokenizer."""
-    try:
-        tokenizer = load_tokenizer(source.path)
-        prompts = [tokenizer(text).input_ids[:PARITY_PROMPT_TOKENS] for text in PARITY_TEXTS]
-        if all(len(p) >= 4 and max(p) < vocab_size for p in prompts):
-            return prompts
-    except Exception:  # noqa: BLE001 - no usable tokenizer: random ids test the graph just as well
-        pass
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return [rng.integers(3, vocab_size, size=length).tolist() for length in (PARITY_PROMPT_TOKENS, 20)]
-
-
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer, never through remote code: a pruned checkpoint's config has an ``auto_map``, and
-    without ``trust_remote_code=False`` transformers stops to ask on the terminal whether to run it."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # it still warns that the nemotron-nas config is not a known model type
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) -> dict:
-    """Full-sequence logits and greedy tokens of the graph in ``folder`` against ``reference`` (transformers,
-    fp32); raises EffideployError on a mismatch."""
-    import numpy as np
-    import torch
-
-    from effideploy.runtimes.onnx import OnnxRuntime
-    from effideploy.runtimes.pytorch import TorchRuntime
-
-    prompts = parity_prompts(source, reference.config.vocab_size)
-    try:
-        runtime = OnnxRuntime(folder, providers=["CPUExecutionProvider"])
-    except EffideployError as exc:
-        raise EffideployError(f"ONNX parity: the exported graph does not load: {exc}") from None
-    with runtime:
-        worst, tolerance = 0.0, float("inf")
-        for prompt in prompts:
-            with torch.no_grad():
-                expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
-            limit = PARITY_ATOL[dtype] + PARITY_RTOL[dtype] * float(np.abs(expected).max())
-            got = runtime.logits([prompt])[0].astype(np.float32)
-            difference = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
-            worst, tolerance = max(worst, difference), min(tolerance, limit)
-            if not difference <= limit:
-                position = int(np.abs(got - expected).max(-1).argmax()) if np.isfinite(got).all() else -1
-                raise EffideployError(
-                    f"ONNX parity failed: logits differ from transformers by {difference:.3g} (tolerance "
-                    f"{limit:.3g}, {dtype}) at prompt position {position}; the export was not kept")
-        expected_tokens = TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens
-        generation = runtime.generate(prompts, PARITY_NEW_TOKENS)
-    mismatch = first_mismatch(expected_tokens, generation.tokens)
-    if mismatch is not None:
-        prompt, step, want, got_token = mismatch
-        raise EffideployError(
-            f"ONNX parity failed: greedy token {step} of prompt {prompt}: ONNX Runtime gave {got_token}, "
-            f"transformers gave {want} (logits within {worst:.2g}); the export was not kept")
-    return {
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
-        "dtype": dtype, "logits_max_abs_diff": worst, "logits_tolerance": tolerance, "tokens_match": True,
-    }
-
-
-def measure_deviation(folder: Path, reference, source: ModelSource) -> dict:
-    """How far a lossy (quantized) graph is from the reference: recorded, not required."""
-    import numpy as np
-    import torch
-
-    from effideploy.runtimes.onnx import OnnxRuntime
-    from effideploy.runtimes.pytorch import TorchRuntime
-
-    prompts = parity_prompts(source, reference.config.vocab_size)
-    with OnnxRuntime(folder, providers=["CPUExecutionProvider"]) as runtime:
-        differences = []
-        for prompt in prompts:
-            with torch.no_grad():
-                expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
-            got = runtime.logits([prompt])[0].astype(np.float32)
-            if not np.isfinite(got).all():
-                raise EffideployError("the int8 graph produced non-finite logits; the export was not kept")
-            differences.append(float(np.abs(got - expected).max()))
-        expected_tokens = TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens
-        tokens = runtime.generate(prompts, PARITY_NEW_TOKENS).tokens
-    same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
-    return {"logits_max_abs_diff": max(differences), "token_agreement": same / sum(map(len, expected_tokens)),
-            "first_mismatch": first_mismatch(expected_tokens, tokens)}
-
-
-def first_mismatch(expected: list[list[int]], got: list[list[int]]) -> tuple[int, int, int | None, int | None] | None:
-    for prompt, (ref, out) in enumerate(zip(expected, got)):
-        for step in range(max(len(ref), len(out))):
-            a = ref[step] if step < len(ref) else None
-            b = out[step] if step < len(out) else None
-            if a != b:
-                return prompt, step, a, b
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------- int8
-
-def quantize_int8(float_model: Path, output_model: Path) -> dict:
-    """Int8 weights of every MatMul with a constant weight (ORT's MatMulNBits: blocks of 32 along the input
-    dimension, symmetric, one fp32 scale per block) and int8 activations per block at run time (accuracy_level 4)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    settings = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_model)), **settings)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(output_model), use_external_data_format=True)
-    return {"scheme": "int8", "op": "com.microsoft.MatMulNBits", **settings,
-            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"}
 
 
 # ---------------------------------------------------------------------------------------------------------- configs

@@ -792,7 +792,7 @@ def test_every_auto_class_load_refuses_remote_code():
 def test_tokenizer_auto_map_is_never_executed(tmp_path, tiny_model_dir, pruned_dir):
     from effideploy.models.build import load_tokenizer
     from effideploy.models.resolve import resolve_model
-    from effideploy.recovery.lora import load_checkpoint_tokenizer
+    from effideploy.recovery.train import training_windows  # noqa: F401 - recovery loads through load_tokenizer
 
     sentinel = tmp_path / "PWNED"
     for source in (tiny_model_dir, pruned_dir):
@@ -801,11 +801,10 @@ def test_tokenizer_auto_map_is_never_executed(tmp_path, tiny_model_dir, pruned_d
         edit_json(folder / "tokenizer_config.json",
                   lambda d: d.update(auto_map={"AutoTokenizer": ["evil_tok.Tok", "evil_tok.Tok"]}))
         model = resolve_model(folder)
-        for load in (load_tokenizer, load_checkpoint_tokenizer):
-            try:
-                load(model)
-            except EffideployError:
-                pass
+        try:
+            load_tokenizer(model)
+        except EffideployError:
+            pass
     assert not sentinel.exists()
 
 

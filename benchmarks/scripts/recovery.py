@@ -24,10 +24,9 @@ import torch
 
 from effideploy.data.text import consecutive_windows, load_text, resolve_text, tokenize_text
 from effideploy.eval.perplexity import perplexity
-from effideploy.models.build import load_model
+from effideploy.models.build import load_model, load_tokenizer
 from effideploy.models.resolve import resolve_model
 from effideploy.recovery import RecoveryConfig, recover_checkpoint
-from effideploy.recovery.lora import load_checkpoint_tokenizer
 
 RUNS = {
     "uniform": dict(uniform=True),
@@ -79,7 +78,7 @@ def main() -> None:
         prune_checkpoint(resolve_model(args.model), PruneConfig(sparsity=args.sparsity), checkpoint,
                          calibration=resolve_text("wikitext2"), overwrite=True)
     source = resolve_model(checkpoint)
-    test_ids = tokenize_text(load_checkpoint_tokenizer(source), load_text(resolve_text("wikitext2", "test")))
+    test_ids = tokenize_text(load_tokenizer(source), load_text(resolve_text("wikitext2", "test")))
     windows = consecutive_windows(test_ids, 1024, args.eval_windows)
     provenance = source.provenance() or {}
     calibration = provenance.get("calibration") or {}

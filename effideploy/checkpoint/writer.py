@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -46,6 +47,37 @@ class ShardWriter:
                    {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
 
 
+def write_block_shards(folder: Path, outer: dict[str, torch.Tensor], blocks: Iterable[dict[str, torch.Tensor]],
+                       n_blocks: int) -> None:
+    """The checkpoint layout ``prune`` writes: one shard for the outer tensors (embeddings, final norm, head), then
+    one per decoder block (``blocks`` yields them in order, so only one block is in memory), and the index."""
+    writer = ShardWriter(folder, n_shards=n_blocks + 1)
+    writer.add(outer)
+    for tensors in blocks:
+        writer.add(tensors)
+    writer.finish()
+
+
+def write_state_dict(folder: Path, state: dict[str, torch.Tensor], names: list[str], n_blocks: int,
+                     dtype: torch.dtype) -> None:
+    """The tensors ``names`` of a model's ``state`` in ``dtype``, in the layout of ``write_block_shards``."""
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise RuntimeError(f"the model lacks tensors of the source checkpoint: {missing[:3]}")
+
+    def group(keep) -> dict[str, torch.Tensor]:
+        # clone: tied tensors share storage, which safetensors refuses within one file
+        return {name: state[name].detach().to(dtype).clone() for name in names if keep(name)}
+
+    blocks = (group(lambda name, i=i: name.startswith(f"model.layers.{i}.")) for i in range(n_blocks))
+    write_block_shards(folder, group(lambda name: not name.startswith("model.layers.")), blocks, n_blocks)
+
+
+def source_record(source) -> dict:
+    """The ``source`` section of a provenance or export manifest, for a ModelSource."""
+    return {"model": source.spec, "path": str(source.path), "origin": source.origin, "model_type": source.model_type}
+
+
 def copy_files(source: Path, target: Path, names) -> list[str]:
     """Copy those of ``names`` that exist in ``source``; returns the ones copied."""
     copied = []
@@ -69,6 +101,15 @@ def copy_remote_code(target: Path) -> None:
     remote = Path(__file__).resolve().parent / "remote"
     for name in REMOTE_FILES:
         shutil.copy2(remote / name, target / name)
+
+
+def copy_checkpoint_files(source: Path, target: Path, *, remote_code: bool) -> None:
+    """config.json (without a foreign ``auto_map``), the tokenizer and (``remote_code``: a pruned checkpoint)
+    effideploy's own config/model code, never the input's, which could be anything."""
+    copy_files(source, target, ("config.json",))
+    if remote_code:
+        copy_remote_code(target)
+    copy_tokenizer(source, target)
 
 
 def read_provenance(folder: str | Path) -> dict | None:

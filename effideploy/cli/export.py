@@ -58,7 +58,7 @@ def export(
     echo(f"[bold green]exported[/] {checkpoint} for {runtime} -> {result.output}")
     echo(f"  {len(result.files)} files, {_size(result.size_bytes)}; parity: {_parity(result.parity)}; "
          f"{result.seconds.get('total', 0.0):.1f} s")
-    if getattr(result, "serve_command", None):
+    if result.serve_command:
         echo(f"  serve it with: {result.serve_command}")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
@@ -59,14 +61,22 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> PreTr
     return model.eval()
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource | str | os.PathLike):
+    """The tokenizer of a ModelSource or a folder, never through remote code: a pruned checkpoint's config has an
+    ``auto_map``, and without ``trust_remote_code=False`` transformers stops to ask on the terminal whether to run
+    it. Raises EffideployError (one line) when there is no usable tokenizer."""
     from transformers import AutoTokenizer
 
+    folder = source.path if isinstance(source, ModelSource) else Path(source)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # it still warns that the nemotron-nas config is not a known model type
     try:
-        # trust_remote_code=False: a pruned checkpoint's auto_map would otherwise make transformers ask on a terminal.
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001
-        raise EffideployError(f"cannot load a tokenizer from {source.path}: {exc}") from None
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is the user's checkpoint
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EffideployError(f"cannot load a tokenizer from {folder}: {detail}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def count_parameters(config: PretrainedConfig) -> dict[str, int]:

@@ -13,7 +13,8 @@ from torch import nn
 import effideploy
 from effideploy import progress
 from effideploy.checkpoint.config import pruned_config
-from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code, copy_tokenizer
+from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, copy_remote_code, copy_tokenizer,
+                                         source_record, write_block_shards)
 from effideploy.data.text import TextSpec, load_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
@@ -212,15 +213,13 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
 
 def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder: Path) -> None:
     weights = model.weights
-    writer = ShardWriter(folder, n_shards=model.num_layers + 1)
     outer = [name for name in weights.names() if not name.startswith("model.layers.")]
     if model.config.tie_word_embeddings:
         outer = [name for name in outer if name != "lm_head.weight"]
-    writer.add({name: weights.get(name) for name in outer})
-    for block in progress.track(plan.blocks, "Writing pruned blocks"):
-        tensors = {name: weights.get(name) for name in model.block_tensor_names(block.index)}
-        writer.add(rewrite_block(tensors, block, with_bias=with_bias))
-    writer.finish()
+    blocks = (rewrite_block({name: weights.get(name) for name in model.block_tensor_names(block.index)}, block,
+                            with_bias=with_bias)
+              for block in progress.track(plan.blocks, "Writing pruned blocks"))
+    write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, model.num_layers)
 
 
 def pruning_code_fingerprint() -> str:
@@ -245,8 +244,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
         "effideploy_version": effideploy.__version__,
         "code": pruning_code_fingerprint(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                   "model_type": source.model_type},
+        "source": source_record(source),
         "method": config.method,
         "config": config.to_dict(),
         "compensation": make_method(config).compensation,

@@ -5,7 +5,7 @@
 - ``prune_and_recover(source, prune_config, output, config, calibration=...)``: ``prune --recover``.
 - ``effideploy.recovery.ranks``: the rank arithmetic (importance -> integer ranks under a parameter budget).
 - ``effideploy.recovery.lora``: the steps on their own (``plan_ranks``, ``attach_lora``, ``train_lora``,
-  ``merge_lora``), for callers that hold a model in memory.
+  ``merge_lora``), for callers that hold a model in memory; ``effideploy.recovery.train``: the training loop.
 
 peft is imported only when training starts, so the config and the rank arithmetic work without it.
 """

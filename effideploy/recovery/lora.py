@@ -4,36 +4,34 @@
 peft with the ranks from ``effideploy.recovery.ranks``, trains them on text (optionally distilling from a dense
 teacher), merges them into the weights and writes a checkpoint with the same tensor names, config, remote code
 and tokenizer, plus a ``recovery`` section in ``effideploy.json``. Nothing is written until training is over,
-and the output folder appears atomically.
+and the output folder appears atomically. The training loop is ``effideploy.recovery.train``; the checkpoint layout
+is ``effideploy.checkpoint.writer``'s, the one ``prune`` writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import re
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import effideploy
 from effideploy import progress
-from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code, copy_tokenizer
-from effideploy.data.text import TextSpec, load_text, resolve_text, sample_windows, tokenize_text
+from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, copy_checkpoint_files, source_record, write_state_dict
+from effideploy.data.text import TextSpec, resolve_text
 from effideploy.errors import EffideployError
-from effideploy.safe_files import copy_json_without_foreign_code
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
-from effideploy.models.build import build_config, load_model
+from effideploy.models.build import load_model, load_tokenizer
 from effideploy.models.resolve import ModelSource, resolve_model
 from effideploy.models.weights import SafetensorsWeights
 from effideploy.recovery.config import DEFAULT_MEAN_RANK, RecoveryConfig, RecoveryWarning
 from effideploy.recovery.ranks import block_ranks, budget_for_mean_rank, rank_cost
+from effideploy.recovery.train import TrainLog, load_teacher, train_lora, training_windows
 
 RANK_RULE = ("r_i = clamp(lam * sigmoid(a * z_i), 1, cap_i), z_i = block importance standardised over blocks, "
              "lam such that sum_i r_i * c_i = budget, c_i = sum over the block's LoRA modules of (in + out); "
@@ -54,15 +52,6 @@ class RankPlan:
     @property
     def parameters(self) -> int:
         return sum(r * c for r, c in zip(self.ranks, self.costs))
-
-
-@dataclass
-class TrainLog:
-    loss: list[float] = field(default_factory=list)  # the training objective, one value per optimizer step
-    cross_entropy: list[float] = field(default_factory=list)
-    steps: int = 0  # optimizer updates contained in the adapters kept
-    seconds: float = 0.0
-    stopped: str | None = None  # why training stopped early
 
 
 @dataclass
@@ -167,156 +156,14 @@ def merge_lora(peft_model) -> nn.Module:
     return model.eval()
 
 
-# ---------------------------------------------------------------- training
-
-
-def _autocast(config: RecoveryConfig):
-    if config.compute_dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def training_loss(model, batch: torch.Tensor, teacher, config: RecoveryConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective and the plain next-token cross-entropy (for the record) on one micro-batch."""
-    with _autocast(config):
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-    cross_entropy = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-    if teacher is None:
-        return cross_entropy, cross_entropy.detach()
-    with torch.no_grad(), _autocast(config):
-        target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
-    t = config.distill_temperature
-    kl = F.kl_div(F.log_softmax(logits.flatten(0, 1) / t, -1), F.log_softmax(target.flatten(0, 1) / t, -1),
-                  log_target=True, reduction="batchmean") * (t * t)
-    weight = config.distill_weight
-    return (1.0 - weight) * cross_entropy + weight * kl, cross_entropy.detach()
-
-
-def lr_factor(step: int, config: RecoveryConfig) -> float:
-    warmup = int(config.warmup * config.steps)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress_ = (step - warmup) / max(1, config.steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
-@torch.no_grad()
-def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    for target, source in zip(targets, sources):
-        target.copy_(source)
-
-
-def train_lora(peft_model, windows: torch.Tensor, config: RecoveryConfig, teacher=None) -> TrainLog:
-    """AdamW on the adapters over ``windows`` ([steps * grad_accum * batch, seqlen] token ids).
-
-    A non-finite loss or gradient stops training with the adapters that produced the last finite loss
-    (``log.steps`` counts the updates they contain; the update computed from that loss is discarded).
-    """
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    last_good = [p.detach().clone() for p in params]
-    batches = windows.view(-1, config.grad_accum, config.batch_size, windows.shape[-1])
-    if config.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model.train()
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    log = TrainLog()
-    start = time.perf_counter()
-    with progress.Bar("Recovery fine-tuning", total=len(batches)) as bar:
-        for step, micro_batches in enumerate(batches):
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = ce_sum = 0.0
-            for batch in micro_batches:
-                loss, cross_entropy = training_loss(peft_model, batch, teacher, config)
-                if not torch.isfinite(loss):
-                    log.stopped = f"non-finite loss at step {step + 1}"
-                    break
-                (loss / config.grad_accum).backward()
-                loss_sum += loss.item() / config.grad_accum
-                ce_sum += cross_entropy.item() / config.grad_accum
-            if log.stopped is not None:
-                # These adapters gave the bad loss: go back to the ones the previous step measured.
-                _copy(params, last_good)
-                log.steps = max(0, step - 1)
-                break
-            _copy(last_good, params)
-            log.loss.append(loss_sum)
-            log.cross_entropy.append(ce_sum)
-            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-            if not torch.isfinite(norm):
-                log.stopped = f"non-finite gradient at step {step + 1}"
-                break
-            optimizer.step()
-            schedule.step()
-            log.steps = step + 1
-            bar.advance(status=f"loss {loss_sum:.3f}")
-    log.seconds = time.perf_counter() - start
-    peft_model.eval()
-    return log
-
-
 # ---------------------------------------------------------------- checkpoint
-
-
-def load_checkpoint_tokenizer(source: ModelSource):
-    """The checkpoint's tokenizer. Passing the config keeps AutoTokenizer from resolving the checkpoint's
-    ``auto_map`` itself, which asks on the terminal whether to run its remote code."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.path, config=build_config(source.config_dict),
-                                             trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer is the user's checkpoint
-        raise EffideployError(f"cannot load a tokenizer from {source.path}: {str(exc).splitlines()[0]}") from None
-
-
-def training_windows(source: ModelSource, text: TextSpec, config: RecoveryConfig) -> torch.Tensor:
-    from effideploy.models.resolve import check_seqlen
-
-    check_seqlen(source.config_dict, config.seqlen, "--seqlen")
-    with progress.status(f"Tokenizing {Path(text.path).name}"):
-        ids = tokenize_text(load_checkpoint_tokenizer(source), load_text(text))
-    if ids.numel() < config.seqlen + 1:
-        raise EffideployError(f"training text has {ids.numel()} tokens, fewer than one window of --seqlen "
-                              f"{config.seqlen} (+1); give more text or a smaller --seqlen")
-    # The same sampler as calibration; with one seed, a longer run starts with the windows of a shorter one.
-    return sample_windows(ids, config.windows, config.seqlen, config.seed)
-
-
-def load_teacher(source: ModelSource, student: nn.Module) -> nn.Module:
-    teacher = load_model(source)
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise EffideployError(f"teacher {source.spec!r} has a vocabulary of {teacher.config.vocab_size} tokens, the "
-                              f"model {student.config.vocab_size}; distillation needs the same tokenizer")
-    return teacher.requires_grad_(False)
 
 
 def write_weights(model: nn.Module, source: ModelSource, folder: Path) -> None:
     """The merged weights under the source's tensor names and dtype, one shard for the outer tensors and one per
     block (the layout ``prune`` writes)."""
     weights = SafetensorsWeights(source.path)
-    names, dtype = weights.names(), weights.dtype()
-    state = model.state_dict()
-    missing = [name for name in names if name not in state]
-    if missing:
-        raise RuntimeError(f"the recovered model lacks tensors of the source checkpoint: {missing[:3]}")
-    n_blocks = len(model.model.layers)
-    groups = [[name for name in names if not name.startswith("model.layers.")]]
-    groups += [[name for name in names if name.startswith(f"model.layers.{i}.")] for i in range(n_blocks)]
-    writer = ShardWriter(folder, n_shards=len(groups))
-    for group in groups:
-        # clone: tied tensors share storage, which safetensors refuses within one file
-        writer.add({name: state[name].detach().to(dtype).clone() for name in group})
-    writer.finish()
-
-
-def copy_model_files(source: ModelSource, folder: Path) -> None:
-    copy_json_without_foreign_code(source.path / "config.json", folder / "config.json")
-    if source.is_pruned_checkpoint:
-        copy_remote_code(folder)  # effideploy's own code, never the input's (which could be anything)
-    copy_tokenizer(source.path, folder)
+    write_state_dict(folder, model.state_dict(), weights.names(), len(model.model.layers), weights.dtype())
 
 
 def recovery_record(plan: RankPlan, log: TrainLog, config: RecoveryConfig, text: TextSpec,
@@ -367,8 +214,7 @@ def provenance_with_recovery(source: ModelSource, recovery: dict, input_label: s
     record = source.provenance()
     if record is None:
         record = {"format": PROVENANCE_FORMAT, "effideploy_version": effideploy.__version__,
-                  "source": {"model": source.spec, "path": str(source.path), "origin": source.origin,
-                             "model_type": source.model_type}}
+                  "source": source_record(source)}
     elif "recovery" in record:
         recovery = {**recovery, "previous": record["recovery"]}  # recovered twice: keep the earlier run
     recovery["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -408,7 +254,7 @@ def recover_checkpoint(source: ModelSource | str | Path, output: str | Path, con
     with atomic_output_dir(target, overwrite=overwrite) as staging:
         with progress.status(f"Writing {target.name}"):
             write_weights(merged, source, staging)
-            copy_model_files(source, staging)
+            copy_checkpoint_files(source.path, staging, remote_code=source.is_pruned_checkpoint)
             write_json(staging / PROVENANCE_FILE, provenance_with_recovery(source, recovery, input_label))
     return RecoveryResult(output=target, plan=plan, log=log, record=recovery)
 

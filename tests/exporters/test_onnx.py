@@ -121,11 +121,11 @@ def test_pruned_export_keeps_each_blocks_width(pruned_onnx, tmp_path_factory, ti
     assert record["model"]["ffn_widths"] == widths and record["source"]["pruned"]
     assert record["provenance"]["method"] == "cfsp" and (pruned_onnx.output / "effideploy.json").is_file()
     # The widths are physical: each block's down projection is a [width, hidden] MatMul weight in the graph.
-    graph = onnx.load(str(pruned_onnx.model_file), load_external_data=False).graph
+    graph = onnx.load(str(pruned_onnx.details["model_file"]), load_external_data=False).graph
     shapes = [tuple(init.dims) for init in graph.initializer]
     for width in widths:
         assert (width, 128) in shapes
-    assert pruned_onnx.model_bytes < exported("dense", tmp_path_factory, tiny_model_dir, calib_file).model_bytes
+    assert pruned_onnx.details["model_bytes"] < exported("dense", tmp_path_factory, tiny_model_dir, calib_file).details["model_bytes"]
 
     from effideploy.runtimes.onnx import OnnxRuntime
 
@@ -142,7 +142,7 @@ def test_float16_export_runs_and_passes_its_parity_check(tiny_model_dir, tmp_pat
     assert result.parity["tokens_match"] and result.parity["logits_max_abs_diff"] <= result.parity["logits_tolerance"]
     with OnnxRuntime(result.output) as runtime:
         assert runtime.dtype == np.float16
-    assert result.model_bytes < 0.6 * exported_model_bytes(tiny_model_dir)
+    assert result.details["model_bytes"] < 0.6 * exported_model_bytes(tiny_model_dir)
 
 
 def exported_model_bytes(tiny_model_dir: Path) -> int:
@@ -242,11 +242,11 @@ def test_int8_export_replaces_the_float_graph_and_generates(copied_graph, dense_
 
     result = export_onnx(tiny_model_dir, tmp_path / "int8", quantize="int8")
     assert not (result.output / ".float").exists()
-    ops = Counter(node.op_type for node in onnx.load(str(result.model_file), load_external_data=False).graph.node)
+    ops = Counter(node.op_type for node in onnx.load(str(result.details["model_file"]), load_external_data=False).graph.node)
     # Every projection of the 4 blocks (qkv, o, gate, up, down); the tied lm_head reads the embedding through a
     # Transpose and stays float.
     assert ops["MatMulNBits"] == 4 * 5 and ops["MatMul"] == 1
-    assert result.model_bytes < dense_onnx.model_bytes
+    assert result.details["model_bytes"] < dense_onnx.details["model_bytes"]
     assert manifest(result.output)["quantize"]["bits"] == 8
     int8 = result.parity["int8"]  # measured, not required
     assert 0 <= int8["token_agreement"] <= 1 and np.isfinite(int8["logits_max_abs_diff"])
@@ -317,7 +317,8 @@ def test_cli_refuses_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):
 @pytest.mark.smollm2
 def test_pruned_smollm2_exports_with_identical_greedy_tokens(tmp_path):
     from effideploy.data.text import resolve_text
-    from effideploy.exporters.onnx import export_onnx, load_tokenizer
+    from effideploy.exporters.onnx import export_onnx
+    from effideploy.models.build import load_tokenizer
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
     from effideploy.pruning import PruneConfig, prune_checkpoint

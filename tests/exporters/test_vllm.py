@@ -24,6 +24,7 @@ import torch
 
 from effideploy.errors import EffideployError
 from effideploy.exporters import vllm as vllm_export
+from effideploy.exporters import vllm_checks
 from effideploy.exporters.vllm import MANIFEST_FILE, export_vllm
 from tests.conftest import tiny_llama
 
@@ -70,6 +71,7 @@ def manifest(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- refusals (no vLLM)
+# (which widths are refused or re-aligned, and how: tests/pruning/test_realign.py)
 
 def test_tensor_parallel_refusal_lists_every_offending_block(tiny_pruned_dir, tmp_path):
     with pytest.raises(EffideployError) as error:
@@ -80,16 +82,6 @@ def test_tensor_parallel_refusal_lists_every_offending_block(tiny_pruned_dir, tm
     assert f"blocks {offending} are not" in message and "--realign" in message
     assert "2 attention heads do not split over 7 ranks" in message  # heads cannot be fixed by any rewrite
     assert not (tmp_path / "out").exists()
-
-
-def test_tensor_parallel_refusal_names_only_the_blocks_that_do_not_divide(tiny_pruned_dir, tmp_path):
-    with pytest.raises(EffideployError, match=r"multiples of 2 for vLLM; blocks 1 \(201\), 2 \(97\) are not"):
-        export_vllm(tiny_pruned_dir, tmp_path / "out", tensor_parallel_size=2, verify=False)
-
-
-def test_realign_refuses_blocks_narrower_than_the_multiple(tiny_pruned_dir, tmp_path):
-    with pytest.raises(EffideployError, match=r"blocks 2 \(97\) have fewer than 128 FFN channels"):
-        export_vllm(tiny_pruned_dir, tmp_path / "out", tensor_parallel_size=2, align=64, realign=True, verify=False)
 
 
 @pytest.mark.parametrize("method", ["snapkv:0.2", "streamingllm:0.4", "h2o:0.1", "fastv:k=2,r=0.5"])
@@ -138,7 +130,7 @@ def test_parity_mismatch_raises_with_the_first_difference_and_keeps_nothing(tiny
         return {"auto": {"tokens": tokens, "start_seconds": 0.0}}
 
     monkeypatch.setattr(vllm_export, "vllm_installed", lambda: True)
-    monkeypatch.setattr(vllm_export, "vllm_greedy", fake_vllm)
+    monkeypatch.setattr(vllm_checks, "vllm_greedy", fake_vllm)
     with pytest.raises(EffideployError) as error:
         export_vllm(tiny_pruned_dir, tmp_path / "out", dtype=dtype)
     expected, got = captured["expected"], (captured["expected"] + 1) % 384
@@ -174,7 +166,7 @@ def test_pruned_export_is_token_identical(pruned_export, tiny_pruned_dir):
     from effideploy.checkpoint.config import REMOTE_FILES
 
     out = pruned_export.output
-    assert pruned_export.parity["match"] and pruned_export.ffn_widths == TINY_PRUNED_WIDTHS
+    assert pruned_export.parity["match"] and pruned_export.details["ffn_widths"] == TINY_PRUNED_WIDTHS
     remote = Path(vllm_export.__file__).resolve().parents[1] / "effideploy" / "checkpoint" / "remote"
     for name in REMOTE_FILES:
         assert (out / name).read_text() == (remote / name).read_text()
@@ -196,24 +188,24 @@ def test_realign_keeps_the_strongest_channels_and_loads_with_an_fp8_kv_cache(tin
     result = export_vllm(tiny_pruned_dir, tmp_path / "tp2", tensor_parallel_size=2, align=32, realign=True,
                          token_compression="kv-dtype:fp8")
     assert result.parity["match"]
-    assert all(w % 64 == 0 and w <= old for w, old in zip(result.ffn_widths, TINY_PRUNED_WIDTHS))
-    assert [b["index"] for b in result.realigned_blocks] == [i for i, w in enumerate(TINY_PRUNED_WIDTHS) if w % 64]
+    assert all(w % 64 == 0 and w <= old for w, old in zip(result.details["ffn_widths"], TINY_PRUNED_WIDTHS))
+    assert [b["index"] for b in result.details["realigned_blocks"]] == [i for i, w in enumerate(TINY_PRUNED_WIDTHS) if w % 64]
     before, after = load_file(tiny_pruned_dir / "model.safetensors"), load_file(tmp_path / "tp2" / "model.safetensors")
-    for block in result.realigned_blocks:
+    for block in result.details["realigned_blocks"]:
         name = f"model.layers.{block['index']}.mlp.down_proj.weight"
         kept = before[name].norm(dim=0).topk(block["after"]).indices.sort().values
         torch.testing.assert_close(after[name], before[name][:, kept], rtol=0, atol=0)
         up = f"model.layers.{block['index']}.mlp.up_proj.weight"
         torch.testing.assert_close(after[up], before[up][kept], rtol=0, atol=0)
     config = json.loads((tmp_path / "tp2" / "config.json").read_text())
-    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == result.ffn_widths
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == result.details["ffn_widths"]
     assert result.serve_command.endswith("--tensor-parallel-size 2 --kv-cache-dtype fp8")
     record = manifest(tmp_path / "tp2")
-    assert record["realign"]["blocks"] == result.realigned_blocks
+    assert record["realign"]["blocks"] == result.details["realigned_blocks"]
     provenance = json.loads((tmp_path / "tp2" / "effideploy.json").read_text())
-    assert [b["kept_width"] for b in provenance["blocks"]] == result.ffn_widths
-    assert provenance["export_realign"]["blocks"] == result.realigned_blocks
-    assert provenance["sparsity"]["ffn_actual"] == pytest.approx(1 - sum(result.ffn_widths) / (4 * 256))
+    assert [b["kept_width"] for b in provenance["blocks"]] == result.details["ffn_widths"]
+    assert provenance["export_realign"]["blocks"] == result.details["realigned_blocks"]
+    assert provenance["sparsity"]["ffn_actual"] == pytest.approx(1 - sum(result.details["ffn_widths"]) / (4 * 256))
     assert json.loads((tiny_pruned_dir / "effideploy.json").read_text())["blocks"][1]["kept_width"] == 201  # source untouched
     section = record["token_compression"]
     assert section["requested"] == "kv-dtype:fp8" and section["kv_cache_dtype"] == "fp8"
@@ -233,7 +225,7 @@ def test_pruned_smollm2_export_is_token_identical(tmp_path):
     pruned, plan = prune_checkpoint(resolve_model("llama"), config, tmp_path / "pruned", calibration=resolve_text("wikitext2"))
     result = export_vllm(pruned, tmp_path / "vllm")
     assert result.parity["match"] and result.parity["text"].startswith("wiki.test.raw")
-    assert result.ffn_widths == plan.widths
+    assert result.details["ffn_widths"] == plan.widths
     record = manifest(tmp_path / "vllm")
     assert record["provenance"]["method"] == "cfsp" and (tmp_path / "vllm" / "effideploy.json").is_file()
     assert record["sizes"]["weights_linked"]

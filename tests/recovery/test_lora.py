@@ -5,7 +5,7 @@ import torch
 
 from effideploy.pruning import PruneConfig, prune_
 from effideploy.recovery import RecoveryConfig
-from effideploy.recovery import lora
+from effideploy.recovery import lora, train
 from effideploy.recovery.config import LINEAR_TARGETS
 from effideploy.recovery.lora import attach_lora, block_shapes, lora_ranks, merge_lora, plan_ranks, train_lora
 from effideploy.recovery.ranks import rank_cost
@@ -84,7 +84,7 @@ def test_distillation_pulls_the_student_towards_the_teacher():
 
     def kl_to_teacher(student):
         with torch.no_grad():
-            return float(lora.training_loss(student, windows, teacher, cfg)[0])
+            return float(train.training_loss(student, windows, teacher, cfg)[0])
 
     before = kl_to_teacher(model)
     peft_model = attach_lora(model, plan_ranks(model, provenance, cfg).ranks, cfg)
@@ -100,14 +100,14 @@ def test_non_finite_loss_stops_and_keeps_the_adapters_of_the_last_finite_loss(mo
     peft_model = attach_lora(model, plan_ranks(model, provenance, cfg).ranks, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     seen = []
-    real_loss = lora.training_loss
+    real_loss = train.training_loss
 
     def loss_that_breaks_at_step_4(*args):
         seen.append([p.detach().clone() for p in params])
         loss, cross_entropy = real_loss(*args)
         return (loss * float("nan"), cross_entropy) if len(seen) == 4 else (loss, cross_entropy)
 
-    monkeypatch.setattr(lora, "training_loss", loss_that_breaks_at_step_4)
+    monkeypatch.setattr(train, "training_loss", loss_that_breaks_at_step_4)
     log = train_lora(peft_model, WINDOWS[: cfg.windows], cfg)
     assert log.stopped == "non-finite loss at step 4"
     assert len(log.loss) == 3 and log.steps == 2  # the adapters of step 3 contain 2 updates

@@ -9,7 +9,7 @@ from effideploy.models.build import ffn_widths, load_model
 from effideploy.models.resolve import resolve_model
 from effideploy.pruning import PruneConfig, prune_checkpoint
 from effideploy.recovery import RecoveryConfig, recover_checkpoint
-from effideploy.recovery.lora import training_windows
+from effideploy.recovery.train import training_windows
 
 pytestmark = pytest.mark.smollm2
 

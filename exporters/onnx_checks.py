@@ -1,0 +1,136 @@
+"""Checks of an ONNX export against transformers (``check_parity``, strict; ``measure_deviation``, recorded for a
+lossy graph) and the int8 quantization of the float graph (``quantize_int8``). Criteria: see ``exporters/onnx.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from effideploy.errors import EffideployError
+from effideploy.exporters.base import first_mismatch, tokenize_prompts
+from effideploy.models.resolve import ModelSource
+
+# Max |logit difference| allowed between ONNX Runtime and transformers (fp32 reference): absolute + relative to the
+# largest |logit|. fp32 differences come from kernel summation order (SmolLM2: ~8e-5); fp16 rounds every activation
+# of every layer (SmolLM2: ~0.1 with logits up to 31, i.e. 0.3%).
+PARITY_ATOL = {"float32": 1e-3, "float16": 0.0}
+PARITY_RTOL = {"float32": 0.0, "float16": 1e-2}
+PARITY_NEW_TOKENS = 16
+PARITY_PROMPT_TOKENS = 32
+PARITY_TEXTS = (
+    "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
+    "In physics, the conservation of energy states that the total energy of an isolated system remains constant.",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------- parity
+
+def parity_prompts(source: ModelSource, vocab_size: int) -> list[list[int]]:
+    """Two prompts of up to PARITY_PROMPT_TOKENS tokens: fixed English sentences through the model's tokenizer,
+    or seeded random ids when the checkpoint has no tokenizer."""
+    try:
+        from effideploy.models.build import load_tokenizer
+
+        prompts = tokenize_prompts(load_tokenizer(source), PARITY_TEXTS, PARITY_PROMPT_TOKENS)
+        if all(len(p) >= 4 and max(p) < vocab_size for p in prompts):
+            return prompts
+    except Exception:  # noqa: BLE001 - no usable tokenizer: random ids test the graph just as well
+        pass
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab_size, size=length).tolist() for length in (PARITY_PROMPT_TOKENS, 20)]
+
+
+def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) -> dict:
+    """Full-sequence logits and greedy tokens of the graph in ``folder`` against ``reference`` (transformers,
+    fp32); raises EffideployError on a mismatch."""
+    import numpy as np
+
+    from effideploy.runtimes.onnx import OnnxRuntime
+
+    prompts = parity_prompts(source, reference.config.vocab_size)
+    try:
+        runtime = OnnxRuntime(folder, providers=["CPUExecutionProvider"])
+    except EffideployError as exc:
+        raise EffideployError(f"ONNX parity: the exported graph does not load: {exc}") from None
+    with runtime:
+        worst, tolerance = 0.0, float("inf")
+        for expected, got in _logits(runtime, reference, prompts):
+            limit = PARITY_ATOL[dtype] + PARITY_RTOL[dtype] * float(np.abs(expected).max())
+            difference = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
+            worst, tolerance = max(worst, difference), min(tolerance, limit)
+            if not difference <= limit:
+                position = int(np.abs(got - expected).max(-1).argmax()) if np.isfinite(got).all() else -1
+                raise EffideployError(
+                    f"ONNX parity failed: logits differ from transformers by {difference:.3g} (tolerance "
+                    f"{limit:.3g}, {dtype}) at prompt position {position}; the export was not kept")
+        expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
+    mismatch = first_mismatch(expected_tokens, tokens)
+    if mismatch is not None:
+        prompt, step, want, got_token = mismatch
+        raise EffideployError(
+            f"ONNX parity failed: greedy token {step} of prompt {prompt}: ONNX Runtime gave {got_token}, "
+            f"transformers gave {want} (logits within {worst:.2g}); the export was not kept")
+    return {
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
+        "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
+        "dtype": dtype, "logits_max_abs_diff": worst, "logits_tolerance": tolerance, "tokens_match": True,
+    }
+
+
+def measure_deviation(folder: Path, reference, source: ModelSource) -> dict:
+    """How far a lossy (quantized) graph is from the reference: recorded, not required."""
+    import numpy as np
+
+    from effideploy.runtimes.onnx import OnnxRuntime
+
+    prompts = parity_prompts(source, reference.config.vocab_size)
+    with OnnxRuntime(folder, providers=["CPUExecutionProvider"]) as runtime:
+        differences = []
+        for expected, got in _logits(runtime, reference, prompts):
+            if not np.isfinite(got).all():
+                raise EffideployError("the int8 graph produced non-finite logits; the export was not kept")
+            differences.append(float(np.abs(got - expected).max()))
+        expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
+    same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
+    return {"logits_max_abs_diff": max(differences), "token_agreement": same / sum(map(len, expected_tokens)),
+            "first_mismatch": first_mismatch(expected_tokens, tokens)}
+
+
+def _logits(runtime, reference, prompts: list[list[int]]):
+    """(transformers, ONNX Runtime) full-sequence logits of each prompt in turn, as float32 arrays."""
+    import numpy as np
+    import torch
+
+    for prompt in prompts:
+        with torch.no_grad():
+            expected = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        yield expected, runtime.logits([prompt])[0].astype(np.float32)
+
+
+def _greedy_tokens(runtime, reference, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of transformers and of ONNX Runtime for ``PARITY_NEW_TOKENS`` steps."""
+    from effideploy.runtimes.pytorch import TorchRuntime
+
+    return (TorchRuntime(model=reference).generate(prompts, PARITY_NEW_TOKENS).tokens,
+            runtime.generate(prompts, PARITY_NEW_TOKENS).tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------- int8
+
+def quantize_int8(float_model: Path, output_model: Path) -> dict:
+    """Int8 weights of every MatMul with a constant weight (ORT's MatMulNBits: blocks of 32 along the input
+    dimension, symmetric, one fp32 scale per block) and int8 activations per block at run time (accuracy_level 4)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    settings = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_model)), **settings)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(output_model), use_external_data_format=True)
+    return {"scheme": "int8", "op": "com.microsoft.MatMulNBits", **settings,
+            "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"}

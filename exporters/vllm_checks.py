@@ -1,0 +1,215 @@
+"""Checks of a vLLM export: static (``check_export_folder``: the config builds, vLLM's DeciLM reader accepts every
+block, every FFN tensor has its block's width) and parity (``check_parity``: greedy tokens of the export in stock vLLM,
+run in a child process by ``effideploy.exporters.vllm_parity``, against transformers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from effideploy import progress
+from effideploy.checkpoint.config import REMOTE_FILES
+from effideploy.errors import EffideployError
+from effideploy.exporters.base import first_mismatch, matching_prefix, tokenize_prompts
+from effideploy.io import write_json
+from effideploy.models.resolve import resolve_model
+
+PARITY_PROMPTS, PARITY_PROMPT_TOKENS, PARITY_NEW_TOKENS = 3, 32, 16
+PARITY_TIMEOUT_S = 1800
+HALF_PRECISION_LOGIT_GAP = 0.5  # bf16 keeps ~3 significant digits: logits of ~10-30 move by tenths through 30 layers
+FALLBACK_TEXTS = (  # parity prompts when WikiText is not available locally
+    "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
+    "In physics, the conservation of energy states that the total energy of an isolated system remains constant over time.",
+    "The album was recorded over three weeks in the summer and received positive reviews from most music critics.",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------- static
+
+def check_export_folder(folder: str | os.PathLike) -> list[int]:
+    """Static checks of a vLLM export (or a pruned checkpoint): the config builds, vLLM's DeciLM reader accepts every
+    block, and each FFN tensor's shape matches its block's width. Returns the FFN widths."""
+    from effideploy.models.build import build_config, ffn_widths
+    from effideploy.models.resolve import read_config_dict
+
+    folder = Path(folder)
+    config_dict = read_config_dict(folder)
+    try:
+        config = build_config(config_dict)
+    except (ValueError, TypeError) as exc:
+        raise EffideployError(f"{folder}/config.json is not a valid checkpoint config: {exc}") from None
+    if config.hidden_act != "silu":
+        raise EffideployError(f"vLLM's Llama MLP supports only silu, not {config.hidden_act!r}")
+    if config_dict.get("model_type") == "nemotron-nas":
+        missing = [name for name in REMOTE_FILES if not (folder / name).is_file()]
+        if missing or "AutoConfig" not in config_dict.get("auto_map", {}):
+            raise EffideployError(f"{folder} lacks the config code vLLM loads with trust_remote_code ({', '.join(missing) or 'auto_map'})")
+        for index, block in enumerate(config.block_configs):
+            if block.attention.no_op or block.ffn.no_op:
+                raise EffideployError(f"block {index} is a no_op block, which effideploy checkpoints never contain")
+            if config.num_attention_heads // block.attention.n_heads_in_group != config.num_key_value_heads:
+                raise EffideployError(f"block {index}: n_heads_in_group does not match num_key_value_heads")
+    widths = ffn_widths(config)
+    shapes = _tensor_shapes(folder)
+    hidden = config.hidden_size
+    if "model.embed_tokens.weight" not in shapes:
+        raise EffideployError(f"{folder}: model.embed_tokens.weight is missing")
+    for index, width in enumerate(widths):
+        prefix = f"model.layers.{index}.mlp."
+        expected = {"gate_proj.weight": [width, hidden], "up_proj.weight": [width, hidden], "down_proj.weight": [hidden, width]}
+        for name, shape in expected.items():
+            if shapes.get(prefix + name) != shape:
+                raise EffideployError(
+                    f"block {index}: {prefix + name} has shape {shapes.get(prefix + name)}, but config.json says {shape}"
+                )
+    return widths
+
+
+def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
+    """Every tensor's shape, read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    return shapes
+
+
+
+# ---------------------------------------------------------------------------------------------------------- parity
+
+def parity_prompts(tokenizer, count: int = PARITY_PROMPTS, length: int = PARITY_PROMPT_TOKENS) -> tuple[list[list[int]], str]:
+    """``count`` prompts of ``length`` tokens: the starts of WikiText-2 test paragraphs spread over the file (fixed
+    English sentences where WikiText is not available locally), and the name of the text used."""
+    texts, name = list(FALLBACK_TEXTS), "built-in sentences"
+    try:
+        from effideploy.data.text import resolve_text
+
+        spec = resolve_text("wikitext2", "test")
+        if not spec.path.startswith("hub:"):
+            paragraphs = [line.strip() for line in Path(spec.path).read_text().splitlines()
+                          if len(line.strip()) > 400 and not line.strip().startswith("=")]
+            if len(paragraphs) >= count:
+                texts = [paragraphs[i * (len(paragraphs) - 1) // max(count - 1, 1)] for i in range(count)]
+                name = f"{Path(spec.path).name} (WikiText-2 test)"
+    except EffideployError:
+        pass
+    return tokenize_prompts(tokenizer, texts[:count], length), name
+
+
+def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | None = None) -> dict:
+    """Greedy tokens of ``folder`` in vLLM (a subprocess) against transformers (fp32) on the same prompts.
+
+    float32: the tokens must be identical. bfloat16/float16: half-precision kernels round differently, so greedy
+    paths may part at a near-tie; then every token vLLM picked must be, given vLLM's own prefix (teacher forcing),
+    transformers' top-1 or within HALF_PRECISION_LOGIT_GAP of its logit. Raises at the first failure."""
+    import torch
+
+    from effideploy.models.build import load_model, load_tokenizer
+    from effideploy.runtimes.pytorch import TorchRuntime
+
+    source = resolve_model(folder)
+    prompts, text = parity_prompts(load_tokenizer(folder))
+    tick = time.perf_counter()
+    with progress.status("Parity: greedy tokens in transformers"):
+        model = load_model(source, dtype=torch.float32)
+        reference = TorchRuntime(model=model).generate(prompts, PARITY_NEW_TOKENS).tokens
+    transformers_seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
+    with progress.status("Parity: loading the export in vLLM"):
+        runs = vllm_greedy(folder, prompts, PARITY_NEW_TOKENS, dtype=dtype,
+                           kv_cache_dtypes=["auto"] + ([kv_cache_dtype] if kv_cache_dtype else []))
+    tokens = runs["auto"]["tokens"]
+    mismatch = first_mismatch(reference, tokens)
+    result = {
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
+        "text": text, "dtype": dtype, "match": mismatch is None,
+        "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
+        "tensor_parallel_size_checked": 1,
+        "seconds": {"transformers": transformers_seconds, "vllm": time.perf_counter() - tick,
+                    "vllm_engine_start": runs["auto"]["start_seconds"]},
+    }
+    if mismatch is not None and dtype == "float32":
+        prompt, position, expected, got = mismatch
+        raise EffideployError(f"vLLM parity failed: prompt {prompt}, generated token {position}: vLLM gave {got}, "
+                              f"transformers (float32) gave {expected}; the export was not kept")
+    if mismatch is not None:
+        gaps = teacher_forced_gaps(model, prompts, tokens)
+        result.update(first_mismatch=mismatch, teacher_forced_max_logit_gap=max(map(max, gaps)),
+                      criterion=f"{dtype}: vLLM's tokens within {HALF_PRECISION_LOGIT_GAP} of transformers' top logit")
+        for prompt, row in enumerate(gaps):
+            for position, gap in enumerate(row):
+                if gap > HALF_PRECISION_LOGIT_GAP:
+                    raise EffideployError(
+                        f"vLLM parity failed ({dtype}): prompt {prompt}, generated token {position}: vLLM chose "
+                        f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance "
+                        f"{HALF_PRECISION_LOGIT_GAP}); the export was not kept")
+    if kv_cache_dtype:
+        # Lossy by design, so recorded rather than required: how many leading tokens survive the 8-bit cache.
+        fp8 = runs[kv_cache_dtype]["tokens"]
+        result["kv_cache"] = {"kv_cache_dtype": kv_cache_dtype, "identical": first_mismatch(reference, fp8) is None,
+                              "matching_prefix_tokens": matching_prefix(reference, fp8)}
+    return result
+
+
+def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:
+    """For each generated token: the model's top logit minus the token's logit, given the prompt and the tokens
+    generated before it (0 where the token is the model's own greedy choice)."""
+    import torch
+
+    gaps = []
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+            chosen = logits.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+            gaps.append((logits.max(-1).values - chosen).tolist())
+    return gaps
+
+
+def vllm_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, *, dtype: str,
+                kv_cache_dtypes: list[str]) -> dict[str, dict]:
+    """Greedy tokens from stock vLLM in a child process (``effideploy.exporters.vllm_parity``), per KV dtype."""
+    with tempfile.TemporaryDirectory(prefix="effideploy-vllm-parity-") as work:
+        request, result = Path(work) / "request.json", Path(work) / "result.json"
+        max_len = max(map(len, prompts)) + max_new_tokens + 8
+        write_json(request, {"path": str(folder), "prompts": prompts, "max_new_tokens": max_new_tokens,
+                             "dtype": dtype, "kv_cache_dtypes": kv_cache_dtypes, "max_model_len": max_len,
+                             "result": str(result)})
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            done = subprocess.run([sys.executable, "-m", "effideploy.exporters.vllm_parity", str(request)],
+                                  cwd=work, env=env, capture_output=True, text=True, timeout=PARITY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise EffideployError(f"vLLM parity check did not finish within {PARITY_TIMEOUT_S} s") from None
+        if result.is_file():
+            payload = json.loads(result.read_text())
+            if "error" in payload:
+                raise EffideployError(f"vLLM cannot serve the export: {payload['error']}")
+            return payload["runs"]
+        tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+        raise EffideployError(f"the vLLM parity process failed (exit {done.returncode}): {tail[0].strip()}")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version from package metadata (importing vLLM takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    for name in packages_distributions().get("vllm", ["vllm"]):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -39,17 +40,16 @@ def export(
     options: dict = {"overwrite": overwrite, "dtype": dtype, "token_compression": token_compression}
     if verify is not None:
         options["verify"] = verify
-    onnx_only = {"--quantize": quantize is not None, "--attention-outputs": attention_outputs, "--opset": opset is not None}
-    vllm_only = {"--tensor-parallel-size": tensor_parallel_size != 1, "--realign": realign,
-                 "--align": align is not None, "--kv-cache-dtype": kv_cache_dtype is not None}
-    foreign = [name for name, given in (vllm_only if runtime == "onnx" else onnx_only).items() if given]
+    # Options only some exporters take: passed when given, refused by name when this exporter has no such parameter.
+    specific = {"quantize": (quantize, None), "attention_outputs": (attention_outputs, False), "opset": (opset, None),
+                "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
+                "kv_cache_dtype": (kv_cache_dtype, None)}
+    accepted = inspect.signature(exporter).parameters
+    given = {name: value for name, (value, unset) in specific.items() if value != unset}
+    foreign = [f"--{name.replace('_', '-')}" for name in given if name not in accepted]
     if foreign:
         raise EffideployError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --runtime {runtime}")
-    if runtime == "onnx":
-        options.update(quantize=quantize, attention_outputs=attention_outputs, opset=opset)
-    else:
-        options.update(tensor_parallel_size=tensor_parallel_size, realign=realign, align=align,
-                       kv_cache_dtype=kv_cache_dtype)
+    options.update(given)
     if checkpoint == DEFAULT_PRUNED and not Path(checkpoint).exists():
         raise EffideployError(f"no checkpoint at {DEFAULT_PRUNED}: run effideploy prune first, or give a CHECKPOINT")
     set_threads(threads)

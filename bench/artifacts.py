@@ -73,7 +73,7 @@ def export_for(exporter: str, spec: str, root, label: str | None = None, **optio
 
 
 def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spec: str,
-                  compression: str | None = None) -> ModelResult:
+                  compression: str | None = None, quantize: str | None = None) -> ModelResult:
     """Resolve ``spec`` for the runtime: a runtime without an exporter reads checkpoints directly; one with an
     exporter takes an export as it is, or exports a checkpoint under ``config.export_root`` (export_or_reuse). A
     compression candidate shares the dense model's export unless its method needs other export options."""
@@ -82,6 +82,14 @@ def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spe
     exporter = runtime_class.capabilities.exporter
     path = Path(spec).expanduser()
     manifest = read_export_manifest(path) if path.is_dir() else None
+    if quantize is not None:
+        if exporter is None or quantize not in runtime_class.capabilities.weight_formats:
+            formats = [f for f in runtime_class.capabilities.weight_formats if f not in ("float32", "float16", "bfloat16")]
+            raise EffideployError(f"--quantize {quantize} is not a weight format the {config.runtime} runtime serves"
+                                  + (f" (it serves: {', '.join(formats)})" if formats else
+                                     " (it runs checkpoints as they are; quantized weights need an exporting runtime)"))
+        if manifest is not None:
+            raise EffideployError(f"{path} is already an export; --quantize applies to checkpoints")
     if manifest is not None:
         if exporter is None or manifest.get("runtime") != exporter:
             raise EffideployError(f"{path} is an export for {manifest.get('runtime')!r}, not for --runtime {config.runtime}")
@@ -93,6 +101,8 @@ def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spe
     if exporter is None:
         return ModelResult(label, kind, spec, source.path, source.path, source.config_dict, compression)
     options = runtime_class.export_options(compression)
+    if quantize is not None:
+        options["quantize"] = quantize
     base = DENSE_LABEL if kind == "compression" else label
     suffix = "".join(f"-{k}={v}" for k, v in options.items()).replace(":", "_")
     target, record = export_or_reuse(exporter, source, Path(config.export_root), base + suffix, options)
@@ -111,7 +121,7 @@ def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
     if spec.label:
         label = spec.label
     elif spec.model is None:
-        label = f"{DENSE_LABEL}+{spec.compression}"
+        label = DENSE_LABEL + (f"+{spec.compression}" if spec.compression else "")
     else:
         from effideploy.checkpoint.writer import read_provenance
 
@@ -131,6 +141,8 @@ def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
             label += f"+{scheme}"
         if spec.compression:
             label += f"+{spec.compression}"
+    if spec.quantize and not spec.label:
+        label += f"+{spec.quantize}"
     unique, number = label, 2
     while unique in taken:
         unique, number = f"{label}#{number}", number + 1

@@ -12,12 +12,14 @@ EXPORT_ROOT = "out/exports"
 
 @dataclass(frozen=True)
 class CandidateSpec:
-    """A model to compare with the dense one: a checkpoint or export (``model``), or the dense model itself with
-    token compression (``model=None``, ``compression="snapkv:0.2"``)."""
+    """A model to compare with the dense one: a checkpoint or export (``model``; None: the dense model itself),
+    optionally with token compression (``compression="snapkv:0.2"``) or exported with quantized weights
+    (``quantize="int8"``, a scheme of the runtime's exporter)."""
 
     model: str | None = None
     compression: str | None = None
     label: str | None = None
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class BenchConfig:
     tasks: tuple[str, ...] = ()
     mc_limit: int | None = 50
     seed: int = 0
+    quantize: tuple[str, ...] = ()  # also bench the dense model and every checkpoint exported with these schemes
     memory: bool = True
     threads: int | None = None
     data_dir: str | None = None
@@ -62,8 +65,20 @@ class BenchConfig:
             raise OptionError("mc_limit", f"must not be negative, got {self.mc_limit}")
         if self.threads is not None and self.threads < 1:
             raise OptionError("threads", f"must be at least 1, got {self.threads}")
-        if not self.candidates:
-            raise EffideployError("no candidates to compare with the dense model; give --candidate or --token-compression")
+        if not self.candidates and not self.quantize:
+            raise EffideployError("no candidates to compare with the dense model; give --candidate, --token-compression "
+                                  "or --quantize")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def expanded_candidates(config: BenchConfig) -> tuple[CandidateSpec, ...]:
+    """The candidates as given, then for each quantization scheme the dense model and every checkpoint candidate
+    (not a compression candidate) exported with it: one run gives the pruning x quantization table."""
+    extra = []
+    for scheme in config.quantize:
+        extra.append(CandidateSpec(quantize=scheme))
+        extra += [CandidateSpec(model=spec.model, quantize=scheme) for spec in config.candidates
+                  if spec.model is not None and spec.compression is None and spec.quantize is None]
+    return tuple(config.candidates) + tuple(extra)

@@ -39,7 +39,7 @@ def _reusable(folder: Path, source, config) -> bool:
 def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 0.5), method: str = "cfsp",
                  runtime: str = "torch", output: str | Path = "out/run", prune_options: dict | None = None,
                  bench_options: dict | None = None, token_compression: tuple[str, ...] = (),
-                 overwrite: bool = False) -> tuple[dict, Path]:
+                 quantize: tuple[str, ...] = (), overwrite: bool = False) -> tuple[dict, Path]:
     """Returns the BenchReport and the report folder to write it to (the caller applies the policy and writes)."""
     from effideploy.checkpoint.writer import read_provenance
     from effideploy.data.text import resolve_text
@@ -84,7 +84,7 @@ def run_pipeline(*, model: str = "llama", sparsities: tuple[float, ...] = (0.2, 
             seconds[f"prune {sparsity:g}"] = time.perf_counter() - tick
     candidates = [CandidateSpec(model=str(checkpoint_folder(output, method, s))) for s in sparsities]
     candidates += [CandidateSpec(compression=spec) for spec in token_compression]
-    bench_config = BenchConfig(runtime=runtime, dense=model, candidates=tuple(candidates),
+    bench_config = BenchConfig(runtime=runtime, dense=model, candidates=tuple(candidates), quantize=tuple(quantize),
                                export_root=str(output / "exports"), **(bench_options or {}))
     tick = time.perf_counter()
     report_data = run_bench(bench_config)

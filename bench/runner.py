@@ -15,7 +15,7 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.bench.artifacts import candidate_label, describe_model, prepare_model
 from effideploy.bench.compare import compare, pareto
-from effideploy.bench.config import DENSE_LABEL, BenchConfig
+from effideploy.bench.config import DENSE_LABEL, BenchConfig, expanded_candidates
 from effideploy.bench.environment import environment, load_average
 from effideploy.bench.measure import RuntimePool, measure_latency, measure_memory, measure_throughput
 from effideploy.bench.quality import measure_multiple_choice, measure_perplexity
@@ -53,7 +53,8 @@ def run_bench(config: BenchConfig) -> BenchReport:
     tasks = [] if config.mc_limit == 0 else [load_task(path) for path in find_tasks(config.tasks, config.data_dir)]
     if config.mc_limit != 0 and not tasks:
         notes.append("no BIG-bench tasks found (give --task or --data-dir): multiple choice skipped")
-    for spec in config.candidates:
+    candidates = expanded_candidates(config)
+    for spec in candidates:
         if spec.compression:  # exports get what the method needs (export_options), so only the method is checked
             runtime_class.check_compression(spec.compression, **runtime_class.export_options(spec.compression))
 
@@ -61,10 +62,11 @@ def run_bench(config: BenchConfig) -> BenchReport:
     tick = time.perf_counter()
     taken = {DENSE_LABEL}
     models = [prepare_model(config, runtime_class, DENSE_LABEL, "dense", config.dense)]
-    for spec in config.candidates:
+    for spec in candidates:
         label = candidate_label(spec, taken)
-        kind = "compression" if spec.model is None else "checkpoint"
-        models.append(prepare_model(config, runtime_class, label, kind, spec.model or config.dense, spec.compression))
+        kind = "compression" if spec.model is None and spec.compression else "checkpoint"
+        models.append(prepare_model(config, runtime_class, label, kind, spec.model or config.dense, spec.compression,
+                                    spec.quantize))
     for model in models:
         describe_model(model)
     phases["export" if runtime_class.capabilities.exporter else "prepare"] = time.perf_counter() - tick

@@ -39,7 +39,7 @@ KVHook = Callable[[Past, "list[np.ndarray] | None", int], Past]
 class OnnxRuntime(Runtime):
     name = "onnx"
     capabilities = Capabilities(compression_kinds=frozenset({"kv"}), batching=True,
-                                weight_formats=("float32", "float16", "int8"), exporter="onnx")
+                                weight_formats=("float32", "float16", "int8", "int4"), exporter="onnx")
 
     @classmethod
     def check_compression(cls, spec, *, attention_outputs: bool | None = None, **_):

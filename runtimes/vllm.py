@@ -43,16 +43,18 @@ def _import_vllm():
 
 
 class VllmRuntime(Runtime):
-    """``kv_cache_dtype`` None takes the export's recorded setting (``effideploy_export.json``), else ``auto``.
+    """``kv_cache_dtype`` and ``dtype`` None take the export's recorded settings (``effideploy_export.json``), else
+    ``auto`` and float32.
     ``threads`` sets torch's thread count, which the in-process vLLM worker uses for its kernels."""
 
     name = "vllm"
     capabilities = Capabilities(compression_kinds=frozenset({"kv-dtype"}), batching=True,
-                                weight_formats=("float32", "bfloat16", "float16"), exporter="vllm")
+                                weight_formats=("float32", "bfloat16", "float16", "w8a8", "w4a16", "int8", "int4"),
+                                exporter="vllm")
     _open: list[VllmRuntime] = []  # in-process engines share vLLM's process-wide state (parallel groups, threads)
     _set_num_threads = staticmethod(torch.set_num_threads)
 
-    def __init__(self, path, *, max_model_len: int = 2048, dtype: str = "float32", kv_cache_dtype: str | None = None,
+    def __init__(self, path, *, max_model_len: int = 2048, dtype: str | None = None, kv_cache_dtype: str | None = None,
                  threads: int | None = None, **engine_options) -> None:
         self.llm = self.engine = None
         self.path = Path(path)
@@ -64,6 +66,7 @@ class VllmRuntime(Runtime):
         vllm = _import_vllm()
         manifest = read_export_manifest(self.path) or {}
         self.kv_cache_dtype = kv_cache_dtype or manifest.get("kv_cache_dtype") or "auto"
+        dtype = dtype or manifest.get("dtype") or "float32"  # the dtype the export was written and checked in
         self.max_model_len = max_model_len
         self.dtype = dtype
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

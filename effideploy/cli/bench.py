@@ -78,6 +78,7 @@ def finish(report, output: Path, policy_path: Optional[Path], policy, overwrite:
 def bench(
     candidate: Optional[List[str]] = typer.Option(None, "--candidate", help="Pruned checkpoint or export to compare (repeatable; default out/pruned, or out/export-<runtime>)."),
     token_compression: Optional[List[str]] = typer.Option(None, "--token-compression", help="Dense model + token compression, e.g. snapkv:0.2 (repeatable; torch and onnx; vllm: kv-dtype:fp8)."),
+    quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Also bench the dense model and every checkpoint candidate exported with quantized weights: int8 | int4 (onnx), w8a8 | w4a16 (vllm; int8/int4 too) (repeatable)."),
     model: str = typer.Option(default_of(BenchConfig, "dense"), help="Dense baseline (as for prune --model)."),
     runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help="torch | onnx | vllm (onnx/vllm export checkpoints under out/exports when needed)."),
     output: Path = typer.Option(Path(DEFAULT_BENCH_OUTPUT), help="Report folder (report.md, report.json, PNG plots)."),
@@ -119,13 +120,15 @@ def bench(
     set_threads(threads)
     specs = [CandidateSpec(model=path) for path in candidate or []]
     specs += [CandidateSpec(compression=spec) for spec in token_compression or []]
-    if not specs:
+    for scheme in quantize or []:
+        check_option_text(scheme, "--quantize")
+    if not specs and not quantize:
         specs = [CandidateSpec(model=default_candidate(runtime))]
     config = BenchConfig(
         runtime=runtime, dense=model, candidates=tuple(specs), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
         prompts=prompts, warmup=warmup, repeats=repeats, batch_sizes=parse_batch_sizes(batch_sizes),
         throughput_repeats=throughput_repeats, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen,
         tasks=tuple(str(t) for t in task or []), mc_limit=None if mc_limit < 0 else mc_limit, seed=seed,
-        memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None,
+        quantize=tuple(quantize or ()), memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None,
     )
     finish(run_bench(config), output, policy, loaded_policy, overwrite)

@@ -30,6 +30,7 @@ def run(
     quick: bool = typer.Option(False, help="A smoke run: 16x512 calibration, 4 perplexity windows, 20 examples per task, fewer repeats."),
     calib_samples: Optional[int] = typer.Option(None, help="Calibration windows (default 128; --quick 16)."),
     calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 1024; --quick 512)."),
+    quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Also bench the dense model and every pruned checkpoint exported with these weight schemes (as for bench --quantize; repeatable)."),
     token_compression: Optional[List[str]] = typer.Option(None, "--token-compression", help="Also bench dense + this compression (repeatable)."),
     repeats: Optional[int] = typer.Option(None, help="Timed latency repeats (default 5; --quick 3)."),
     ppl_windows: Optional[int] = typer.Option(None, help="Perplexity windows of 1024 tokens (default 8; --quick 4; 40 for the reference figure)."),
@@ -64,7 +65,8 @@ def run(
     bench_options.update(memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None)
     result, report = run_pipeline(model=model, sparsities=parse_sparsities(sparsities), method=method, runtime=runtime,
                                    output=output, prune_options=prune_options, bench_options=bench_options,
-                                   token_compression=tuple(token_compression or ()), overwrite=overwrite)
+                                   token_compression=tuple(token_compression or ()),
+                                   quantize=tuple(quantize or ()), overwrite=overwrite)
     run_seconds = result.pipeline
     echo("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in run_seconds["seconds"].items())
          + f" (total {run_seconds['total_seconds']:.0f} s)")

@@ -161,3 +161,25 @@ def test_compression_that_keeps_everything_is_loyal_to_dense(tiny_model_dir, tin
     assert record["perplexity_increase"] == pytest.approx(0.0, abs=1e-4) and record["op"] == pytest.approx(1.0, abs=1e-4)
     assert payload["models"][1]["throughput"] == {}  # generate_batch takes no hooks: noted, not faked
     assert any("throughput not measured for dense+snapkv:1.0" in note for note in payload["notes"])
+
+
+def test_quantize_expands_to_the_dense_model_and_each_checkpoint():
+    from effideploy.bench.config import expanded_candidates
+
+    config = BenchConfig(candidates=(CandidateSpec(model="a"), CandidateSpec(compression="snapkv:0.2")),
+                         quantize=("int8", "int4"))
+    assert expanded_candidates(config) == (
+        CandidateSpec(model="a"), CandidateSpec(compression="snapkv:0.2"),
+        CandidateSpec(quantize="int8"), CandidateSpec(model="a", quantize="int8"),
+        CandidateSpec(quantize="int4"), CandidateSpec(model="a", quantize="int4"))
+    taken = {"dense"}
+    assert candidate_label(CandidateSpec(quantize="int8"), taken) == "dense+int8"
+
+
+def test_quantize_on_a_runtime_that_reads_checkpoints_is_refused(tiny_model_dir):
+    from effideploy.bench.runner import run_bench
+    from tests.conftest import DATA
+
+    config = BenchConfig(dense=str(tiny_model_dir), quantize=("int8",), memory=False, data_dir=str(DATA))
+    with pytest.raises(EffideployError, match="quantized weights need an exporting runtime"):
+        run_bench(config)

@@ -18,7 +18,7 @@ import effideploy
 from effideploy import progress
 from effideploy.bench.config import DENSE_LABEL, BenchConfig, CandidateSpec
 from effideploy.bench.results import ExportRecord, ModelResult, Parameters, Size, WeightStorage
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, OptionError
 from effideploy.exporters.manifest import read_export_manifest
 
 CHUNK = 1 << 22
@@ -85,7 +85,7 @@ def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spe
     if quantize is not None:
         if exporter is None or quantize not in runtime_class.capabilities.weight_formats:
             formats = [f for f in runtime_class.capabilities.weight_formats if f not in ("float32", "float16", "bfloat16")]
-            raise EffideployError(f"--quantize {quantize} is not a weight format the {config.runtime} runtime serves"
+            raise OptionError("quantize", f"{quantize} is not a weight format the {config.runtime} runtime serves"
                                   + (f" (it serves: {', '.join(formats)})" if formats else
                                      " (it runs checkpoints as they are; quantized weights need an exporting runtime)"))
         if manifest is not None:

@@ -9,6 +9,13 @@ from effideploy.errors import EffideployError, OptionError
 DENSE_LABEL = "dense"
 EXPORT_ROOT = "out/exports"
 
+# ``effideploy run``'s departures from the defaults below (bench's 50 examples per task would double a run on 2
+# cores), and its ``--quick`` smoke settings.
+RUN_BENCH = {"mc_limit": 30}
+QUICK_PRUNE = {"calib_samples": 16, "calib_seqlen": 512}
+QUICK_BENCH = {"ppl_windows": 4, "mc_limit": 20, "repeats": 3, "new_tokens": 16, "batch_sizes": (1, 2),
+               "throughput_repeats": 1}
+
 
 @dataclass(frozen=True)
 class CandidateSpec:

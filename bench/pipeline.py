@@ -16,11 +16,6 @@ from effideploy.bench.config import BenchConfig, CandidateSpec
 from effideploy.bench.runner import run_bench
 from effideploy.errors import EffideployError
 
-RUN_BENCH = {"mc_limit": 30}  # bench's 50 per task would double the run on 2 cores
-QUICK_PRUNE = {"calib_samples": 16, "calib_seqlen": 512}
-QUICK_BENCH = {"ppl_windows": 4, "mc_limit": 20, "repeats": 3, "new_tokens": 16, "batch_sizes": (1, 2),
-               "throughput_repeats": 1}
-
 
 def checkpoint_folder(output: Path, method: str, sparsity: float) -> Path:
     return output / f"{method}-{sparsity:g}"

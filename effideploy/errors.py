@@ -13,9 +13,10 @@ class OptionError(EffideployError):
     """A bad value of a named parameter. The library names the parameter (``sparsity must be in (0, 1)``); the CLI
     prints it as its flag (``--sparsity must be in (0, 1)``) through :meth:`as_flag`."""
 
-    def __init__(self, option: str, problem: str) -> None:
+    def __init__(self, option: str, problem: str, *, flag: str | None = None) -> None:
         self.option, self.problem = option, problem
+        self.flag = flag or f"--{option.replace('_', '-')}"
         super().__init__(f"{option} {problem}")
 
     def as_flag(self) -> str:
-        return f"--{self.option.replace('_', '-')} {self.problem}"
+        return f"{self.flag} {self.problem}"

@@ -7,36 +7,39 @@ from typing import Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, default_of, echo, set_threads
+from effideploy.pruning.config import PruneConfig
+from effideploy.pruning.methods import METHODS
+from effideploy.recovery.config import RecoveryConfig
 
 
 @app.command()
 def prune(
     model: str = typer.Option("llama", help="Hub id, local HF folder, .gguf file, or 'llama' (embedded SmolLM2-135M)."),
-    sparsity: float = typer.Option(0.5, help="Mean fraction of FFN channels removed, in (0, 1)."),
-    method: str = typer.Option("cfsp", help="cfsp | cfsp-reference | wanda-sp | mag-sp | flap | uniform"),
+    sparsity: float = typer.Option(default_of(PruneConfig, "sparsity"), help="Mean fraction of FFN channels removed, in (0, 1)."),
+    method: str = typer.Option(default_of(PruneConfig, "method"), help=" | ".join(METHODS.names())),
     output: Path = typer.Option(Path(DEFAULT_PRUNED), help="Output checkpoint folder."),
     calib: str = typer.Option("wikitext2", help="'wikitext2' or a local .txt/.jsonl file."),
-    calib_samples: int = typer.Option(128, help="Calibration windows."),
-    calib_seqlen: int = typer.Option(1024, help="Tokens per calibration window."),
-    seed: int = typer.Option(0, help="Seed of the calibration window sampling."),
-    align: int = typer.Option(1, help="Round every block's kept width to a multiple of this."),
-    a: float = typer.Option(1.0, help="CFSP: temperature of the per-block budget."),
-    b: float = typer.Option(1.0, help="CFSP: activation exponent inside the weight term."),
-    c: float = typer.Option(1.0, help="CFSP: activation exponent outside the weight terms."),
+    calib_samples: int = typer.Option(default_of(PruneConfig, "calib_samples"), help="Calibration windows."),
+    calib_seqlen: int = typer.Option(default_of(PruneConfig, "calib_seqlen"), help="Tokens per calibration window."),
+    seed: int = typer.Option(default_of(PruneConfig, "seed"), help="Seed of the calibration window sampling."),
+    align: int = typer.Option(default_of(PruneConfig, "align"), help="Round every block's kept width to a multiple of this."),
+    a: float = typer.Option(default_of(PruneConfig, "a"), help="CFSP: temperature of the per-block budget."),
+    b: float = typer.Option(default_of(PruneConfig, "b"), help="CFSP: activation exponent inside the weight term."),
+    c: float = typer.Option(default_of(PruneConfig, "c"), help="CFSP: activation exponent outside the weight terms."),
     compensation: Optional[str] = typer.Option(
         None, help="none | bias | lstsq (default: the method's own: cfsp lstsq, flap bias, others none)."),
-    damp: float = typer.Option(1e-3, help="lstsq: ridge term relative to the mean activation second moment."),
-    gram_stride: int = typer.Option(4, help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
-    batch_size: int = typer.Option(8, help="Calibration windows per forward."),
-    calib_dtype: str = typer.Option("float32", help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
+    damp: float = typer.Option(default_of(PruneConfig, "damp"), help="lstsq: ridge term relative to the mean activation second moment."),
+    gram_stride: int = typer.Option(default_of(PruneConfig, "gram_stride"), help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
+    batch_size: int = typer.Option(default_of(PruneConfig, "batch_size"), help="Calibration windows per forward."),
+    calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled (.bin) weights, which can run code when loaded."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     recover: bool = typer.Option(False, help="Then LoRA recovery fine-tuning (see `effideploy recover`); only the "
                                  "recovered checkpoint is written.", rich_help_panel="Recovery"),
-    recover_steps: int = typer.Option(200, help="Recovery: optimizer steps.", rich_help_panel="Recovery"),
+    recover_steps: int = typer.Option(default_of(RecoveryConfig, "steps"), help="Recovery: optimizer steps.", rich_help_panel="Recovery"),
     recover_mean_rank: Optional[float] = typer.Option(
         None, help="Recovery: LoRA budget as the mean rank uniform LoRA would get (default 8).",
         rich_help_panel="Recovery"),
@@ -47,15 +50,14 @@ def prune(
         rich_help_panel="Recovery"),
     recover_data: Optional[str] = typer.Option(None, help="Recovery: training text (default: the --calib source).",
                                                rich_help_panel="Recovery"),
-    recover_lr: float = typer.Option(5e-4, help="Recovery: peak learning rate.", rich_help_panel="Recovery"),
-    recover_batch_size: int = typer.Option(4, help="Recovery: windows per step.", rich_help_panel="Recovery"),
-    recover_seqlen: int = typer.Option(256, help="Recovery: tokens per window.", rich_help_panel="Recovery"),
+    recover_lr: float = typer.Option(default_of(RecoveryConfig, "lr"), help="Recovery: peak learning rate.", rich_help_panel="Recovery"),
+    recover_batch_size: int = typer.Option(default_of(RecoveryConfig, "batch_size"), help="Recovery: windows per step.", rich_help_panel="Recovery"),
+    recover_seqlen: int = typer.Option(default_of(RecoveryConfig, "seqlen"), help="Recovery: tokens per window.", rich_help_panel="Recovery"),
 ) -> None:
     """Prune FFN channels and write a physically smaller checkpoint (with --recover: recovered by LoRA first)."""
     from effideploy.data.text import resolve_text
     from effideploy.models.resolve import resolve_model
-    from effideploy.pruning import PruneConfig, prune_checkpoint
-    from effideploy.pruning.methods import METHODS
+    from effideploy.pruning import prune_checkpoint
 
     set_threads(threads)
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, echo, set_threads
+from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, default_of, echo, set_threads
+from effideploy.recovery.config import RecoveryConfig
 
 
 def report_recovery(result) -> None:
@@ -45,19 +46,19 @@ def recover(
     output: Path = typer.Option(..., help="Output checkpoint folder (never the input)."),
     budget: Optional[int] = typer.Option(None, help="Trainable LoRA parameters in all (default: --mean-rank 8)."),
     mean_rank: Optional[float] = typer.Option(None, help="Budget as the mean rank uniform LoRA would get."),
-    uniform: bool = typer.Option(False, help="The same rank in every block instead of importance-guided ranks."),
-    steps: int = typer.Option(200, help="Optimizer steps."),
-    lr: float = typer.Option(5e-4, help="Peak learning rate (linear warmup, cosine decay)."),
-    batch_size: int = typer.Option(4, help="Windows per micro-batch."),
-    seqlen: int = typer.Option(256, help="Tokens per window."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    data: str = typer.Option("wikitext2", help="'wikitext2' (validation split) or a local .txt/.jsonl file."),
+    uniform: bool = typer.Option(default_of(RecoveryConfig, "uniform"), help="The same rank in every block instead of importance-guided ranks."),
+    steps: int = typer.Option(default_of(RecoveryConfig, "steps"), help="Optimizer steps."),
+    lr: float = typer.Option(default_of(RecoveryConfig, "lr"), help="Peak learning rate (linear warmup, cosine decay)."),
+    batch_size: int = typer.Option(default_of(RecoveryConfig, "batch_size"), help="Windows per micro-batch."),
+    seqlen: int = typer.Option(default_of(RecoveryConfig, "seqlen"), help="Tokens per window."),
+    grad_accum: int = typer.Option(default_of(RecoveryConfig, "grad_accum"), help="Micro-batches per optimizer step."),
+    data: str = typer.Option(default_of(RecoveryConfig, "data"), help="'wikitext2' (validation split) or a local .txt/.jsonl file."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     teacher: Optional[str] = typer.Option(None, help="Distil from this model (e.g. 'llama', the dense model)."),
-    distill_weight: float = typer.Option(0.5, help="Weight of the KL term against cross-entropy, in [0, 1]."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 (CPU autocast for forward/backward)."),
-    gradient_checkpointing: bool = typer.Option(True, help="Recompute activations in backward to save memory."),
-    seed: int = typer.Option(0, help="Seed of the window sampling and LoRA initialisation."),
+    distill_weight: float = typer.Option(default_of(RecoveryConfig, "distill_weight"), help="Weight of the KL term against cross-entropy, in [0, 1]."),
+    dtype: str = typer.Option(default_of(RecoveryConfig, "compute_dtype"), help="float32 | bfloat16 (CPU autocast for forward/backward)."),
+    gradient_checkpointing: bool = typer.Option(default_of(RecoveryConfig, "gradient_checkpointing"), help="Recompute activations in backward to save memory."),
+    seed: int = typer.Option(default_of(RecoveryConfig, "seed"), help="Seed of the window sampling and LoRA initialisation."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
 ) -> None:

@@ -8,8 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from effideploy.cli.app import app, check_option_text, echo, set_threads
+from effideploy.bench.config import QUICK_BENCH, QUICK_PRUNE, RUN_BENCH, BenchConfig
+from effideploy.cli.app import app, check_option_text, default_of, echo, set_threads
 from effideploy.errors import EffideployError
+from effideploy.pruning.config import PruneConfig
+from effideploy.runtimes import RUNTIMES
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
@@ -21,27 +24,27 @@ def parse_sparsities(text: str) -> tuple[float, ...]:
 
 @app.command("run")
 def run(
-    model: str = typer.Option("llama", help="Dense model (default: the embedded SmolLM2-135M)."),
+    model: str = typer.Option(default_of(BenchConfig, "dense"), help="Dense model (default: the embedded SmolLM2-135M)."),
     sparsities: str = typer.Option("0.2,0.5", help="FFN sparsities to prune at (comma-separated)."),
-    method: str = typer.Option("cfsp", help="Pruning method (as for prune --method)."),
-    runtime: str = typer.Option("torch", help="torch | onnx | vllm."),
+    method: str = typer.Option(default_of(PruneConfig, "method"), help="Pruning method (as for prune --method)."),
+    runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help=" | ".join(RUNTIMES.names())),
     output: Path = typer.Option(Path("out/run"), help="Folder for the checkpoints, exports and report/."),
     policy: Optional[Path] = typer.Option(None, help="Policy TOML: exit 1 when it fails."),
-    quick: bool = typer.Option(False, help="A smoke run: 16x512 calibration, 4 perplexity windows, 20 examples per task, fewer repeats."),
-    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows (default 128; --quick 16)."),
-    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 1024; --quick 512)."),
+    quick: bool = typer.Option(False, help=f"A smoke run: {QUICK_PRUNE['calib_samples']}x{QUICK_PRUNE['calib_seqlen']} calibration, {QUICK_BENCH['ppl_windows']} perplexity windows, {QUICK_BENCH['mc_limit']} examples per task, fewer repeats."),
+    calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows (default {default_of(PruneConfig, 'calib_samples')}; --quick {QUICK_PRUNE['calib_samples']})."),
+    calib_seqlen: Optional[int] = typer.Option(None, help=f"Tokens per calibration window (default {default_of(PruneConfig, 'calib_seqlen')}; --quick {QUICK_PRUNE['calib_seqlen']})."),
     quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Also bench the dense model and every pruned checkpoint exported with these weight schemes (as for bench --quantize; repeatable)."),
     token_compression: Optional[List[str]] = typer.Option(None, "--token-compression", help="Also bench dense + this compression (repeatable)."),
-    repeats: Optional[int] = typer.Option(None, help="Timed latency repeats (default 5; --quick 3)."),
-    ppl_windows: Optional[int] = typer.Option(None, help="Perplexity windows of 1024 tokens (default 8; --quick 4; 40 for the reference figure)."),
-    mc_limit: Optional[int] = typer.Option(None, help="Multiple-choice examples per task (default 30; --quick 20; 0 skips)."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
+    repeats: Optional[int] = typer.Option(None, help=f"Timed latency repeats (default {default_of(BenchConfig, 'repeats')}; --quick {QUICK_BENCH['repeats']})."),
+    ppl_windows: Optional[int] = typer.Option(None, help=f"Perplexity windows of {default_of(BenchConfig, 'ppl_seqlen')} tokens (default {default_of(BenchConfig, 'ppl_windows')}; --quick {QUICK_BENCH['ppl_windows']}; 40 for the reference figure)."),
+    mc_limit: Optional[int] = typer.Option(None, help=f"Multiple-choice examples per task (default {RUN_BENCH['mc_limit']}; --quick {QUICK_BENCH['mc_limit']}; 0 skips)."),
+    memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Prune again (checkpoints with the same source and options are otherwise reused)."),
 ) -> None:
     """Prune -> export -> bench -> report, with defaults that finish on a laptop CPU."""
-    from effideploy.bench.pipeline import QUICK_BENCH, QUICK_PRUNE, RUN_BENCH, run_pipeline
+    from effideploy.bench.pipeline import run_pipeline
     from effideploy.bench.policy import load_policy
     from effideploy.cli.bench import finish
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, OptionError
 
 COMPENSATIONS = ("none", "bias", "lstsq")
 
@@ -45,25 +45,25 @@ class PruneConfig:
         for name in ("sparsity", "a", "b", "c", "damp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise EffideployError(f"--{name} must be a finite number, got {value!r}")
+                raise OptionError(name, f"must be a finite number, got {value!r}")
         if not 0.0 < self.sparsity < 1.0:
-            raise EffideployError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+            raise OptionError("sparsity", f"must be in (0, 1), got {self.sparsity}")
         if self.align < 1:
-            raise EffideployError(f"--align must be a positive integer, got {self.align}")
+            raise OptionError("align", f"must be a positive integer, got {self.align}")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
             raise EffideployError(
                 f"calibration needs at least 1 window of 2 tokens, got {self.calib_samples} x {self.calib_seqlen}"
             )
         if self.batch_size < 1:
-            raise EffideployError(f"--batch-size must be positive, got {self.batch_size}")
+            raise OptionError("batch_size", f"must be positive, got {self.batch_size}")
         if self.calib_dtype not in ("float32", "bfloat16"):
-            raise EffideployError(f"--calib-dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
+            raise OptionError("calib_dtype", f"must be float32 or bfloat16, got {self.calib_dtype!r}")
         if self.gram_stride < 1:
-            raise EffideployError(f"--gram-stride must be a positive integer, got {self.gram_stride}")
+            raise OptionError("gram_stride", f"must be a positive integer, got {self.gram_stride}")
         if self.damp <= 0:
-            raise EffideployError(f"--damp must be positive, got {self.damp}")
+            raise OptionError("damp", f"must be positive, got {self.damp}")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
-            raise EffideployError(f"--compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
+            raise OptionError("compensation", f"must be one of {COMPENSATIONS}, got {self.compensation!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,7 @@ from effideploy.checkpoint.config import pruned_config
 from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, copy_remote_code, copy_tokenizer,
                                          source_record, write_block_shards)
 from effideploy.data.text import TextSpec, load_text, sample_windows, tokenize_text
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, OptionError
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
 from effideploy.models.build import build_config, count_parameters, ffn_widths, load_tokenizer
 from effideploy.models.layerwise import LayerwiseModel
@@ -192,7 +192,7 @@ def check_prunable(config: PruneConfig, model_config, config_dict: dict) -> None
 
     narrowest = min(ffn_widths(model_config))
     if config.align >= narrowest:
-        raise EffideployError(f"--align {config.align} is not smaller than the narrowest FFN width {narrowest}: "
+        raise OptionError("align", f"{config.align} is not smaller than the narrowest FFN width {narrowest}: "
                               "nothing could be pruned")
     check_seqlen(config_dict, config.calib_seqlen, "--calib-seqlen")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, OptionError
 
 class RecoveryWarning(UserWarning):
     """Recovery went on in a degraded way (uniform ranks for want of importance, stopped on a non-finite loss)."""
@@ -61,9 +61,9 @@ class RecoveryConfig:
         if self.budget is not None and self.mean_rank is not None:
             raise EffideployError("give either --budget or --mean-rank, not both")
         if self.budget is not None and self.budget < 1:
-            raise EffideployError(f"--budget must be a positive number of parameters, got {self.budget}")
+            raise OptionError("budget", f"must be a positive number of parameters, got {self.budget}")
         if self.mean_rank is not None and not (math.isfinite(self.mean_rank) and self.mean_rank >= 1):
-            raise EffideployError(f"--mean-rank must be at least 1, got {self.mean_rank}")
+            raise OptionError("mean_rank", f"must be at least 1, got {self.mean_rank}")
         unknown = sorted(set(self.targets) - set(LINEAR_TARGETS))
         if not self.targets or unknown:
             raise EffideployError(f"LoRA targets must be among {', '.join(LINEAR_TARGETS)}; got {list(self.targets)}")
@@ -71,9 +71,9 @@ class RecoveryConfig:
             if value < 1:
                 raise EffideployError(f"{name} must be a positive integer, got {value}")
         if self.seqlen < 2:
-            raise EffideployError(f"--seqlen must be at least 2 tokens, got {self.seqlen}")
+            raise OptionError("seqlen", f"must be at least 2 tokens, got {self.seqlen}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise EffideployError(f"--lr must be a positive number, got {self.lr}")
+            raise OptionError("lr", f"must be a positive number, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise EffideployError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -81,9 +81,9 @@ class RecoveryConfig:
         if self.lora_scale <= 0 or self.importance_temperature < 0 or self.max_grad_norm < 0:
             raise EffideployError("lora_scale must be positive; importance_temperature and max_grad_norm non-negative")
         if not 0.0 <= self.distill_weight <= 1.0:
-            raise EffideployError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+            raise OptionError("distill_weight", f"must be in [0, 1], got {self.distill_weight}")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise EffideployError(f"--dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+            raise OptionError("compute_dtype", f"must be float32 or bfloat16, got {self.compute_dtype!r}", flag="--dtype")
         if self.distill_temperature <= 0:
             raise EffideployError(f"the distillation temperature must be positive, got {self.distill_temperature}")
 

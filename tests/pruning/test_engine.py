@@ -152,5 +152,5 @@ def test_pruning_twice_is_refused():
 
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])
 def test_sparsity_outside_the_open_interval_is_refused(sparsity):
-    with pytest.raises(EffideployError, match="--sparsity must be in \\(0, 1\\)"):
+    with pytest.raises(EffideployError, match="sparsity must be in \\(0, 1\\)"):
         PruneConfig(sparsity=sparsity)

@@ -75,6 +75,12 @@ def _size(size: int) -> str:
 def _parity(parity: dict | None) -> str:
     if parity is None:
         return "not checked (--no-verify)"
+    if "top1_agreement" in parity:  # a quantized vLLM export: tolerance-based
+        dense = parity.get("vs_unquantized", {})
+        return (f"teacher-forced top-1 {parity['top1_agreement']:.1%} vs the fake-quant reference (tolerance "
+                f">= {parity['top1_tolerance']:.0%}) over {parity['positions']} positions, max |log-prob diff| "
+                f"{parity['max_abs_logprob_diff']:.2g}; vs unquantized: top-1 {dense.get('top1_agreement', 0):.1%}, "
+                f"max |logit diff| {dense.get('max_abs_logit_diff', 0):.2g}")
     tokens = parity.get("tokens_match", parity.get("match"))
     verdict = "identical" if tokens else parity.get("criterion", "DIFFER")
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"

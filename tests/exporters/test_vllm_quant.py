@@ -113,10 +113,11 @@ def test_manifest_and_weight_storage_without_vllm(pruned32, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("scheme, group_size", [("w8a8", None), ("w4a16", 32)])
-def test_pruned_quantized_export_loads_in_vllm_within_tolerance(pruned32, tmp_path, scheme, group_size):
+def test_pruned_quantized_export_loads_in_vllm_within_tolerance(pruned32, tmp_path, scheme, group_size, record_property):
     pytest.importorskip("vllm")
     result = export_vllm(pruned32, tmp_path / scheme, quantize=scheme, group_size=group_size)
     parity = result.parity
+    record_property("parity", json.dumps(parity))
     assert parity["match"] and parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT
     assert parity["positions"] == sum(parity["prompt_tokens"]) + parity["prompts"] * (parity["new_tokens"] - 1)
     assert parity["max_abs_logprob_diff"] < 0.5
@@ -126,10 +127,11 @@ def test_pruned_quantized_export_loads_in_vllm_within_tolerance(pruned32, tmp_pa
 
 
 @pytest.mark.vllm
-def test_dense_llama_quantizes_too(tiny_model_dir, tmp_path):
+def test_dense_llama_quantizes_too(tiny_model_dir, tmp_path, record_property):
     """A plain Llama (FFN 256), with the default group size 128."""
     pytest.importorskip("vllm")
     result = export_vllm(tiny_model_dir, tmp_path / "dense", quantize="int4")
+    record_property("parity", json.dumps(result.parity))
     assert result.manifest["architecture"] == "LlamaForCausalLM"
     assert result.manifest["quantize"]["group_size"] == 128
     assert not (tmp_path / "dense" / "modeling_decilm.py").exists()

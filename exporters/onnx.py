@@ -13,15 +13,19 @@ environment with vLLM 0.32 / transformers 5.x, which effideploy needs; the expor
 Choices:
 - dtype ``float32`` (CPU) or ``float16`` (meant for GPUs; ONNX Runtime 1.32 also runs it on CPU, where the parity
   check runs it). The fp16 graph is exported from an fp16 copy of the model and checked against fp32 PyTorch.
-- ``quantize="int8"``: int8 weights in blocks of 32 with int8 activations per block at run time (ORT's
-  MatMulNBits, ``accuracy_level=4``); the quantized graph *replaces* the float one: an export folder holds exactly
-  one ``model.onnx``, the one the runtime and GenAI load (export twice to keep both). Not
-  ``quantize_dynamic``: its per-tensor activation scales cannot follow SmolLM2's activation outliers (on the 50%
-  pruned model 6-12 of 32 greedy tokens matched, max |logit| error 17), while block-wise scales kept all 32 (error
-  3.3) at the same speed (1.5x less CPU per decode token than fp32). The float graph is exported and verified first
-  (the strict check proves the export); the int8 graph's deviation (max |logit| difference, greedy-token agreement)
-  is then measured and recorded, not required: quantization error is an accuracy question for the benchmark
-  (``effideploy.exporters.onnx_checks``, with the parity check).
+- ``quantize="int8"|"int4"``: 8- or 4-bit weights in blocks of ``block_size`` (default 32) with int8 activations
+  per block at run time (ORT's MatMulNBits, ``accuracy_level=4``), by ``quant_method`` "rtn" (round-to-nearest,
+  symmetric; the default) or "hqq" (ORT's HQQ, 4-bit only); see ``exporters/onnx_quant.py``. The quantized graph
+  *replaces* the float one: an export folder holds exactly one ``model.onnx``, the one the runtime and GenAI load
+  (export twice to keep both). Not ``quantize_dynamic``: its per-tensor activation scales cannot follow SmolLM2's
+  activation outliers (on the 50% pruned model 6-12 of 32 greedy tokens matched, max |logit| error 17), while
+  block-wise scales kept all 32 (error 3.3) at the same speed (1.5x less CPU per decode token than fp32). The float
+  graph is exported and verified first (the strict check proves the export); the quantized graph is then checked
+  against transformers with the graph's own dequantized weights (fake-quant: tolerance on the logits and top-1
+  agreement, ``onnx_checks.check_quantized``), and its distance to the unquantized model (max |logit| difference,
+  top-1 and greedy-token agreement) is recorded: that is an accuracy question for the benchmark.
+- ``weight_storage`` (every export): the format, the bytes of all initializers and the bytes one decode step
+  reads (the MatMul weights with their scales), which the bench uses for size and ideal-speed ratios.
 - Parity (on by default): on two prompts, the full-sequence logits of ONNX Runtime must be within 1e-3 of
   transformers (float16: 1% of the largest |logit|), and the greedy tokens of ``PARITY_NEW_TOKENS`` steps through ``OnnxRuntime`` (prefill, then
   decode with the KV cache fed back) must equal transformers' own. A failure raises ``EffideployError`` with the
@@ -43,14 +47,17 @@ from effideploy.checkpoint.writer import PROVENANCE_FILE, copy_tokenizer, folder
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
-from effideploy.exporters.onnx_checks import check_parity, measure_deviation, quantize_int8
+from effideploy.exporters.onnx_checks import check_parity, check_quantized
+from effideploy.exporters.onnx_quant import (SCHEMES, calibration_windows, fake_quant_reference,
+                                             quantization_settings, quantize_graph, refuse_quantized_source,
+                                             storage_format, weight_storage)
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = tuple(SCHEMES)
 
 
 def export_onnx(
@@ -59,6 +66,8 @@ def export_onnx(
     *,
     dtype: str = "float32",
     quantize: str | None = None,
+    block_size: int | None = None,
+    quant_method: str | None = None,
     opset: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -69,16 +78,17 @@ def export_onnx(
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise EffideployError(f"ONNX dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise EffideployError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-    if quantize and dtype != "float32":
-        raise EffideployError("int8 quantization starts from the float32 graph; use --dtype float32 with --quantize int8")
+    settings = quantization_settings(quantize, block_size, quant_method, dtype)
     if opset is not None and not (isinstance(opset, int) and 18 <= opset <= 23):
         raise EffideployError(f"opset must be an integer from 18 to 23, got {opset!r}")
     compression = parse_token_compression(token_compression, attention_outputs)
     _require_onnx_packages()
+    if settings is not None and not isinstance(source, ModelSource):
+        refuse_quantized_source(Path(os.fspath(source)).expanduser())
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
+    if settings is not None:
+        refuse_quantized_source(source.path, source.config_dict)
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
 
     import torch
@@ -112,17 +122,21 @@ def export_onnx(
                 parity = check_parity(float_dir, reference, source, dtype=dtype)
             timings["parity"] = time.perf_counter() - tick
         quantization = None
-        if quantize:
+        if settings is not None:
             tick = time.perf_counter()
-            with progress.status("Quantizing the MatMul weights to int8 (MatMulNBits)"):
-                quantization = quantize_int8(float_dir / MODEL_FILE, staging / MODEL_FILE)
+            with progress.status(f"Quantizing the MatMul weights to {quantize} ({settings['method']}, MatMulNBits)"):
+                windows = calibration_windows(source, config.vocab_size) if settings["method"] == "gptq" else None
+                quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE, settings,
+                                                       calibration=windows)
             shutil.rmtree(float_dir)
             timings["quantize"] = time.perf_counter() - tick
             if verify:
                 tick = time.perf_counter()
-                with progress.status("Measuring the int8 graph against transformers"):
-                    parity["int8"] = measure_deviation(staging, reference, source)
-                timings["parity_int8"] = time.perf_counter() - tick
+                with progress.status(f"Parity: the {quantize} graph against transformers with the same weights"):
+                    fake = fake_quant_reference(reference, staging / MODEL_FILE, digests)
+                    parity["quantized"] = check_quantized(staging, reference, fake, source, quantize)
+                    del fake
+                timings["parity_quantized"] = time.perf_counter() - tick
 
         copy_tokenizer(source.path, staging)
         provenance = source.provenance()
@@ -130,6 +144,7 @@ def export_onnx(
             write_json(staging / PROVENANCE_FILE, provenance)
         write_json(staging / GENAI_CONFIG_FILE, genai_config(config, source.path))
         model_bytes = sum(p.stat().st_size for p in staging.glob(f"{MODEL_FILE}*"))
+        storage = weight_storage(staging / MODEL_FILE, storage_format(settings, dtype))
         timings["total"] = time.perf_counter() - started
         manifest = {
             **manifest_header("onnx", source, provenance),
@@ -146,6 +161,7 @@ def export_onnx(
             },
             "dtype": dtype,
             "quantize": quantization,
+            "weight_storage": storage,
             "token_compression": compression,
             "sizes": {"bytes": 0, "model_bytes": model_bytes, "source_bytes": folder_size(source.path)},
             "parity": parity,
@@ -160,7 +176,8 @@ def export_onnx(
     return ExportResult(output=target, runtime="onnx", files=files, size_bytes=manifest["sizes"]["bytes"],
                         source_size_bytes=manifest["sizes"]["source_bytes"], seconds=timings, parity=parity,
                         manifest=manifest, details={"model_file": target / MODEL_FILE, "model_bytes": model_bytes,
-                                                    "dtype": dtype, "quantize": quantize})
+                                                    "dtype": dtype, "quantize": quantize,
+                                                    "weight_storage": storage})
 
 
 # ---------------------------------------------------------------------------------------------------------- options

@@ -21,9 +21,11 @@ def export(
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Parity check against transformers (default: on; vLLM: when vLLM is installed)."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype (default float32; vLLM --quantize w4a16: bfloat16): float32 | float16 (ONNX), float32 | bfloat16 | float16 (vLLM)."),
     quantize: Optional[str] = typer.Option(
-        None, help="ONNX: int8 (dynamic quantization of the MatMul weights). vLLM: w8a8 (alias int8: int8 weights per "
-                   "channel, int8 dynamic per-token activations) or w4a16 (alias int4: int4 weights in groups of "
-                   "--group-size, served in bfloat16/float16), written in the compressed-tensors format."),
+        None, help="ONNX: int8 | int4 weights (MatMulNBits, int8 compute on CPU). vLLM: w8a8 (alias int8: int8 "
+                   "weights per channel, int8 dynamic per-token activations) or w4a16 (alias int4: int4 weights in "
+                   "groups of --group-size, served in bfloat16/float16), written in the compressed-tensors format."),
+    block_size: Optional[int] = typer.Option(None, help="ONNX: weights per quantization block, a power of two >= 16 (default 32)."),
+    quant_method: Optional[str] = typer.Option(None, help="ONNX: rtn (round-to-nearest, default) | hqq (int4 only) | gptq."),
     group_size: Optional[int] = typer.Option(None, help="vLLM --quantize w4a16: input columns per int4 scale (default 128; every FFN width must be a multiple of it)."),
     attention_outputs: bool = typer.Option(False, help="ONNX: also output each layer's attention probabilities (for KV compression)."),
     opset: Optional[int] = typer.Option(None, help="ONNX: opset version (default: torch's)."),
@@ -47,7 +49,8 @@ def export(
     if verify is not None:
         options["verify"] = verify
     # Options only some exporters take: passed when given, refused by name when this exporter has no such parameter.
-    specific = {"quantize": (quantize, None), "attention_outputs": (attention_outputs, False), "opset": (opset, None),
+    specific = {"quantize": (quantize, None), "block_size": (block_size, None), "quant_method": (quant_method, None),
+                "attention_outputs": (attention_outputs, False), "opset": (opset, None),
                 "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
                 "kv_cache_dtype": (kv_cache_dtype, None), "group_size": (group_size, None)}
     accepted = inspect.signature(exporter).parameters
@@ -86,6 +89,10 @@ def _parity(parity: dict | None) -> str:
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"
     if "logits_max_abs_diff" in parity:
         text += f", logits within {parity['logits_max_abs_diff']:.2g} (tolerance {parity['logits_tolerance']:g})"
-    if "int8" in parity:
-        text += f"; int8 graph: token agreement {parity['int8']['token_agreement']:.0%}"
+    if "quantized" in parity:
+        quantized = parity["quantized"]
+        text += (f"; quantized graph vs fake-quant: logits within {quantized['logits_max_abs_diff']:.2g} (tolerance "
+                 f"{quantized['logits_tolerance']:.2g}), top-1 {quantized['top1_agreement']:.0%}; vs float32: top-1 "
+                 f"{quantized['vs_float']['top1_agreement']:.0%}, greedy tokens "
+                 f"{quantized['vs_float']['token_agreement']:.0%}")
     return text

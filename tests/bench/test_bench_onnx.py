@@ -49,3 +49,22 @@ def test_shared_prompt_scoring_on_onnx_equals_scoring_whole_sequences(tmp_path, 
         for scores, whole, start in zip(shared, runtime.score_windows(sequences), starts):
             torch.testing.assert_close(scores.nll, whole.nll[start - 1 :], atol=1e-4, rtol=1e-4)
             assert torch.equal(scores.argmax, whole.argmax[start - 1 :])
+
+
+def test_quantized_candidates_are_labelled_and_measured_by_stored_bytes(tmp_path, tiny_model_dir, tiny_pruned_dir):
+    """bench --quantize int4: the dense model and the checkpoint exported with int4 weights, compared with the dense
+    fp32 model by the bytes stored and read per token (not by parameters, which quantization keeps)."""
+    config = BenchConfig(runtime="onnx", dense=str(tiny_model_dir), candidates=(CandidateSpec(model=str(tiny_pruned_dir)),),
+                         quantize=("int4",), prompt_tokens=24, new_tokens=4, prompts=1, repeats=1, batch_sizes=(1,),
+                         throughput_repeats=0, ppl_windows=1, ppl_seqlen=64, mc_limit=0, memory=False,
+                         data_dir=str(DATA), export_root=str(tmp_path / "exports"))
+    report = run_bench(config)
+    labels = [c.candidate for c in report.comparisons]
+    assert labels == ["cfsp-0.5", "dense+int4", "cfsp-0.5+int4"]
+    pruned, dense_int4, pruned_int4 = report.comparisons
+    assert dense_int4.parameters_removed == 0 and dense_int4.size_reduction > 0.6  # same parameters, 4-bit storage
+    assert dense_int4.ideal["decode_speedup_weight_bytes"] > 3 and dense_int4.ideal["decode_speedup_flops"] == 1.0
+    assert pruned_int4.size_reduction > dense_int4.size_reduction > pruned.size_reduction > 0
+    formats = {m.label: m.weights.format for m in report.models}
+    assert formats["dense"] == "float32" and "int4" in formats["dense+int4"]
+    assert 0 < dense_int4.loyalty <= 1 and dense_int4.perplexity > 0

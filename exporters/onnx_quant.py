@@ -112,8 +112,14 @@ def quantize_graph(float_model: Path, output_model: Path, settings: dict,
     replaced}, which ``fake_quant_reference`` uses to find each weight's module."""
     import onnx
     import onnxruntime
+
+    # Importing ORT's quantizer calls logging.basicConfig(level=INFO): every later INFO record of the process (the
+    # ONNX exporter's passes among them) would go to stderr. The root logger is put back as it was.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    root.handlers[:], root.level = handlers, level
 
     model = onnx.load(str(float_model))
     _materialize_transposed_weights(model)

@@ -15,7 +15,8 @@ Choices:
   check runs it). The fp16 graph is exported from an fp16 copy of the model and checked against fp32 PyTorch.
 - ``quantize="int8"|"int4"``: 8- or 4-bit weights in blocks of ``block_size`` (default 32) with int8 activations
   per block at run time (ORT's MatMulNBits, ``accuracy_level=4``), by ``quant_method`` "rtn" (round-to-nearest,
-  symmetric; the default) or "hqq" (ORT's HQQ, 4-bit only); see ``exporters/onnx_quant.py``. The quantized graph
+  symmetric; the default), "hqq" (ORT's HQQ, 4-bit only) or "gptq" (ORT's GPTQ, 4-bit only, calibrated on
+  WikiText-2); see ``exporters/onnx_quant.py``. The quantized graph
   *replaces* the float one: an export folder holds exactly one ``model.onnx``, the one the runtime and GenAI load
   (export twice to keep both). Not ``quantize_dynamic``: its per-tensor activation scales cannot follow SmolLM2's
   activation outliers (on the 50% pruned model 6-12 of 32 greedy tokens matched, max |logit| error 17), while

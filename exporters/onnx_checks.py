@@ -126,9 +126,12 @@ def _greedy_tokens(runtime, reference, prompts: list[list[int]]) -> tuple[list[l
 # with logits up to 4.8 (3-4.5%); SmolLM2: see docs/export.md. Tolerance: 10% of the largest |logit|.
 QUANT_PARITY_RTOL = 0.10
 # Teacher-forced top-1 agreement with the fake-quant reference, over the positions where the reference's top-1
-# margin exceeds the logit tolerance (elsewhere the allowed error may swap the two best tokens; a random tiny model
-# has many such near-ties, a trained one few). The agreement over all positions is recorded too.
+# margin exceeds QUANT_DECIDED_MARGIN x the largest |logit| (below it the activation rounding may swap two nearly
+# tied tokens; a random tiny model has many such near-ties). The agreement over all positions is recorded too.
+# Measured: tiny models 96-114 of 128 positions decided, agreement 99-100% (all positions: 95-96%); SmolLM2 int4
+# rtn 97.6% over all 41 parity positions.
 QUANT_TOP1_REQUIRED = 0.95
+QUANT_DECIDED_MARGIN = 0.02
 
 
 def check_quantized(folder: Path, reference, fake_reference, source: ModelSource, scheme: str) -> dict:
@@ -161,7 +164,7 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
     tolerance = QUANT_PARITY_RTOL * float(np.abs(fake).max())
     difference = float(np.abs(got - fake).max())
     top2 = np.sort(fake, axis=-1)[:, -2:]
-    decided = (top2[:, 1] - top2[:, 0]) > tolerance
+    decided = (top2[:, 1] - top2[:, 0]) > QUANT_DECIDED_MARGIN * float(np.abs(fake).max())
     same = got.argmax(-1) == fake.argmax(-1)
     agreement = float(same.mean())
     decided_agreement = float(same[decided].mean()) if decided.any() else 1.0

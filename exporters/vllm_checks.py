@@ -242,7 +242,6 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
 def fake_quant_reference(folder: Path):
     """The export in transformers, float32: stored weights dequantized by compressed-tensors, and (w8a8) each
     quantized Linear's input fake-quantized per token. Returns the model and the compressed-tensors scheme."""
-    import torch
     from compressed_tensors.quantization import QuantizationConfig
 
     from effideploy.exporters.vllm_quant import dequantize_state_dict

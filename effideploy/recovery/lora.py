@@ -26,7 +26,7 @@ from effideploy.checkpoint.writer import PROVENANCE_FILE, PROVENANCE_FORMAT, cop
 from effideploy.data.text import TextSpec, resolve_text
 from effideploy.errors import EffideployError
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
-from effideploy.models.build import load_model, load_tokenizer
+from effideploy.models.build import load_model
 from effideploy.models.resolve import ModelSource, resolve_model
 from effideploy.models.weights import SafetensorsWeights
 from effideploy.recovery.config import DEFAULT_MEAN_RANK, RecoveryConfig, RecoveryWarning

@@ -78,13 +78,14 @@ def _pct(share) -> str:
 
 def _verdict_line(record) -> str:
     ideal = record.ideal or {}
-    parts = [f"decode {_f(record.decode_speedup)}x (ideal {_f(ideal.get('decode_speedup_flops'))}x)",
+    parts = [f"decode {_f(record.decode_speedup)}x (ideal {_f(ideal.get('decode_speedup_flops'))}x by FLOPs, "
+             f"{_f(ideal.get('decode_speedup_weight_bytes'))}x by weight bytes read)",
              f"TTFT {_f(record.ttft_speedup)}x (ideal {_f(ideal.get('prefill_speedup_flops'))}x)"]
     removed = _removed(ideal.get("decode_speedup_flops")), _removed(ideal.get("decode_speedup_weight_bytes"))
     if None not in removed:
         parts.append(f"{removed[0] * 100:.1f}% of decode FLOPs and {removed[1] * 100:.1f}% of weight bytes per token removed")
     if record.size_reduction is not None:
-        parts.append(f"{_f(record.size_reduction * 100, 1)}% fewer parameters")
+        parts.append(f"weights stored {_f(record.size_reduction * 100, 1)}% smaller")
     if record.perplexity_increase is not None:
         parts.append(f"perplexity {record.perplexity_increase * 100:+.1f}%")
     parts.append(f"OP {_f(record.op, 3)}, OL {_f(record.loyalty, 3)}")

@@ -291,7 +291,8 @@ def test_cli_exports_and_prints_path_size_and_parity(copied_graph, tiny_model_di
 @pytest.mark.parametrize("args, message", [
     (["--runtime", "tflite"], "unknown runtime 'tflite'; choose one of: onnx, vllm"),
     (["--runtime", "onnx", "--tensor-parallel-size", "2"], "--tensor-parallel-size does not apply to --runtime onnx"),
-    (["--runtime", "vllm", "--quantize", "int8", "--attention-outputs"], "--quantize, --attention-outputs do not apply to --runtime vllm"),
+    (["--runtime", "vllm", "--block-size", "32", "--attention-outputs"], "--block-size, --attention-outputs do not apply to --runtime vllm"),
+    (["--runtime", "onnx", "--group-size", "32"], "--group-size does not apply to --runtime onnx"),
 ])
 def test_cli_refuses_bad_runtime_options(tmp_path, tiny_model_dir, args, message):
     from typer.testing import CliRunner

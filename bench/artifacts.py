@@ -9,6 +9,7 @@ afresh. Keys on content, not on paths or modification times, so a re-prune in pl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -25,9 +26,17 @@ CHUNK = 1 << 22
 
 
 def content_fingerprint(folder: Path) -> str:
-    """sha256 over the names and bytes of every regular file in ``folder`` (sorted), 16 hex digits."""
+    """sha256 over the names and bytes of every regular file in ``folder`` (sorted), 16 hex digits. Computed once
+    per folder and file state in a process (a run exports several models from one source checkpoint)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    state = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(Path(folder), state)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(folder: Path, state: tuple) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    for path in (Path(name) for name, _, _ in state):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK):

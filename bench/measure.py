@@ -21,6 +21,7 @@ class RuntimePool:
         self.runtime_name, self.options = runtime_name, options
         self.by_artifact: dict[str, object] = {}
         self.models: dict[str, ModelResult] = {}
+        self.users: dict[str, int] = {}  # models per artifact
 
     def open(self, model: ModelResult) -> None:
         from effideploy.runtimes import open_runtime
@@ -30,14 +31,14 @@ class RuntimePool:
             with progress.status(f"Opening {model.label} on {self.runtime_name}"):
                 self.by_artifact[key] = open_runtime(self.runtime_name, key, **self.options)
         self.models[model.label] = model
+        self.users[key] = self.users.get(key, 0) + 1
         if model.compression:
             self.by_artifact[key].compress(model.compression)  # refuses what the runtime cannot run, before measuring
 
     def __getitem__(self, label: str):
         model = self.models[label]
         runtime = self.by_artifact[str(model.artifact)]
-        shared = sum(str(m.artifact) == str(model.artifact) for m in self.models.values()) > 1
-        if shared:  # the same runtime serves models with different compression: attach this model's
+        if self.users[str(model.artifact)] > 1:  # one runtime serves models of different compression: attach this one's
             runtime.compress(model.compression)
         return runtime
 

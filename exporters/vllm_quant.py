@@ -43,6 +43,10 @@ def resolve_scheme(quantize: str | None) -> str | None:
     scheme = ALIASES.get(str(quantize).strip().lower())
     if scheme is None:
         raise EffideployError(f"unknown --quantize scheme {quantize!r} for vLLM: use w8a8 (alias int8) or w4a16 (alias int4)")
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:  # vLLM brings it; a vLLM-less setup may not have it
+        raise EffideployError("--quantize for vLLM writes the compressed-tensors format: pip install compressed-tensors")
     return scheme
 
 

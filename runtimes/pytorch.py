@@ -134,17 +134,16 @@ class TorchRuntime(Runtime):
         """Each distinct context is prefilled once (under compression when attached); the cache is cropped back
         to the context after each continuation, so k choices of an item cost one context forward, not k."""
         check_requests(requests)
+        if self.hooks is not None:  # compression evicts at each prefill: a compressed context is prefilled per request
+            from effideploy.compression.hooks import score_continuation
+
+            return [score_continuation(self.model, self.hooks, context, continuation) for context, continuation in requests]
         results, context, cache, last = [], None, None, None
         for request_context, continuation in requests:
-            if request_context != context or self.hooks is not None:
-                # compression evicts at each prefill: a compressed context is prefilled for every request
+            if request_context != context:
                 context, cache = request_context, DynamicCache(config=self.model.config)
-                with self._session(len(context)):
-                    last = prefill(self.model, torch.tensor([context]), cache)[0]
-                    scores = continuation_scores(self.model, cache, last, continuation)
-            else:
-                scores = continuation_scores(self.model, cache, last, continuation)
-            results.append(scores)
+                last = prefill(self.model, torch.tensor([context]), cache)[0]
+            results.append(continuation_scores(self.model, cache, last, continuation))
             if len(continuation) > 1:
                 cache.crop(-(len(continuation) - 1))  # back to the context alone
         return results

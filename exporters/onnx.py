@@ -49,6 +49,7 @@ from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.exporters.onnx_checks import check_parity, check_quantized
+from effideploy.exporters.onnx_gptq import apply_gptq
 from effideploy.exporters.onnx_quant import (SCHEMES, calibration_windows, fake_quant_reference,
                                              quantization_settings, quantize_graph, refuse_quantized_source,
                                              storage_format, weight_storage)
@@ -59,6 +60,20 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = tuple(SCHEMES)
+
+
+def kept_statistics(source: ModelSource, settings: dict | None):
+    """The pruning pass's kept Linear input statistics when ``--quant-method gptq`` can use them (None: ORT's own
+    GPTQ runs its calibration pass, 4-bit only)."""
+    from effideploy.quantization.hessians import CheckpointHessians
+
+    if settings is None or settings["method"] != "gptq":
+        return None
+    kept = CheckpointHessians.of(source.path)
+    if kept is None and settings["bits"] != 4:
+        raise EffideployError(f"--quant-method gptq with {settings['scheme']} needs the statistics of the pruning pass "
+                              f"(prune --keep-stats); {source.path} has none, and ONNX Runtime's own GPTQ is 4-bit only")
+    return kept
 
 
 def export_onnx(
@@ -90,6 +105,7 @@ def export_onnx(
         source = resolve_model(source)
     if settings is not None:
         refuse_quantized_source(source.path, source.config_dict)
+    kept_hessians = kept_statistics(source, settings)
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
 
     import torch
@@ -126,9 +142,15 @@ def export_onnx(
         if settings is not None:
             tick = time.perf_counter()
             with progress.status(f"Quantizing the MatMul weights to {quantize} ({settings['method']}, MatMulNBits)"):
-                windows = calibration_windows(source, config.vocab_size) if settings["method"] == "gptq" else None
-                quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE, settings,
-                                                       calibration=windows)
+                if kept_hessians is not None:  # GPTQ from the pruning pass: RTN lays the nodes out, GPTQ rewrites
+                    quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE,
+                                                           {**settings, "method": "rtn"})
+                    quantization.update(apply_gptq(staging / MODEL_FILE, reference, digests, kept_hessians, settings),
+                                        method="gptq")
+                else:
+                    windows = calibration_windows(source, config.vocab_size) if settings["method"] == "gptq" else None
+                    quantization, digests = quantize_graph(float_dir / MODEL_FILE, staging / MODEL_FILE, settings,
+                                                           calibration=windows)
             shutil.rmtree(float_dir)
             timings["quantize"] = time.perf_counter() - tick
             if verify:

@@ -64,7 +64,7 @@ def quantization_settings(quantize: str | None, block_size: int | None, quant_me
     if method not in METHODS:
         raise EffideployError(f"--quant-method must be one of {', '.join(METHODS)}, got {quant_method!r}")
     bits = SCHEMES[quantize]
-    if method in ("hqq", "gptq") and bits != 4:
+    if method == "hqq" and bits != 4:
         raise EffideployError(f"--quant-method {method} is 4-bit only (ONNX Runtime's {method.upper()} quantizer); use "
                               "--quantize int4")
     return {"scheme": quantize, "bits": bits, "block_size": block, "method": method, "symmetric": method != "hqq",
@@ -334,17 +334,10 @@ def fake_quant_reference(reference, quantized_model: Path, digests: dict[str, st
             model.get_input_embeddings().weight:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    targets: dict[str, list] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            targets.setdefault(_digest(module.weight.detach().T.numpy()), [module])
-        attention = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if all(isinstance(p, torch.nn.Linear) for p in attention):
-            packed = torch.cat([p.weight.detach() for p in attention]).T.numpy()
-            targets.setdefault(_digest(packed), attention)
+    targets = linear_targets(model)
     missing = []
     for name, weight in weights.items():
-        modules = targets.get(digests.get(name, ""))
+        modules = [module for _, module in targets.get(digests.get(name, ""), ())] or None
         if modules is None:
             missing.append(name)
             continue
@@ -358,6 +351,22 @@ def fake_quant_reference(reference, quantized_model: Path, digests: dict[str, st
         raise EffideployError(f"fake-quant reference: {len(missing)} quantized weights (e.g. {missing[0]}) have no "
                               "matching module in the transformers model; the export was not kept")
     return model
+
+
+def linear_targets(model) -> dict[str, list[tuple[str, "object"]]]:
+    """{digest of a float [K, N] graph weight: the (name, Linear) modules it holds, in row order}: one Linear, or
+    q/k/v_proj when the exporter packed them into one MatMul."""
+    import torch
+
+    targets: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            targets.setdefault(_digest(module.weight.detach().T.numpy()), [(name, module)])
+        attention = [(f"{name}.{part}", getattr(module, part, None)) for part in ("q_proj", "k_proj", "v_proj")]
+        if all(isinstance(p, torch.nn.Linear) for _, p in attention):
+            packed = torch.cat([p.weight.detach() for _, p in attention]).T.numpy()
+            targets.setdefault(_digest(packed), attention)
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------- storage

@@ -61,6 +61,7 @@ def export_vllm(
     token_compression: str | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    quant_method: str | None = None,
 ) -> ExportResult:
     """Write ``source`` (a ModelSource or anything ``resolve_model`` takes) as a vLLM-servable folder at ``output``.
 
@@ -72,6 +73,8 @@ def export_vllm(
     quantize: ``"w8a8"`` (``"int8"``) or ``"w4a16"`` (``"int4"``): weights written in the compressed-tensors format
     (``effideploy.exporters.vllm_quant``), ``group_size`` (w4a16 only, default 128) input columns per int4 scale.
     dtype defaults to float32, and to bfloat16 for w4a16 (whose CPU kernel has no float32 path).
+    quant_method: ``"rtn"`` (default: compressed-tensors' round-to-nearest) or ``"gptq"`` (GPTQ on the same grid
+    from the second moments the pruning pass kept, ``prune --keep-stats``; no second calibration pass).
     """
     started = time.perf_counter()
     from effideploy.exporters import vllm_quant
@@ -87,6 +90,7 @@ def export_vllm(
         source = resolve_model(source)
     if scheme:
         vllm_quant.refuse_quantized_source(source.path, source.config_dict)
+    hessians = vllm_quant.kept_statistics(source.path, scheme, quant_method)
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise EffideployError(f"--tensor-parallel-size must be a positive integer, got {tensor_parallel_size!r}")
     if align is not None and (not isinstance(align, int) or align < 1):
@@ -113,6 +117,9 @@ def export_vllm(
         vllm_quant.check_widths(config, widths, scheme, group_size, multiple, realign)
     new_widths = tp_realign.plan_widths(config, widths, tensor_parallel_size, multiple, realign=realign)
     realigned = tp_realign.changed_blocks(widths, new_widths)
+    if hessians is not None and realigned:
+        raise EffideployError("--quant-method gptq with --realign is not supported (the kept statistics are for the "
+                              "checkpoint's widths); realign at pruning time with prune --align")
     provenance = source.provenance()
     timings: dict[str, float] = {}
 
@@ -121,7 +128,7 @@ def export_vllm(
         with progress.status(f"Writing the vLLM export of {source.spec}"):
             if scheme:
                 quant = vllm_quant.quantization_scheme(scheme, group_size)
-                vllm_quant.write_quantized_weights(source.path, staging, config, realigned, quant, dtype)
+                vllm_quant.write_quantized_weights(source.path, staging, config, realigned, quant, dtype, hessians)
                 linked = False
             else:
                 linked = _write_weights(source.path, staging, realigned, dtype)
@@ -181,7 +188,7 @@ def export_vllm(
                       "weights_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors")),
                       "weights_linked": linked},
             "quantize": None if not scheme else vllm_quant.manifest_section(
-                scheme, group_size, dtype, vllm_version() if vllm_available else None),
+                scheme, group_size, dtype, vllm_version() if vllm_available else None, hessians),
             "weight_storage": vllm_quant.weight_storage(staging, vllm_quant.storage_format(scheme, group_size, dtype)),
             "parity": parity,
             "serve_command": serve,

@@ -144,7 +144,24 @@ def write_config(folder: Path, quant) -> None:
     ModelCompressor(quantization_config=quantization_config(quant)).update_config(str(folder))
 
 
-def quantize_linear(weight, quant, dtype) -> dict:
+def kept_statistics(checkpoint: Path, scheme: str | None, quant_method: str | None):
+    """The pruning pass's kept second moments for ``--quant-method gptq`` (None for rtn); refused without them."""
+    from effideploy.quantization.hessians import CheckpointHessians
+
+    if quant_method in (None, "rtn"):
+        return None
+    if quant_method != "gptq":
+        raise EffideployError(f"--quant-method for vLLM must be rtn or gptq, got {quant_method!r}")
+    if scheme is None:
+        raise EffideployError("--quant-method needs --quantize w8a8|w4a16")
+    kept = CheckpointHessians.of(Path(checkpoint))
+    if kept is None:
+        raise EffideployError(f"--quant-method gptq needs the statistics of the pruning pass (prune --keep-stats); "
+                              f"{checkpoint} has none")
+    return kept
+
+
+def quantize_linear(weight, quant, dtype, hessian=None) -> dict:
     """One Linear's weight -> its compressed tensors (local names: ``weight`` int8, or ``weight_packed`` +
     ``weight_shape``; ``weight_scale`` in ``dtype``). Round-to-nearest: symmetric scales from the weight's min/max
     per output channel or per group, computed by compressed-tensors' ``calculate_qparams``."""
@@ -164,6 +181,13 @@ def quantize_linear(weight, quant, dtype) -> dict:
         raise EffideployError(f"unsupported weight strategy {args.strategy}")
     scale, zero_point = calculate_qparams(lo, hi, args)
     scale = scale.to(dtype)  # stored in the export dtype; quantize with the stored value so q * scale is what serves
+    if hessian is not None:  # GPTQ on compressed-tensors' own grid: its codes are w's on-grid values below
+        from effideploy.quantization.gptq import compressed_tensors_grid, gptq
+
+        group = args.group_size if args.strategy == QuantizationStrategy.GROUP else w.shape[1]
+        result = gptq(w, hessian, compressed_tensors_grid(args, dtype), group)
+        w = result.dequantized
+        scale = result.scales.to(dtype).reshape(scale.shape)
     compressor = BaseCompressor.get_value_from_registry(quant.format)
     with torch.no_grad():
         local = compressor.compress({"weight": w.to(dtype), "weight_scale": scale, "weight_zero_point": zero_point}, quant)
@@ -189,7 +213,8 @@ def dequantize_state_dict(tensors: dict, quant) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- weights
 
-def write_quantized_weights(source: Path, staging: Path, config, realigned: list[dict], quant, dtype: str) -> None:
+def write_quantized_weights(source: Path, staging: Path, config, realigned: list[dict], quant, dtype: str,
+                            hessians=None) -> None:
     """The export's weights, one decoder block at a time: re-aligned blocks narrowed (``realign_block_tensors``),
     every projection quantized, the rest cast to ``dtype``; written in the layout of ``write_block_shards``."""
     import torch
@@ -215,7 +240,9 @@ def write_quantized_weights(source: Path, staging: Path, config, realigned: list
         for name, value in tensors.items():
             module = name[len(prefix):].rsplit(".", 1)[0]
             if module in PROJECTIONS and name.endswith(".weight"):
-                out.update({f"{prefix}{module}.{key}": tensor for key, tensor in quantize_linear(value, quant, target).items()})
+                hessian = hessians.for_module(prefix + module) if hessians is not None else None
+                out.update({f"{prefix}{module}.{key}": tensor
+                            for key, tensor in quantize_linear(value, quant, target, hessian).items()})
             else:
                 out[name] = cast(value)
         return out
@@ -226,14 +253,17 @@ def write_quantized_weights(source: Path, staging: Path, config, realigned: list
     write_block_shards(staging, outer, (block(i) for i in range(n_blocks)), n_blocks)
 
 
-def manifest_section(scheme: str, group_size: int | None, dtype: str, vllm_version: str | None) -> dict:
+def manifest_section(scheme: str, group_size: int | None, dtype: str, vllm_version: str | None,
+                     hessians=None) -> dict:
     from importlib.metadata import version
 
-    return {
+    method = {"method": "rtn"} if hessians is None else {
+        "method": "gptq", "hessians": {"source": "the pruning's calibration pass (prune --keep-stats)", **hessians.meta}}
+    return {**method,
         "scheme": scheme, "bits": 8 if scheme == "w8a8" else 4, "group_size": group_size,
         "strategy": "channel" if scheme == "w8a8" else "group", "symmetric": True,
         "activations": "int8 dynamic per token" if scheme == "w8a8" else dtype,
-        "method": "rtn", "format": FORMATS[scheme], "targets": "every Linear of the decoder blocks (not lm_head)",
+        "format": FORMATS[scheme], "targets": "every Linear of the decoder blocks (not lm_head)",
         "tool": f"compressed-tensors {version('compressed-tensors')}", "vllm_version": vllm_version,
         "kernel_cpu": "CPUInt8ScaledMMLinearKernel" if scheme == "w8a8" else "CPUWNA16LinearKernel",
     }

@@ -25,7 +25,7 @@ def export(
                    "weights per channel, int8 dynamic per-token activations) or w4a16 (alias int4: int4 weights in "
                    "groups of --group-size, served in bfloat16/float16), written in the compressed-tensors format."),
     block_size: Optional[int] = typer.Option(None, help="ONNX: weights per quantization block, a power of two >= 16 (default 32)."),
-    quant_method: Optional[str] = typer.Option(None, help="ONNX: rtn (round-to-nearest, default) | hqq (int4 only) | gptq."),
+    quant_method: Optional[str] = typer.Option(None, help="rtn (round-to-nearest, default) | gptq (from the statistics `prune --keep-stats` kept; on ONNX without them: ORT's GPTQ, int4) | hqq (ONNX int4)."),
     group_size: Optional[int] = typer.Option(None, help="vLLM --quantize w4a16: input columns per int4 scale (default 128; every FFN width must be a multiple of it)."),
     attention_outputs: bool = typer.Option(False, help="ONNX: also output each layer's attention probabilities (for KV compression)."),
     opset: Optional[int] = typer.Option(None, help="ONNX: opset version (default: torch's)."),

@@ -33,6 +33,7 @@ def prune(
     gram_stride: int = typer.Option(default_of(PruneConfig, "gram_stride"), help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
     batch_size: int = typer.Option(default_of(PruneConfig, "batch_size"), help="Calibration windows per forward."),
     calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
+    keep_stats: bool = typer.Option(default_of(PruneConfig, "keep_stats"), help="Keep every Linear's input second moments from the calibration pass in the checkpoint, for `export --quantize ... --quant-method gptq` without a second pass."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled (.bin) weights, which can run code when loaded."),
@@ -63,7 +64,7 @@ def prune(
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
-                         calib_dtype=calib_dtype)
+                         calib_dtype=calib_dtype, keep_stats=keep_stats)
     METHODS.target(method)
     recovery = None
     if recover:  # validated before any work starts

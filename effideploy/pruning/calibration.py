@@ -22,6 +22,7 @@ import torch
 
 from effideploy import progress
 from effideploy.models.layerwise import LayerwiseModel
+from effideploy.quantization.hessians import HessianRecorder, spool_path
 
 
 @dataclass
@@ -115,6 +116,7 @@ def collect_stats(
     gram: bool = False,
     gram_dir: str | None = None,
     gram_stride: int = 1,
+    hessians_dir: str | None = None,
 ) -> CalibrationStats:
     """``compute_dtype="bfloat16"`` runs the blocks' matrix products under bfloat16 autocast (the residual stream
     and every statistic stay float32): about 1.6x faster on CPUs with native bf16, at a small cost in accuracy.
@@ -122,6 +124,8 @@ def collect_stats(
     ``gram`` also accumulates the second moments sum_t A_t A_t^T of every block's FFN activation (least-squares
     compensation needs them; an n x n product per batch, the cost of about half an FFN). With ``gram_dir`` each
     block's matrix is written there as soon as the block is done, so memory does not grow with depth.
+    ``hessians_dir``: also the second moments of every Linear's input (GPTQ at export, ``prune --keep-stats``),
+    spooled there block by block (``effideploy.quantization.hessians``).
     ``gram_stride`` k uses every k-th token for the second moments only (their product costs as much as half the
     block's forward at k = 1; an n x n estimate needs far fewer than 131k tokens)."""
     if compute_dtype not in ("float32", "bfloat16"):
@@ -158,6 +162,7 @@ def collect_stats(
                 stats.gram_count += sample.shape[0]
 
         handle = layer.mlp.down_proj.register_forward_pre_hook(record)
+        recorder = HessianRecorder(layer) if hessians_dir is not None else None
         try:
             for part in batches:
                 block_in = hidden[part]
@@ -172,6 +177,10 @@ def collect_stats(
                 hidden[part] = block_out
         finally:
             handle.remove()
+            if recorder is not None:
+                recorder.remove()
+        if recorder is not None:
+            recorder.save(spool_path(hessians_dir, index))
         if stats.gram_sum is not None and gram_dir is not None:
             from pathlib import Path
 

@@ -23,6 +23,9 @@ class PruneConfig:
         second moments; CFSP's default here) or ``none``. ``None`` means the method's default.
     damp: ridge term of the least-squares solve, relative to the mean diagonal of the second moments.
     gram_stride: lstsq estimates the second moments from every k-th calibration token (their cost drops k-fold).
+    keep_stats: also collect every Linear's input second moments in the calibration pass and keep them in the
+        checkpoint (``calibration/hessians.safetensors``), so ``export --quantize ... --quant-method gptq`` reuses
+        them instead of running the model over calibration text again.
     """
 
     method: str = "cfsp"
@@ -39,6 +42,7 @@ class PruneConfig:
     seed: int = 0
     batch_size: int = 8
     calib_dtype: str = "float32"
+    keep_stats: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from effideploy.models.layerwise import LayerwiseModel
 from effideploy.models.resolve import ModelSource
 from effideploy.models.weights import SafetensorsWeights, StateDictWeights
 from effideploy.pruning.calibration import CalibrationStats, collect_stats
+from effideploy.quantization.hessians import write_checkpoint_hessians
 from effideploy.pruning.config import PruneConfig
 from effideploy.pruning.methods import METHODS
 from effideploy.pruning.methods.base import FFNWeights, PruningMethod
@@ -54,14 +55,14 @@ def needs_gram(config: PruneConfig) -> bool:
 
 
 def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor | None,
-              gram_dir: str | None = None) -> CalibrationStats | None:
+              gram_dir: str | None = None, hessians_dir: str | None = None) -> CalibrationStats | None:
     method = make_method(config)
-    if not method.needs_calibration and method.compensation == "none":
+    if not method.needs_calibration and method.compensation == "none" and hessians_dir is None:
         return None
     if windows is None:
         raise EffideployError(f"{config.method!r} with {method.compensation!r} compensation needs calibration windows")
     return collect_stats(model, windows, config.batch_size, config.calib_dtype, gram=needs_gram(config),
-                         gram_dir=gram_dir, gram_stride=config.gram_stride)
+                         gram_dir=gram_dir, gram_stride=config.gram_stride, hessians_dir=hessians_dir)
 
 
 def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: CalibrationStats | None) -> PrunePlan:
@@ -138,11 +139,13 @@ def prune_checkpoint(
     calibration: TextSpec | None,
     overwrite: bool = False,
     stats: CalibrationStats | None = None,
+    hessians_dir: str | Path | None = None,
 ) -> tuple[Path, PrunePlan]:
     """Prune ``source`` block by block and write the smaller checkpoint to ``output`` (atomically).
 
     ``stats`` from :func:`calibrate_source` (same model, text and calibration options) skips the calibration
-    pass, so several sparsities or methods share one pass.
+    pass, so several sparsities or methods share one pass; with ``config.keep_stats`` the Linear input second
+    moments of that pass are read from ``hessians_dir`` (``calibrate_source(..., hessians_dir=...)``).
     """
     if source.is_pruned_checkpoint:
         raise EffideployError(f"{source.path} is already a pruned checkpoint; prune the dense model instead")
@@ -158,13 +161,16 @@ def prune_checkpoint(
     method = make_method(config)
     # Second moments are spooled to disk block by block (n x n each) until the rewrite reads them back.
     with scratch_dir(target, "gram") as gram_dir:
-        if stats is None and (method.needs_calibration or method.compensation != "none"):
+        if stats is None and (method.needs_calibration or method.compensation != "none" or config.keep_stats):
             if calibration is None:
                 raise EffideployError(f"method {config.method!r} needs calibration text (--calib)")
             tick = time.perf_counter()
             windows = calibration_windows(load_tokenizer(source), calibration, config)
             timings["tokenize"] = time.perf_counter() - tick
-            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir)
+            hessians_dir = gram_dir if config.keep_stats else None
+            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir, hessians_dir=hessians_dir)
+        elif config.keep_stats and hessians_dir is None:
+            raise EffideployError("keep_stats with shared statistics needs the hessians_dir of that calibration pass")
         with torch.no_grad():
             plan = plan_from_stats(layerwise, config, stats)
         if sum(plan.widths) >= sum(plan.full_widths):
@@ -179,6 +185,9 @@ def prune_checkpoint(
             new_config.save_pretrained(staging)
             copy_remote_code(staging)
             copy_tokenizer(source.path, staging)
+            if config.keep_stats:
+                write_checkpoint_hessians(staging, hessians_dir, [block.kept for block in plan.blocks],
+                                          stats.n_windows)
             timings["write"] = time.perf_counter() - tick
             timings["total"] = time.perf_counter() - started
             write_json(staging / PROVENANCE_FILE,
@@ -198,7 +207,8 @@ def check_prunable(config: PruneConfig, model_config, config_dict: dict) -> None
 
 
 def calibrate_source(source: ModelSource, config: PruneConfig, calibration: TextSpec, *,
-                     gram: bool | None = None, gram_dir: str | None = None) -> CalibrationStats:
+                     gram: bool | None = None, gram_dir: str | None = None,
+                     hessians_dir: str | None = None) -> CalibrationStats:
     """One calibration pass over ``source``, reusable by ``prune_checkpoint(..., stats=...)`` for every method
     and sparsity that shares the calibration options (text, windows, seqlen, seed, dtype). ``gram`` (default:
     whether ``config`` needs it) collects the second moments lstsq compensation reads; ``gram_dir`` spools them
@@ -208,7 +218,7 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
     with torch.no_grad():
         return collect_stats(layerwise, windows, config.batch_size, config.calib_dtype,
                              gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir,
-                             gram_stride=config.gram_stride)
+                             gram_stride=config.gram_stride, hessians_dir=hessians_dir)
 
 
 def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder: Path) -> None:

@@ -116,6 +116,64 @@ def test_int8_and_int4_hqq_gptq_exports_of_a_pruned_checkpoint(graph_of, tmp_pat
     assert 3.3 < float_bytes["bytes_per_token"] / storages[("int8", None)]["bytes_per_token"] < 3.7
 
 
+def test_gptq_from_the_statistics_the_pruning_pass_kept(graph_of, tmp_path_factory, tiny_model_dir, calib_file,
+                                                         tmp_path):
+    """prune --keep-stats, then export --quant-method gptq: no second pass over calibration text; every block's
+    MatMulNBits holds GPTQ's codes for the kept second moments (the head stays round-to-nearest), with a smaller
+    layer-output error than round-to-nearest, and parity holds; int8 GPTQ works from the same statistics."""
+    from effideploy.data.text import TextSpec
+    from effideploy.exporters import onnx_quant
+    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx_quant import dequantized_weights, linear_targets
+    from effideploy.models.build import load_model
+    from effideploy.models.resolve import resolve_model
+    from effideploy.pruning import PruneConfig, prune_checkpoint
+    from effideploy.quantization.gptq import onnx_grid, output_error, rtn
+    from effideploy.quantization.hessians import CheckpointHessians
+
+    graph_of("pruned")  # the same weights: keep_stats only adds hooks to the pass
+    config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=4, calib_seqlen=64, keep_stats=True)
+    text = TextSpec(name=str(calib_file), path=str(calib_file), split="calibration")
+    checkpoint, _ = prune_checkpoint(resolve_model(tiny_model_dir), config, tmp_path / "kept", calibration=text)
+
+    def no_second_pass(*_a, **_k):
+        raise AssertionError("GPTQ ran a calibration pass although the pruning kept its statistics")
+
+    import effideploy.exporters.onnx as onnx_exporter
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(onnx_exporter, "calibration_windows", no_second_pass)
+    try:
+        result = export_onnx(checkpoint, tmp_path / "gptq", quantize="int4", quant_method="gptq", block_size=16)
+        int8 = export_onnx(checkpoint, tmp_path / "gptq8", quantize="int8", quant_method="gptq")
+    finally:
+        monkeypatch.undo()
+    record = manifest(result.output)["quantize"]
+    assert record["method"] == "gptq" and record["gptq_matmuls"] == 4 * 5 and len(record["rtn_matmuls"]) == 1
+    assert record["hessians"]["windows"] == 4 and "pruning" in record["hessians"]["source"]
+    assert manifest(int8.output)["quantize"]["gptq_matmuls"] == 20
+    for export in (result, int8):
+        parity = manifest(export.output)["parity"]["quantized"]
+        assert parity["logits_max_abs_diff"] <= parity["logits_tolerance"]
+
+    reference = load_model(resolve_model(checkpoint), dtype=torch.float32)
+    hessians = CheckpointHessians.of(checkpoint)
+    floats = [(names, torch.cat([m.weight.detach() for m in modules]).float())
+              for names, modules in ((tuple(n for n, _ in group), [m for _, m in group])
+                                     for group in linear_targets(reference).values())]
+    better = 0
+    for stored in dequantized_weights(result.details["model_file"]).values():
+        stored = torch.from_numpy(stored).T  # [out, in], like the Linear
+        names, weight = min(((n, w) for n, w in floats if w.shape == stored.shape),
+                            key=lambda item: float((item[1] - stored).norm()))  # its own float weight
+        hessian = hessians.for_module(names[0])
+        if hessian is None:
+            assert names == ("lm_head",)
+            continue
+        nearest = rtn(weight, onnx_grid(4), 16).dequantized
+        better += output_error(weight, stored, hessian) < output_error(weight, nearest, hessian)
+    assert better == 4 * 5  # packed q/k/v, o, gate, up, down per block
+
+
 def test_dequantized_weights_are_what_the_kernel_multiplies_by(tmp_path):
     """A lone MatMulNBits node of each kind, run by ONNX Runtime without activation rounding (accuracy_level 0
     would be the same; 1 = fp32 compute), against x @ the dequantized weight."""
@@ -156,7 +214,7 @@ def test_dequantized_weights_are_what_the_kernel_multiplies_by(tmp_path):
     ({"quantize": "int2"}, "--quantize must be one of int8, int4"),
     ({"quantize": "int4", "quant_method": "awq"}, "--quant-method must be one of rtn, hqq, gptq"),
     ({"quantize": "int8", "quant_method": "hqq"}, "hqq is 4-bit only"),
-    ({"quantize": "int8", "quant_method": "gptq"}, "gptq is 4-bit only"),
+    ({"quantize": "int8", "quant_method": "gptq"}, "needs the statistics of the pruning pass"),
     ({"quantize": "int4", "dtype": "float16"}, "use --dtype float32 with --quantize int4"),
     ({"block_size": 64}, "need --quantize"),
 ])

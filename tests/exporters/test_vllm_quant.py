@@ -136,3 +136,72 @@ def test_dense_llama_quantizes_too(tiny_model_dir, tmp_path):
     assert result.manifest["quantize"]["scheme"] == "w8a8" and result.manifest["quantize"]["group_size"] is None
     assert not (tmp_path / "dense" / "modeling_decilm.py").exists()
     assert result.parity["match"] and result.parity["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------- GPTQ from the pruning's pass
+
+@pytest.fixture(scope="module")
+def pruned_with_stats(tmp_path_factory, tiny_model_dir, calib_file) -> Path:
+    """CFSP at 50%, widths multiples of 32, with the Linear input statistics kept (prune --keep-stats)."""
+    from effideploy.data.text import TextSpec
+    from effideploy.models.resolve import resolve_model
+    from effideploy.pruning import PruneConfig, prune_checkpoint
+
+    config = PruneConfig(method="cfsp", sparsity=0.5, align=32, calib_samples=8, calib_seqlen=64, keep_stats=True)
+    text = TextSpec(name=str(calib_file), path=str(calib_file), split="calibration")
+    target, _ = prune_checkpoint(resolve_model(tiny_model_dir), config,
+                                 tmp_path_factory.mktemp("kept") / "cfsp50", calibration=text)
+    return target
+
+
+def test_w4a16_gptq_from_kept_statistics_beats_round_to_nearest(pruned_with_stats, tmp_path):
+    """Every projection's stored int4 weight (read back by compressed-tensors' decompressor) has a smaller
+    layer-output error under the kept second moments than round-to-nearest on the same grid."""
+    from effideploy.exporters.vllm_quant import dequantize_state_dict, quantization_scheme
+    from effideploy.models.weights import SafetensorsWeights
+    from effideploy.quantization.gptq import output_error
+    from effideploy.quantization.hessians import CheckpointHessians
+
+    gptq = export_vllm(pruned_with_stats, tmp_path / "gptq", quantize="w4a16", group_size=32, quant_method="gptq",
+                       verify=False)
+    rtn = export_vllm(pruned_with_stats, tmp_path / "rtn", quantize="w4a16", group_size=32, verify=False)
+    record = manifest(gptq.output)["quantize"]
+    assert record["method"] == "gptq" and record["hessians"]["windows"] == 8
+    assert manifest(rtn.output)["quantize"]["method"] == "rtn"
+    quant = quantization_scheme("w4a16", 32)
+    float_weights, kept = SafetensorsWeights(pruned_with_stats), CheckpointHessians.of(pruned_with_stats)
+
+    def stored(folder):
+        weights = SafetensorsWeights(folder)
+        return dequantize_state_dict({name: weights.get(name) for name in weights.names()}, quant)
+
+    ours, nearest = stored(gptq.output), stored(rtn.output)
+    compared = 0
+    for name in ours:
+        if not name.startswith("model.layers.") or not name.endswith("proj.weight"):
+            continue
+        module = name[: -len(".weight")]
+        hessian = kept.for_module(module)
+        weight = float_weights.get(name).float()
+        assert output_error(weight, ours[name], hessian) < output_error(weight, nearest[name], hessian), module
+        compared += 1
+    assert compared == 4 * 7
+
+
+def test_gptq_needs_kept_statistics_and_no_realign(pruned32, pruned_with_stats, tmp_path):
+    with pytest.raises(EffideployError, match="needs the statistics of the pruning pass"):
+        export_vllm(pruned32, tmp_path / "out", quantize="w8a8", quant_method="gptq", verify=False)
+    with pytest.raises(EffideployError, match="needs --quantize"):
+        export_vllm(pruned_with_stats, tmp_path / "out", quant_method="gptq", verify=False)
+    with pytest.raises(EffideployError, match="--realign is not supported"):
+        export_vllm(pruned_with_stats, tmp_path / "out", quantize="w4a16", group_size=64, quant_method="gptq",
+                    realign=True, verify=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.vllm
+def test_w8a8_gptq_export_serves_in_vllm_within_tolerance(pruned_with_stats, tmp_path):
+    pytest.importorskip("vllm")
+    result = export_vllm(pruned_with_stats, tmp_path / "gptq", quantize="w8a8", quant_method="gptq")
+    assert result.parity["match"] and result.parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT
+    assert result.manifest["quantize"]["method"] == "gptq"

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from effideploy.data.text import consecutive_windows, load_text, resolve_text, tokenize_text
+from effideploy.errors import EffideployError
 from effideploy.eval.perplexity import window_perplexity
 from effideploy.exporters.onnx import export_onnx
 from effideploy.models.build import load_tokenizer
@@ -57,7 +58,12 @@ for label, src, method in variants:
     folder = out / label.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
     if not folder.exists():
         tick = time.perf_counter()
-        export_onnx(src, folder, quantize="int4", quant_method=method)
+        try:
+            export_onnx(src, folder, quantize="int4", quant_method=method)
+        except EffideployError as failure:  # reported, and measured anyway: the table says which export failed
+            print(f"{label}: {failure}; exported again without the check", flush=True)
+            export_onnx(src, folder, quantize="int4", quant_method=method, verify=False)
+            label += " (parity FAILED)"
         times[f"export {label}"] = time.perf_counter() - tick
     exports[label] = ("onnx", folder)
 if args.vllm:

@@ -61,7 +61,7 @@ class HessianRecorder:
         """The block's means, spooled (one block in memory, whatever the depth)."""
         from safetensors.torch import save_file
 
-        means = {name: (total / max(self.tokens, 1)).float().contiguous() for name, total in self.sums.items()}
+        means = {name: (total / max(self.tokens, 1)).float().cpu().contiguous() for name, total in self.sums.items()}
         save_file(means, str(path), metadata={"tokens": str(self.tokens)})
 
 

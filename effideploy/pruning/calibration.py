@@ -8,9 +8,11 @@ A_i = act(X W_gate^T) * (X W_up^T) (the input of down_proj, width n_i):
 - per channel j: sum_t A_tj^2 (activation norm, Wanda/CFSP) and sum_t A_tj (mean, FLAP's bias and fluctuation);
 - per sublayer (depth and attention pruning, ``effideploy.pruning.depth``), with H_i = X_i + attn(X_i) the residual
   stream between attention and FFN: the angular distances of attention alone (X vs H) and of the FFN alone (H vs Y),
-  and the energy of each residual update, sum_t |H - X|^2, |Y - H|^2, |Y - X|^2, beside sum_t |Y|^2. Removing a
-  sublayer (or the block) changes the block's output by exactly its update, so update energy / output energy is the
+  and the relative energy of each residual update per token, sum_t |H - X|^2 / |Y|^2 (and |Y - H|^2, |Y - X|^2).
+  Removing a sublayer (or the block) changes the block's output by exactly its update, so its mean is the
   block-local relative loss of dropping it (ShortGPT's rule looks at the same block-local quantity, by angle).
+  Per token, not summed energies over sum |Y|^2: a few tokens with massive activations (SmolLM2 grows some to
+  hundreds of times the typical norm from block 11 on) would otherwise decide everything.
 
 The reference runs each block twice over the calibration set (once with hooks, once more to propagate); one pass
 gives the same numbers. The activations are updated in place, so memory is one buffer of n x seqlen x h plus one
@@ -45,9 +47,9 @@ class BlockStats:
     # sublayer sums (see the module docstring); zero in statistics saved before they existed
     attention_angular_sum: float = 0.0
     ffn_angular_sum: float = 0.0
-    attention_energy: float = 0.0  # sum_t |H - X|^2
-    ffn_energy: float = 0.0  # sum_t |Y - H|^2
-    block_energy: float = 0.0  # sum_t |Y - X|^2
+    attention_energy: float = 0.0  # sum_t |H - X|^2 / |Y|^2
+    ffn_energy: float = 0.0  # sum_t |Y - H|^2 / |Y|^2
+    block_energy: float = 0.0  # sum_t |Y - X|^2 / |Y|^2
     output_energy: float = 0.0  # sum_t |Y|^2
 
     @property
@@ -64,9 +66,9 @@ class BlockStats:
         return self.ffn_angular_sum / max(self.n_tokens, 1)
 
     def drop_loss(self, part: str) -> float:
-        """Relative change of the block's output when ``part`` (attention | ffn | block) is removed."""
+        """Mean relative change of the block's output per token when ``part`` (attention | ffn | block) is removed."""
         energy = {"attention": self.attention_energy, "ffn": self.ffn_energy, "block": self.block_energy}[part]
-        return energy / max(self.output_energy, 1e-30)
+        return energy / max(self.n_tokens, 1)
 
     @property
     def act_sq_mean(self) -> torch.Tensor:
@@ -125,15 +127,17 @@ def angular_distance(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
 
 
 def record_sublayers(stats: BlockStats, block_in: torch.Tensor, middle: torch.Tensor, block_out: torch.Tensor) -> None:
+    scale = block_out.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
     def energy(tensor: torch.Tensor) -> float:
-        return float(tensor.pow(2).sum(dtype=torch.float64))
+        return float((tensor.pow(2).sum(-1) / scale).sum(dtype=torch.float64))
 
     stats.attention_angular_sum += float(angular_distance(block_in, middle).sum(dtype=torch.float64))
     stats.ffn_angular_sum += float(angular_distance(middle, block_out).sum(dtype=torch.float64))
     stats.attention_energy += energy(middle - block_in)
     stats.ffn_energy += energy(block_out - middle)
     stats.block_energy += energy(block_out - block_in)
-    stats.output_energy += energy(block_out)
+    stats.output_energy += float(block_out.pow(2).sum(dtype=torch.float64))
 
 
 # Second moments of an n-wide activation need many more tokens than n: with fewer, the least-squares refit

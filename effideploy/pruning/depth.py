@@ -5,14 +5,15 @@ for block i with input X, H = X + attn(X) and output Y = H + ffn(H),
 
 - angular distances of the block (X vs Y), of attention alone (X vs H) and of the FFN alone (H vs Y): ShortGPT's
   "block influence" ranks blocks by the same angle, and ``drop-blocks`` / ``drop-attention`` remove the smallest;
-- the block-local loss of dropping a part, |update|^2 / |Y|^2 summed over calibration tokens: removing the
-  attention, the FFN or the block changes the block's output by exactly that update (what happens downstream is
+- the block-local loss of dropping a part, |update|^2 / |Y|^2 per token averaged over calibration tokens: removing
+  the attention, the FFN or the block changes the block's output by exactly that update (what happens downstream is
   not measured: the pass is one forward of the dense model).
 
 The joint allocation (``cfsp-joint``) spends a parameter budget greedily on whatever costs the least loss per
-parameter saved: a chunk of FFN channels (CFSP's channel order; its loss is the diagonal estimate
-sum_j E[A_j^2] |W_down[:, j]|^2 of the removed channels, before compensation), the attention of a block, or a
-whole block (its loss minus what narrowing it already cost, for everything left in it). The loss estimates share
+parameter saved: one more step of FFN sparsity (1/64, spread over the kept blocks by CFSP's own budgets and channel
+scores; its loss is the diagonal estimate sum_j E[A_j^2] |W_down[:, j]|^2 of the channels it removes, before
+compensation, scaled per block so that all channels together cost the FFN's drop loss), the attention of a block, or a whole block (its loss minus what narrowing it already cost, for
+everything left in it). The loss estimates share
 one unit (relative change of the block output), so they compare across the three kinds.
 
 Layout rule (vLLM): ``DeciModel`` carries the residual in a separate tensor that the first attention creates; a
@@ -23,7 +24,6 @@ FFN norm a residual of None. Both allocations avoid that layout; the vLLM export
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -135,58 +135,78 @@ def ranked_removal(config, shape: ModelShape, importance: list[float], *, part: 
 
 def joint_structure(config, shape: ModelShape, scores: list[torch.Tensor], stats: CalibrationStats,
                     down_columns: list[torch.Tensor]) -> Structure:
-    """Greedy allocation of a size target over FFN channel chunks, attention sublayers and blocks, by estimated
-    loss per parameter saved (module docstring). ``down_columns[i]`` = |W_down[:, j]|^2 of block i's channels."""
+    """Greedy allocation of a size target over FFN width, attention sublayers and blocks, by estimated loss per
+    parameter saved (module docstring). The width lever is CFSP itself: one step raises the FFN sparsity of the
+    kept blocks by 1/64 with CFSP's per-block budgets and channel scores, and costs the diagonal loss of the channels
+    it removes. ``down_columns[i]`` = |W_down[:, j]|^2 of block i's channels."""
+    from effideploy.pruning.allocation import cfsp_block_weights, proportional_widths
+
     if config.target_params is None and config.target_speedup is None:
         raise OptionError("target_params", "cfsp-joint needs a size target: --target-params or --target-speedup")
     n_blocks = len(shape.full_widths)
-    structure = Structure(widths=list(shape.full_widths))
-    # channel order and per-chunk loss, per block
-    orders, channel_loss, chunk = [], [], []
+    full = list(shape.full_widths)
+    block_weights = cfsp_block_weights(stats.angular, config.a)
+    # loss of removing each block's channels in CFSP's order (lowest score first), cumulative
+    removed_loss = []
     for i, block in enumerate(stats.blocks):
-        order = torch.sort(scores[i], stable=True).indices  # lowest score removed first (what the engine keeps)
-        loss = (block.act_sq_sum.double() * down_columns[i].double()) / max(block.output_energy, 1e-30)
-        orders.append(order)
-        channel_loss.append(loss[order])
-        full = shape.full_widths[i]
-        chunk.append(max(config.align, full // 64, 1))
-    paid = [0.0] * n_blocks  # loss spent on block i's channels so far
+        order = torch.sort(scores[i], stable=True).indices  # the engine keeps the highest scores
+        loss = block.act_sq_sum.double() * down_columns[i].double()
+        # The diagonal terms ignore how channels cancel, so their sum exceeds the FFN's whole output energy (on
+        # SmolLM2 by far, which made blocks look cheaper than channels); scaled so that removing every channel
+        # costs what removing the FFN does, channel, attention and block losses share one unit.
+        loss = loss * (block.drop_loss("ffn") / max(float(loss.sum()), 1e-30))
+        removed_loss.append(torch.cat([torch.zeros(1, dtype=torch.float64), loss[order].cumsum(0)]))
     attention_loss = [block.drop_loss("attention") for block in stats.blocks]
     block_loss = [block.drop_loss("block") for block in stats.blocks]
+    step, max_level = 1.0 / 64, 63
 
-    def candidates():
-        for i in range(n_blocks):
-            if i in structure.dropped:
-                continue
-            width, full = structure.widths[i], shape.full_widths[i]
-            size = min(chunk[i], width - max(config.align, chunk[i]))
-            if size > 0:
-                removed = full - width
-                cost = float(channel_loss[i][removed:removed + size].sum())
-                yield cost / (size * shape.channel), ("ffn", i, size, cost)
-            if i not in structure.no_attention:
-                trial = Structure(structure.widths, structure.dropped, structure.no_attention | {i})
-                if first_block_problem(trial.dropped, trial.no_attention, n_blocks) is None:
-                    yield attention_loss[i] / shape.attention, ("attention", i, 0, attention_loss[i])
-            trial = Structure(structure.widths, structure.dropped | {i}, structure.no_attention)
-            if len(trial.dropped) < n_blocks and first_block_problem(trial.dropped, trial.no_attention, n_blocks) is None:
-                left = shape.channel * width + 2 * shape.hidden + (0 if i in structure.no_attention else shape.attention)
-                spent = paid[i] + (attention_loss[i] if i in structure.no_attention else 0.0)
-                cost = max(block_loss[i] - spent, 0.0)
-                yield cost / left, ("block", i, 0, cost)
+    def widths_at(level: int, dropped: set[int]) -> list[int]:
+        kept = [i for i in range(n_blocks) if i not in dropped]
+        widths = list(full)
+        if level:
+            narrowed = proportional_widths([block_weights[i] for i in kept], [full[i] for i in kept], level * step,
+                                           config.align)
+            for i, width in zip(kept, narrowed):
+                widths[i] = width
+        for i in dropped:
+            widths[i] = 0
+        return widths
 
+    def paid(i: int, width: int) -> float:
+        return float(removed_loss[i][full[i] - width])
+
+    level = 0
+    structure = Structure(widths=list(full))
     while not target_reached(shape, config, structure):
-        options = list(candidates())
+        options = []
+        kept = [i for i in range(n_blocks) if i not in structure.dropped]
+        if level < max_level:
+            widths = widths_at(level + 1, structure.dropped)
+            saved = shape.channel * sum(structure.widths[i] - widths[i] for i in kept)
+            if saved > 0:
+                cost = sum(max(paid(i, widths[i]) - paid(i, structure.widths[i]), 0.0) for i in kept)
+                options.append((cost / saved, "ffn", None))
+        for i in kept:
+            if i not in structure.no_attention and \
+                    first_block_problem(structure.dropped, structure.no_attention | {i}, n_blocks) is None:
+                options.append((attention_loss[i] / shape.attention, "attention", i))
+            if len(kept) > 1 and first_block_problem(structure.dropped | {i}, structure.no_attention, n_blocks) is None:
+                left = shape.channel * structure.widths[i] + 2 * shape.hidden
+                left += 0 if i in structure.no_attention else shape.attention
+                spent = paid(i, structure.widths[i]) + (attention_loss[i] if i in structure.no_attention else 0.0)
+                options.append((max(block_loss[i] - spent, 0.0) / left, "block", i))
         if not options:
             flag = "target_params" if config.target_params is not None else "target_speedup"
             raise OptionError(flag, "cannot be reached: nothing is left to remove")
-        _, (kind, i, size, cost) = heapq.nsmallest(1, options, key=lambda item: item[0])[0]
+        _, kind, i = min(options, key=lambda option: (option[0], option[1], -1 if option[2] is None else option[2]))
         if kind == "ffn":
-            structure.widths[i] -= size
-            paid[i] += cost
+            level += 1
         elif kind == "attention":
             structure.no_attention.add(i)
         else:
             structure.dropped.add(i)
             structure.no_attention.discard(i)
+        structure.widths = widths_at(level, structure.dropped)
+    for i in structure.dropped:
+        structure.widths[i] = full[i]  # unused: the engine writes nothing for a dropped block
     return structure

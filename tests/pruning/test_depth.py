@@ -90,9 +90,9 @@ def test_sublayer_statistics_match_the_residual_updates(deep_model_dir):
         x, h, y = seen[("x", i)], seen[("h", i)], seen[("y", i)]
         assert block.attention_angular == pytest.approx(float(angular_distance(x, h).mean()), rel=1e-4)
         assert block.ffn_angular == pytest.approx(float(angular_distance(h, y).mean()), rel=1e-4)
-        assert block.drop_loss("attention") == pytest.approx(float((h - x).pow(2).sum() / y.pow(2).sum()), rel=1e-4)
-        assert block.drop_loss("ffn") == pytest.approx(float((y - h).pow(2).sum() / y.pow(2).sum()), rel=1e-4)
-        assert block.drop_loss("block") == pytest.approx(float((y - x).pow(2).sum() / y.pow(2).sum()), rel=1e-4)
+        assert block.drop_loss("attention") == pytest.approx(float(((h - x).pow(2).sum(-1) / y.pow(2).sum(-1)).mean()), rel=1e-4)
+        assert block.drop_loss("ffn") == pytest.approx(float(((y - h).pow(2).sum(-1) / y.pow(2).sum(-1)).mean()), rel=1e-4)
+        assert block.drop_loss("block") == pytest.approx(float(((y - x).pow(2).sum(-1) / y.pow(2).sum(-1)).mean()), rel=1e-4)
         assert 0.0 <= block.attention_angular <= 1.0 and 0.0 <= block.ffn_angular <= 1.0
 
 

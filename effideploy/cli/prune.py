@@ -71,6 +71,11 @@ def prune(
                          calib_dtype=calib_dtype, count=count, target_params=target_params,
                          target_speedup=target_speedup)
     METHODS.target(method)
+    if recover and getattr(METHODS.get(method), "structural", False):
+        from effideploy.errors import OptionError
+
+        raise OptionError("recover", f"is not supported yet with {method} (LoRA recovery of checkpoints with removed "
+                                     "blocks or attention)")
     recovery = None
     if recover:  # validated before any work starts
         from effideploy.recovery import RecoveryConfig

@@ -288,3 +288,31 @@ def test_parameter_count_of_a_checkpoint_without_sublayers(deep_model_dir, tmp_p
         with safe_open(path, framework="pt") as handle:
             stored += sum(math.prod(handle.get_slice(n).get_shape()) for n in handle.keys())
     assert counted == stored
+
+
+def test_cli_drop_attention_writes_a_checkpoint(tmp_path, tiny_model_dir, calib_file):
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "cli"
+    code, stdout, err = run_cli("prune", "--model", tiny_model_dir, "--method", "drop-attention", "--count", "1",
+                                "--calib", calib_file, "--calib-samples", "4", "--calib-seqlen", "32", "--output", out)
+    assert code == 0, err
+    assert "no-op attention [" in stdout + err
+    record = json.loads((out / "effideploy.json").read_text())
+    assert len(record["structure"]["no_op_attention"]) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "drop-blocks", "--count", "1", "--target-params", "0.1"], "--count give one of"),
+    (["--method", "cfsp-joint"], "--target-params cfsp-joint needs a size target"),
+    (["--method", "drop-blocks", "--count", "9"], "--count 9 is more than"),
+    (["--method", "drop-blocks", "--count", "1", "--recover"], "--recover is not supported yet with drop-blocks"),
+])
+def test_cli_refuses_bad_structural_options(tmp_path, tiny_model_dir, calib_file, args, fragment):
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    out = tmp_path / "refused"
+    code, _, err = run_cli("prune", "--model", tiny_model_dir, "--calib", calib_file, "--calib-samples", "4",
+                           "--calib-seqlen", "32", "--output", out, *args)
+    assert_one_line_error(code, err, fragment)
+    assert not out.exists()

@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--speed-labels", default=None,
+                        help="Comma-separated models to time (default all; dense is always timed).")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/depth/depth_pruning.json"))
     args = parser.parse_args()
 
@@ -233,10 +235,12 @@ def main() -> None:
               "quality": previous.get("quality") if previous.get("quality") and set(previous["quality"]) == set(labels)
               else quality(labels, args.windows, args.seqlen),
               "onnx": previous.get("onnx"), "vllm": previous.get("vllm")}
+    timed = labels if not args.speed_labels else {
+        label: entry for label, entry in labels.items() if label == "dense" or label in args.speed_labels.split(",")}
     if args.onnx:
-        result["onnx"] = onnx_speed(labels, args.work, args.new_tokens, args.rounds, args.threads)
+        result["onnx"] = onnx_speed(timed, args.work, args.new_tokens, args.rounds, args.threads)
     if args.vllm:
-        result["vllm"] = vllm_speed(labels, args.work, args.new_tokens, args.rounds, args.threads)
+        result["vllm"] = vllm_speed(timed, args.work, args.new_tokens, args.rounds, args.threads)
     result["ideal"] = {label: {str(n): ideal(shapes[label], shapes["dense"], n) for n in PROMPTS} for label in labels}
     result["load_average"] = [load_before, os.getloadavg()[0]]
     result["seconds"] = time.perf_counter() - started

@@ -162,14 +162,15 @@ def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
 def describe_model(model: ModelResult) -> None:
     """Parameter counts (from the config alone) and sizes on disk."""
     from effideploy.checkpoint.writer import folder_size
-    from effideploy.models.build import build_config, count_parameters, ffn_widths
+    from effideploy.models.build import attention_layers, build_config, count_parameters, ffn_widths
 
     if model.config_dict is not None:
         model_config = build_config(model.config_dict)
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         model.parameters = Parameters(
             counts=count_parameters(model_config), ffn_widths=ffn_widths(model_config),
-            attention_width=model_config.num_hidden_layers * model_config.num_attention_heads * head_dim,
+            # blocks whose attention was removed (depth pruning) attend to nothing
+            attention_width=len(attention_layers(model_config)) * model_config.num_attention_heads * head_dim,
             max_positions=getattr(model_config, "max_position_embeddings", None))
     weights = None
     if model.checkpoint is not None and model.checkpoint.is_dir():

@@ -111,7 +111,7 @@ def export_onnx(
     import torch
 
     from effideploy.exporters.onnx_graph import export_graph
-    from effideploy.models.build import build_config, ffn_widths, load_model
+    from effideploy.models.build import attention_layers, build_config, ffn_widths, load_model
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -181,6 +181,7 @@ def export_onnx(
                 "attention": "com.microsoft.GroupQueryAttention (rotary inside, packed QKV, past/present may share a buffer)",
                 "fusions": graph["fusions"],
                 "attention_outputs": attention_outputs,
+                "kv_layers": attention_layers(config),  # KV tensor k belongs to block kv_layers[k]
             },
             "dtype": dtype,
             "quantize": quantization,
@@ -245,6 +246,8 @@ def genai_config(config, source_path: Path) -> dict:
     needed, since the per-block FFN widths live inside the graph."""
     import json
 
+    from effideploy.models.build import attention_layers
+
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     generation = {}
     if (source_path / "generation_config.json").is_file():
@@ -266,7 +269,8 @@ def genai_config(config, source_path: Path) -> dict:
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": config.num_attention_heads,
-                "num_hidden_layers": config.num_hidden_layers,
+                # GenAI loops over the KV tensors: blocks without attention have none (onnx_graph numbers them)
+                "num_hidden_layers": len(attention_layers(config)),
                 "num_key_value_heads": config.num_key_value_heads,
             },
             "eos_token_id": eos,

@@ -24,6 +24,11 @@ Everything else is transformers' own modules (embedding, RMSNorm, each block's M
 the custom op's torch implementation is a plain reference of the same attention, so the wrapper runs in PyTorch too.
 The exporter checks the graph against the unmodified transformers model (logits and greedy tokens) every time.
 
+Blocks without attention (nemotron-nas ``attention.no_op``, written by depth/attention pruning) have no attention
+node and no KV cache: the past/present tensors are numbered over the blocks that have attention only (KV layer k is
+the k-th block with attention, as vLLM's ``kv_cache_index``), so the runner and ONNX Runtime GenAI, which count the
+past inputs, see a model with that many KV layers. The manifest's ``kv_layers`` maps them back to blocks.
+
 Semantics worth knowing: the causal mask is relative to the cache (query row s sees cache rows <= past + s), RoPE
 uses ``position_ids``, so after KV eviction positions keep counting absolute tokens while ``attention_mask`` has the
 shortened length; zeros in ``attention_mask`` mask those key positions (an additive bias). Positions must be
@@ -186,7 +191,11 @@ class OnnxDecoder(nn.Module):
         self.kv_num_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = model.model.embed_tokens.weight.dtype
-        self.qkv = nn.ModuleList(_packed_qkv(layer.self_attn) for layer in model.model.layers)
+        # blocks whose attention was removed (depth/attention pruning) get no node and no KV tensors
+        self.kv_layers = [index for index, layer in enumerate(model.model.layers)
+                          if not getattr(layer.self_attn, "is_no_op", False)]
+        self.qkv = nn.ModuleDict({str(index): _packed_qkv(model.model.layers[index].self_attn)
+                                  for index in self.kv_layers})
         # Rotary tables for every position the model supports (the rotary module applies rope scaling and
         # attention scaling); rotate-half layout, so the first half of each row is all GQA needs.
         positions = torch.arange(config.max_position_embeddings)[None]
@@ -198,7 +207,8 @@ class OnnxDecoder(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.model.layers)
+        """KV layers: blocks with attention."""
+        return len(self.kv_layers)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]):
         body = self.model.model
@@ -215,16 +225,19 @@ class OnnxDecoder(nn.Module):
         attention = group_query_attention_probs if self.attention_outputs else group_query_attention
         presents, attentions = [], []
         for index, layer in enumerate(body.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            outputs = attention(self.qkv[index](hidden), past[2 * index], past[2 * index + 1], seqlens_k,
-                                total_length, query_lengths, position_ids, bias, self.cos_cache, self.sin_cache,
-                                self.num_heads, self.kv_num_heads, float(layer.self_attn.scaling))
-            hidden = residual + layer.self_attn.o_proj(outputs[0])
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            presents += [outputs[1], outputs[2]]
-            if self.attention_outputs:
-                attentions.append(outputs[3])
+            if str(index) in self.qkv:
+                kv = len(presents) // 2
+                residual = hidden
+                hidden = layer.input_layernorm(hidden)
+                outputs = attention(self.qkv[str(index)](hidden), past[2 * kv], past[2 * kv + 1], seqlens_k,
+                                    total_length, query_lengths, position_ids, bias, self.cos_cache, self.sin_cache,
+                                    self.num_heads, self.kv_num_heads, float(layer.self_attn.scaling))
+                hidden = residual + layer.self_attn.o_proj(outputs[0])
+                presents += [outputs[1], outputs[2]]
+                if self.attention_outputs:
+                    attentions.append(outputs[3])
+            if not getattr(layer.mlp, "is_no_op", False):
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(body.norm(hidden))
         return (logits, *presents, *attentions)
 

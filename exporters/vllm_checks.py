@@ -61,9 +61,10 @@ def check_export_folder(folder: str | os.PathLike) -> list[int]:
         missing = [name for name in REMOTE_FILES if not (folder / name).is_file()]
         if missing or "AutoConfig" not in config_dict.get("auto_map", {}):
             raise EffideployError(f"{folder} lacks the config code vLLM loads with trust_remote_code ({', '.join(missing) or 'auto_map'})")
+        check_no_op_layout(config.block_configs)
         for index, block in enumerate(config.block_configs):
-            if block.attention.no_op or block.ffn.no_op:
-                raise EffideployError(f"block {index} is a no_op block, which effideploy checkpoints never contain")
+            if block.attention.no_op:
+                continue
             if config.num_attention_heads // block.attention.n_heads_in_group != config.num_key_value_heads:
                 raise EffideployError(f"block {index}: n_heads_in_group does not match num_key_value_heads")
     widths = ffn_widths(config)
@@ -72,6 +73,8 @@ def check_export_folder(folder: str | os.PathLike) -> list[int]:
     if "model.embed_tokens.weight" not in shapes:
         raise EffideployError(f"{folder}: model.embed_tokens.weight is missing")
     for index, width in enumerate(widths):
+        if not width:  # a no-op FFN has no tensors
+            continue
         prefix = f"model.layers.{index}.mlp."
         expected = {"gate_proj.weight": [width, hidden], "up_proj.weight": [width, hidden], "down_proj.weight": [hidden, width]}
         for name, shape in expected.items():
@@ -84,6 +87,22 @@ def check_export_folder(folder: str | os.PathLike) -> list[int]:
                     f"block {index}: {prefix + name} has shape {actual}, but config.json says {shape}"
                 )
     return widths
+
+
+def check_no_op_layout(block_configs) -> None:
+    """Refuse the no-op layout vLLM's ``DeciModel`` mishandles: its residual stream starts as None and is created
+    by the first attention, so a block with a no-op attention and a real FFN before any attention hands its FFN
+    norm a residual of None (the fused add-norm then returns one tensor where two are unpacked). Depth pruning
+    never writes it (``effideploy.pruning.depth``)."""
+    for index, block in enumerate(block_configs):
+        if not block.attention.no_op:
+            return
+        if not block.ffn.no_op:
+            raise EffideployError(
+                f"block {index} has a no-op attention but an FFN and no attention before it, a layout vLLM's "
+                "nemotron-nas decoder mishandles (its residual starts at the first attention); keep that attention "
+                "or drop the block")
+    raise EffideployError("every block has a no-op attention: vLLM's nemotron-nas decoder needs one attention")
 
 
 def _tensor_shapes(folder: Path) -> dict[str, list[int]]:

@@ -19,6 +19,11 @@ def prune(
     sparsity: float = typer.Option(default_of(PruneConfig, "sparsity"), help="Mean fraction of FFN channels removed, in (0, 1)."),
     method: str = typer.Option(default_of(PruneConfig, "method"), help=" | ".join(METHODS.names())),
     output: Path = typer.Option(Path(DEFAULT_PRUNED), help="Output checkpoint folder."),
+    count: Optional[int] = typer.Option(None, help="drop-blocks / drop-attention: how many blocks / attention sublayers to remove."),
+    target_params: Optional[float] = typer.Option(
+        None, help="drop-blocks / drop-attention / cfsp-joint: fraction of all parameters to remove (instead of --sparsity)."),
+    target_speedup: Optional[float] = typer.Option(
+        None, help="drop-blocks / drop-attention / cfsp-joint: ideal decode speedup (matmul weights read per token) to reach."),
     calib: str = typer.Option("wikitext2", help="'wikitext2' or a local .txt/.jsonl file."),
     calib_samples: int = typer.Option(default_of(PruneConfig, "calib_samples"), help="Calibration windows."),
     calib_seqlen: int = typer.Option(default_of(PruneConfig, "calib_seqlen"), help="Tokens per calibration window."),
@@ -64,8 +69,14 @@ def prune(
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
-                         calib_dtype=calib_dtype, keep_stats=keep_stats)
+                         calib_dtype=calib_dtype, keep_stats=keep_stats, count=count, target_params=target_params,
+                         target_speedup=target_speedup)
     METHODS.target(method)
+    if recover and getattr(METHODS.get(method), "structural", False):
+        from effideploy.errors import OptionError
+
+        raise OptionError("recover", f"is not supported yet with {method} (LoRA recovery of checkpoints with removed "
+                                     "blocks or attention)")
     recovery = None
     if recover:  # validated before any work starts
         from effideploy.recovery import RecoveryConfig
@@ -91,11 +102,14 @@ def prune(
     from effideploy.checkpoint.writer import read_provenance
 
     record = read_provenance(target)
-    widths = plan.widths
+    widths = [block.width for block in plan.kept_blocks]
     echo(f"[bold green]pruned[/] {source.spec} with {method} -> {target}")
     echo(f"  FFN sparsity {record['sparsity']['ffn_actual']:.3f} (asked {sparsity}), parameters removed "
           f"{record['sparsity']['parameters_removed']:.3f}; widths {min(widths)}..{max(widths)} "
           f"(full {max(plan.full_widths)}); {record['seconds']['total']:.1f} s")
+    if plan.removes_sublayers:
+        echo(f"  removed blocks {plan.dropped_blocks or 'none'}, no-op attention {plan.no_op_attention or 'none'} "
+             "(original block indices; see effideploy.json 'structure')")
     if recovery is not None:
         from effideploy.cli.recover import report_recovery
 

@@ -71,6 +71,12 @@ class Session:
             self.handles.append(module.register_forward_hook(post, with_kwargs=True))
 
     def __enter__(self):
+        removed = [index for index, layer in enumerate(self.layers) if getattr(layer.self_attn, "is_no_op", False)]
+        if removed:
+            # Their caches hold zero-width entries that only count tokens; eviction bookkeeping assumes every layer
+            # holds real keys. The ONNX runner handles such models (its KV tensors exist for attention blocks only).
+            raise EffideployError(f"token compression {self.method.spec} on the torch runtime does not support blocks "
+                                  f"without attention (blocks {removed} have a no-op attention); use the onnx runtime")
         try:
             self.hook(self.stack, pre=self._stack_pre, post=self._stack_post)
             for layer in self.layers:

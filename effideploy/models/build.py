@@ -91,15 +91,23 @@ def count_parameters(config: PretrainedConfig) -> dict[str, int]:
     widths = ffn_widths(config)
     ffn = sum(3 * hidden * width for width in widths)
     if getattr(config, "mlp_bias", False):
-        ffn += sum(2 * width + hidden for width in widths)
-    norms = config.num_hidden_layers * 2 * hidden + hidden
+        ffn += sum(2 * width + hidden for width in widths if width)
+    n_attention = len(attention_layers(config))
+    norms = (n_attention + sum(1 for width in widths if width)) * hidden + hidden  # a no-op sublayer has no norm
     embed = config.vocab_size * hidden
     head = 0 if config.tie_word_embeddings else config.vocab_size * hidden
     return {
-        "attention": config.num_hidden_layers * attention,
+        "attention": n_attention * attention,
         "ffn": ffn,
         "norms": norms,
         "embedding": embed,
         "lm_head": head,
-        "total": config.num_hidden_layers * attention + ffn + norms + embed + head,
+        "total": n_attention * attention + ffn + norms + embed + head,
     }
+
+
+def attention_layers(config: PretrainedConfig) -> list[int]:
+    """Indices of the blocks with attention (a nemotron-nas block may have a no-op attention and no KV cache)."""
+    if isinstance(config, DeciLMConfig):
+        return config.attention_layers()
+    return list(range(config.num_hidden_layers))

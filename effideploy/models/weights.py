@@ -162,8 +162,9 @@ def read_header(file: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int]
 
 def expected_shapes(config) -> dict[str, list[int]]:
     """The tensors a Llama-shaped checkpoint of ``config`` must hold and their shapes (biases, if any, not listed)."""
-    from effideploy.models.build import ffn_widths
+    from effideploy.models.build import attention_layers, ffn_widths
 
+    with_attention = set(attention_layers(config))  # a no-op attention (or FFN) sublayer has no tensors
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -172,13 +173,18 @@ def expected_shapes(config) -> dict[str, list[int]]:
         shapes["lm_head.weight"] = [config.vocab_size, hidden]
     for index, width in enumerate(ffn_widths(config)):
         prefix = f"model.layers.{index}."
-        shapes.update({
-            prefix + "input_layernorm.weight": [hidden], prefix + "post_attention_layernorm.weight": [hidden],
-            prefix + "self_attn.q_proj.weight": [q_out, hidden], prefix + "self_attn.k_proj.weight": [kv_out, hidden],
-            prefix + "self_attn.v_proj.weight": [kv_out, hidden], prefix + "self_attn.o_proj.weight": [hidden, q_out],
-            prefix + "mlp.gate_proj.weight": [width, hidden], prefix + "mlp.up_proj.weight": [width, hidden],
-            prefix + "mlp.down_proj.weight": [hidden, width],
-        })
+        if index in with_attention:
+            shapes.update({
+                prefix + "input_layernorm.weight": [hidden],
+                prefix + "self_attn.q_proj.weight": [q_out, hidden], prefix + "self_attn.k_proj.weight": [kv_out, hidden],
+                prefix + "self_attn.v_proj.weight": [kv_out, hidden], prefix + "self_attn.o_proj.weight": [hidden, q_out],
+            })
+        if width:
+            shapes.update({
+                prefix + "post_attention_layernorm.weight": [hidden],
+                prefix + "mlp.gate_proj.weight": [width, hidden], prefix + "mlp.up_proj.weight": [width, hidden],
+                prefix + "mlp.down_proj.weight": [hidden, width],
+            })
     return shapes
 
 

@@ -5,7 +5,14 @@ A_i = act(X W_gate^T) * (X W_up^T) (the input of down_proj, width n_i):
 
 - angular distance: d_i = mean over tokens of arccos(clamp(cos(x, y), -1, 1)) / pi, in [0, 1] (CFSP's coarse
   importance; the clamp fixes the reference's NaN when a cosine rounds above 1);
-- per channel j: sum_t A_tj^2 (activation norm, Wanda/CFSP) and sum_t A_tj (mean, FLAP's bias and fluctuation).
+- per channel j: sum_t A_tj^2 (activation norm, Wanda/CFSP) and sum_t A_tj (mean, FLAP's bias and fluctuation);
+- per sublayer (depth and attention pruning, ``effideploy.pruning.depth``), with H_i = X_i + attn(X_i) the residual
+  stream between attention and FFN: the angular distances of attention alone (X vs H) and of the FFN alone (H vs Y),
+  and the relative energy of each residual update per token, sum_t |H - X|^2 / |Y|^2 (and |Y - H|^2, |Y - X|^2).
+  Removing a sublayer (or the block) changes the block's output by exactly its update, so its mean is the
+  block-local relative loss of dropping it (ShortGPT's rule looks at the same block-local quantity, by angle).
+  Per token, not summed energies over sum |Y|^2: a few tokens with massive activations (SmolLM2 grows some to
+  hundreds of times the typical norm from block 11 on) would otherwise decide everything.
 
 The reference runs each block twice over the calibration set (once with hooks, once more to propagate); one pass
 gives the same numbers. The activations are updated in place, so memory is one buffer of n x seqlen x h plus one
@@ -38,11 +45,31 @@ class BlockStats:
     gram_sum: torch.Tensor | None = field(default=None, repr=False)  # float64 [n, n]: sum_t A_t A_t^T (optional)
     gram_path: str | None = None  # where gram_sum was spooled (streaming: memory stays one block)
     gram_count: int = 0  # tokens in gram_sum (every gram_stride-th token)
+    # sublayer sums (see the module docstring); zero in statistics saved before they existed
+    attention_angular_sum: float = 0.0
+    ffn_angular_sum: float = 0.0
+    attention_energy: float = 0.0  # sum_t |H - X|^2 / |Y|^2
+    ffn_energy: float = 0.0  # sum_t |Y - H|^2 / |Y|^2
+    block_energy: float = 0.0  # sum_t |Y - X|^2 / |Y|^2
+    output_energy: float = 0.0  # sum_t |Y|^2
 
     @property
     def angular(self) -> float:
         """Mean angular distance between the block's input and output, in [0, 1]."""
         return self.angular_sum / max(self.n_tokens, 1)
+
+    @property
+    def attention_angular(self) -> float:
+        return self.attention_angular_sum / max(self.n_tokens, 1)
+
+    @property
+    def ffn_angular(self) -> float:
+        return self.ffn_angular_sum / max(self.n_tokens, 1)
+
+    def drop_loss(self, part: str) -> float:
+        """Mean relative change of the block's output per token when ``part`` (attention | ffn | block) is removed."""
+        energy = {"attention": self.attention_energy, "ffn": self.ffn_energy, "block": self.block_energy}[part]
+        return energy / max(self.n_tokens, 1)
 
     @property
     def act_sq_mean(self) -> torch.Tensor:
@@ -98,6 +125,20 @@ def angular_distance(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
     norms = x.norm(dim=-1) * y.norm(dim=-1)
     cosine = (dot / norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(-1.0, 1.0)
     return torch.arccos(cosine) / math.pi
+
+
+def record_sublayers(stats: BlockStats, block_in: torch.Tensor, middle: torch.Tensor, block_out: torch.Tensor) -> None:
+    scale = block_out.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def energy(tensor: torch.Tensor) -> float:
+        return float((tensor.pow(2).sum(-1) / scale).sum(dtype=torch.float64))
+
+    stats.attention_angular_sum += float(angular_distance(block_in, middle).sum(dtype=torch.float64))
+    stats.ffn_angular_sum += float(angular_distance(middle, block_out).sum(dtype=torch.float64))
+    stats.attention_energy += energy(middle - block_in)
+    stats.ffn_energy += energy(block_out - middle)
+    stats.block_energy += energy(block_out - block_in)
+    stats.output_energy += float(block_out.pow(2).sum(dtype=torch.float64))
 
 
 # Second moments of an n-wide activation need many more tokens than n: with fewer, the least-squares refit
@@ -161,8 +202,14 @@ def collect_stats(
                 stats.gram_sum += (sample.T @ sample).double()
                 stats.gram_count += sample.shape[0]
 
+        middle = []  # H = X + attn(X), the input of the FFN's norm
+
+        def record_middle(_module, args):
+            middle.append(args[0].float())
+
         handle = layer.mlp.down_proj.register_forward_pre_hook(record)
         recorder = HessianRecorder(layer) if hessians_dir is not None else None
+        middle_handle = layer.post_attention_layernorm.register_forward_pre_hook(record_middle)
         try:
             for part in batches:
                 block_in = hidden[part]
@@ -172,11 +219,13 @@ def collect_stats(
                 with autocast:
                     block_out = layer(block_in, **contexts[size]).float()
                 stats.angular_sum += float(angular_distance(block_in, block_out).sum(dtype=torch.float64))
+                record_sublayers(stats, block_in, middle.pop(), block_out)
                 stats.n_tokens += block_in.shape[0] * block_in.shape[1]
                 stats.n_samples += size
                 hidden[part] = block_out
         finally:
             handle.remove()
+            middle_handle.remove()
             if recorder is not None:
                 recorder.remove()
         if recorder is not None:
@@ -197,6 +246,10 @@ def collect_stats(
     )
 
 
+SUBLAYER_SUMS = ("attention_angular_sum", "ffn_angular_sum", "attention_energy", "ffn_energy", "block_energy",
+                 "output_energy")
+
+
 def save_stats(stats: CalibrationStats, path) -> None:
     """Calibration statistics as safetensors (no pickle), so several methods or sparsities can share one pass."""
     import json
@@ -212,7 +265,8 @@ def save_stats(stats: CalibrationStats, path) -> None:
             tensors[f"gram_sum.{block.index}"] = block.gram * block.gram_tokens
         blocks.append({"index": block.index, "width": block.width, "n_tokens": block.n_tokens,
                        "angular_sum": block.angular_sum, "n_samples": block.n_samples, "seconds": block.seconds,
-                       "gram_count": block.gram_count})
+                       "gram_count": block.gram_count,
+                       **{name: getattr(block, name) for name in SUBLAYER_SUMS}})
     meta = {"n_windows": stats.n_windows, "seqlen": stats.seqlen, "seconds": stats.seconds, "blocks": blocks}
     save_file(tensors, str(path), metadata={"effideploy_stats": json.dumps(meta)})
 

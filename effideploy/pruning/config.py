@@ -26,6 +26,10 @@ class PruneConfig:
     keep_stats: also collect every Linear's input second moments in the calibration pass and keep them in the
         checkpoint (``calibration/hessians.safetensors``), so ``export --quantize ... --quant-method gptq`` reuses
         them instead of running the model over calibration text again.
+    count: ``drop-blocks`` / ``drop-attention``: how many blocks / attention sublayers to remove.
+    target_params / target_speedup: the size target of ``drop-blocks``, ``drop-attention`` and ``cfsp-joint``, as the
+        fraction of all parameters removed or as the ideal decode speedup (matmul weights read per token, dense /
+        pruned); see ``effideploy.pruning.depth``. ``sparsity`` is ignored by these methods.
     """
 
     method: str = "cfsp"
@@ -43,6 +47,9 @@ class PruneConfig:
     batch_size: int = 8
     calib_dtype: str = "float32"
     keep_stats: bool = False
+    count: int | None = None
+    target_params: float | None = None
+    target_speedup: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +73,16 @@ class PruneConfig:
             raise OptionError("gram_stride", f"must be a positive integer, got {self.gram_stride}")
         if self.damp <= 0:
             raise OptionError("damp", f"must be positive, got {self.damp}")
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
+            raise OptionError("count", f"must be a positive integer, got {self.count!r}")
+        if self.target_params is not None and not (isinstance(self.target_params, (int, float))
+                                                   and 0.0 < self.target_params < 1.0):
+            raise OptionError("target_params", f"must be a fraction in (0, 1), got {self.target_params!r}")
+        if self.target_speedup is not None and not (isinstance(self.target_speedup, (int, float))
+                                                    and math.isfinite(self.target_speedup) and self.target_speedup > 1.0):
+            raise OptionError("target_speedup", f"must be a number above 1, got {self.target_speedup!r}")
+        if sum(value is not None for value in (self.count, self.target_params, self.target_speedup)) > 1:
+            raise OptionError("count", "give one of count, target_params and target_speedup")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise OptionError("compensation", f"must be one of {COMPENSATIONS}, got {self.compensation!r}")
 

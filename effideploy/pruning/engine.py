@@ -25,10 +25,26 @@ from effideploy.models.weights import SafetensorsWeights, StateDictWeights
 from effideploy.pruning.calibration import CalibrationStats, collect_stats
 from effideploy.quantization.hessians import write_checkpoint_hessians
 from effideploy.pruning.config import PruneConfig
+from effideploy.pruning.depth import ModelShape
 from effideploy.pruning.methods import METHODS
 from effideploy.pruning.methods.base import FFNWeights, PruningMethod
 from effideploy.pruning.plan import BlockPlan, PrunePlan
 from effideploy.pruning.rewrite import apply_plan, rewrite_block
+
+
+class BlockFFNs:
+    """Every block's FFN weights as a sequence read on demand (a method that needs them all gets one at a time)."""
+
+    def __init__(self, model: LayerwiseModel) -> None:
+        self.model = model
+
+    def __len__(self) -> int:
+        return self.model.num_layers
+
+    def __getitem__(self, index: int) -> FFNWeights:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return ffn_weights(self.model, index)
 
 
 def ffn_weights(model: LayerwiseModel, index: int) -> FFNWeights:
@@ -79,22 +95,28 @@ def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: Calibrati
         if not torch.isfinite(score).all():
             raise EffideployError(f"block {index}: {config.method} produced non-finite channel scores")
         scores.append(score)
-    widths = method.widths(scores, stats)
+    shape = ModelShape.of(model.config)
+    structure = method.structure(scores, stats, shape, BlockFFNs(model))
+    widths = structure.widths
     importance = method.block_importance(stats)
     blocks = []
     short = []
     for index, (score, width) in enumerate(zip(scores, widths)):
         compensation = method.compensation
+        if getattr(method, "structural", False) and width >= len(score):
+            compensation = "none"  # nothing removed from this FFN: nothing to refit
         if compensation == "lstsq" and stats.blocks[index].gram_tokens < LSTSQ_TOKENS_PER_UNKNOWN * (width + 1):
             compensation = "bias"  # too few tokens for width + 1 unknowns: the refit would fit calibration noise
             short.append(index)
+        dropped = index in structure.dropped
         # A stable sort keeps tie-breaking (and therefore the checkpoint) identical from run to run.
-        kept = torch.sort(score, descending=True, stable=True).indices[:width].sort().values
+        kept = torch.sort(score, descending=True, stable=True).indices[:0 if dropped else width].sort().values
         blocks.append(
             BlockPlan(index=index, full_width=len(score), kept=kept,
                       importance=None if importance is None else float(importance[index]),
-                      compensation=compensation, damp=config.damp,
-                      stats=stats.blocks[index] if stats is not None else None)
+                      compensation="none" if dropped else compensation, damp=config.damp,
+                      stats=stats.blocks[index] if stats is not None else None,
+                      attention=index not in structure.no_attention, dropped=dropped)
         )
     if short:
         progress.console.print(
@@ -121,6 +143,9 @@ def prune_(model: nn.Module, config: PruneConfig, windows: torch.Tensor | None =
     layerwise = LayerwiseModel(config_copy, StateDictWeights(model.state_dict()))
     with torch.no_grad():
         plan = plan_pruning(layerwise, config, windows)
+    if plan.removes_sublayers:
+        raise EffideployError(f"{config.method} removes blocks or attention sublayers, which the in-memory prune_ does "
+                              "not rewrite; write a checkpoint with prune_checkpoint")
     apply_plan(model, plan)
     return plan
 
@@ -150,7 +175,9 @@ def prune_checkpoint(
     if source.is_pruned_checkpoint:
         raise EffideployError(f"{source.path} is already a pruned checkpoint; prune the dense model instead")
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
-    make_method(config)  # unknown method names fail before any work
+    if getattr(make_method(config), "structural", False) and config.keep_stats:  # unknown names fail here too
+        raise OptionError("keep_stats", f"is not supported with {config.method} yet (the kept statistics follow the "
+                                        "dense block numbering, which removed blocks change)")
     started = time.perf_counter()
     timings: dict[str, float] = {}
     model_config = build_config(source.config_dict)
@@ -173,13 +200,16 @@ def prune_checkpoint(
             raise EffideployError("keep_stats with shared statistics needs the hessians_dir of that calibration pass")
         with torch.no_grad():
             plan = plan_from_stats(layerwise, config, stats)
-        if sum(plan.widths) >= sum(plan.full_widths):
+        if sum(plan.widths) >= sum(plan.full_widths) and not plan.removes_sublayers:
             raise EffideployError(f"nothing would be pruned at --sparsity {config.sparsity} with --align {config.align} "
                                   f"(FFN widths {min(plan.full_widths)}..{max(plan.full_widths)}); nothing was written")
         timings.update(plan.seconds)
 
         tick = time.perf_counter()
-        new_config = pruned_config(model_config, plan.widths, mlp_bias=plan.has_bias or model_config.mlp_bias)
+        kept = plan.kept_blocks
+        new_config = pruned_config(model_config, [block.width for block in kept],
+                                   mlp_bias=plan.has_bias or model_config.mlp_bias,
+                                   attention=[block.attention for block in kept])
         with atomic_output_dir(target, overwrite=overwrite) as staging:
             write_blocks(layerwise, plan, new_config.mlp_bias, staging)
             new_config.save_pretrained(staging)
@@ -226,10 +256,28 @@ def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder
     outer = [name for name in weights.names() if not name.startswith("model.layers.")]
     if model.config.tie_word_embeddings:
         outer = [name for name in outer if name != "lm_head.weight"]
-    blocks = (rewrite_block({name: weights.get(name) for name in model.block_tensor_names(block.index)}, block,
-                            with_bias=with_bias)
-              for block in progress.track(plan.blocks, "Writing pruned blocks"))
-    write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, model.num_layers)
+    kept = plan.kept_blocks
+    blocks = (renumbered(rewrite_block({name: weights.get(name) for name in block_tensor_names(model, block)}, block,
+                                       with_bias=with_bias), block.index, new_index)
+              for new_index, block in enumerate(progress.track(kept, "Writing pruned blocks")))
+    write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, len(kept))
+
+
+ATTENTION_TENSORS = (".self_attn.", ".input_layernorm.")
+
+
+def block_tensor_names(model: LayerwiseModel, block: BlockPlan) -> list[str]:
+    """The block's tensors that the checkpoint keeps: a no-op attention has no weights (nor its norm)."""
+    names = model.block_tensor_names(block.index)
+    if not block.attention:
+        names = [name for name in names if not any(part in name for part in ATTENTION_TENSORS)]
+    return names
+
+
+def renumbered(tensors: dict[str, torch.Tensor], old: int, new: int) -> dict[str, torch.Tensor]:
+    """Dropped blocks are removed from the checkpoint, so the blocks after them move up (``model.layers.{new}``)."""
+    prefix, target = f"model.layers.{old}.", f"model.layers.{new}."
+    return {(target + name[len(prefix):] if name.startswith(prefix) else name): tensor for name, tensor in tensors.items()}
 
 
 def pruning_code_fingerprint() -> str:
@@ -269,6 +317,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
             "parameters_removed": 1.0 - after["total"] / before["total"],
         },
         "parameters": {"before": before, "after": after},
+        "structure": structure_record(plan),
         "blocks": [
             {
                 "index": block.index,
@@ -277,6 +326,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
                 "importance": block.importance,
                 "angular_distance": None if stats is None else stats.blocks[block.index].angular,
                 "compensation": block.compensation,
+                **sublayer_record(block, stats),
             }
             for block in plan.blocks
         ],
@@ -284,6 +334,31 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads()},
     }
+
+
+def structure_record(plan: PrunePlan) -> dict:
+    """Which sublayers were removed; the scores behind the choice are in each block's record."""
+    kept = [block.index for block in plan.kept_blocks]
+    return {
+        "dropped_blocks": plan.dropped_blocks,
+        "no_op_attention": plan.no_op_attention,
+        "kept_blocks": kept,  # checkpoint block j is original block kept[j]
+        "no_op_attention_in_checkpoint": [kept.index(i) for i in plan.no_op_attention],
+        "rule": ("removed by the smallest angular distance (ShortGPT)" if plan.config.method in ("drop-blocks", "drop-attention")
+                 else "removed by estimated output loss per parameter saved (effideploy.pruning.depth)"
+                 if plan.removes_sublayers else "none removed"),
+    }
+
+
+def sublayer_record(block: BlockPlan, stats: CalibrationStats | None) -> dict:
+    record = {"attention": "kept" if block.attention and not block.dropped else "removed", "dropped": block.dropped}
+    if stats is not None:
+        measured = stats.blocks[block.index]
+        record["scores"] = {
+            "attention_angular_distance": measured.attention_angular, "ffn_angular_distance": measured.ffn_angular,
+            "drop_loss": {part: measured.drop_loss(part) for part in ("block", "attention", "ffn")},
+        }
+    return record
 
 
 def original_widths(source: ModelSource) -> list[int]:

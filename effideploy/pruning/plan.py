@@ -19,6 +19,8 @@ class BlockPlan:
     compensation: str = "none"  # none | bias | lstsq, applied when the block is rewritten
     stats: BlockStats | None = field(default=None, repr=False)  # what compensation reads
     damp: float = 0.01
+    attention: bool = True  # False: the attention sublayer is removed (a no-op in the checkpoint)
+    dropped: bool = False  # True: the whole block is removed (the checkpoint renumbers the blocks after it)
 
     @property
     def width(self) -> int:
@@ -43,6 +45,23 @@ class PrunePlan:
     @property
     def full_widths(self) -> list[int]:
         return [block.full_width for block in self.blocks]
+
+    @property
+    def kept_blocks(self) -> list[BlockPlan]:
+        return [block for block in self.blocks if not block.dropped]
+
+    @property
+    def dropped_blocks(self) -> list[int]:
+        return [block.index for block in self.blocks if block.dropped]
+
+    @property
+    def no_op_attention(self) -> list[int]:
+        """Original indices of kept blocks whose attention is removed."""
+        return [block.index for block in self.blocks if not block.dropped and not block.attention]
+
+    @property
+    def removes_sublayers(self) -> bool:
+        return bool(self.dropped_blocks or self.no_op_attention)
 
     @property
     def ffn_sparsity(self) -> float:

@@ -80,7 +80,12 @@ def _notice(message: str) -> None:
 def block_shapes(model: nn.Module, targets: tuple[str, ...]) -> list[dict[str, tuple[int, int]]]:
     """(in, out) of every LoRA target in every decoder block, read from the model as it is (pruned widths)."""
     shapes = []
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
+        if getattr(layer.self_attn, "is_no_op", False) or getattr(layer.mlp, "is_no_op", False):
+            from effideploy.errors import EffideployError
+
+            raise EffideployError(f"block {index} has a removed (no-op) sublayer: LoRA recovery of depth/attention-"
+                                  "pruned checkpoints is not supported yet")
         modules = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
         shapes.append({name: (modules[name].in_features, modules[name].out_features) for name in targets})
     return shapes

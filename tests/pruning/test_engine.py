@@ -12,7 +12,11 @@ from tests.conftest import tiny_llama
 WINDOWS = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+# FFN-width methods; the structural ones (drop-blocks, drop-attention, cfsp-joint) are in test_depth.py
+WIDTH_METHODS = [name for name in METHODS.names() if not getattr(METHODS.get(name), "structural", False)]
+
+
+@pytest.mark.parametrize("method", WIDTH_METHODS)
 @pytest.mark.parametrize("sparsity", [0.3, 0.5])
 def test_every_method_shrinks_the_model_physically(method, sparsity):
     model = tiny_llama()

@@ -6,6 +6,8 @@ The layout is NVIDIA's ``block_configs`` list, which stock vLLM serves with ``De
     block_configs[i] = {"attention": {"no_op": false, "n_heads_in_group": H / KV},
                         "ffn": {"no_op": false, "intermediate_size": W_i}}
 
+and ``{"no_op": true}`` for a removed attention (or FFN) sublayer: no weights, no KV cache.
+
 vLLM reads the entries by attribute and checks ``hasattr(ffn, "ffn_mult")`` before ``intermediate_size``, so the
 entries become ``SimpleNamespace`` objects here (picklable anywhere, unlike classes of a remote-code module) and go
 back to plain dicts when the config is saved. ``ffn_mult`` is therefore never set unless a checkpoint carries it.
@@ -58,6 +60,10 @@ class DeciLMConfig(LlamaConfig):
             raise ValueError(
                 f"block_configs has {len(self.block_configs)} entries for {self.num_hidden_layers} layers"
             )
+
+    def attention_layers(self):
+        """Indices of the blocks that have attention (and a KV cache)."""
+        return [index for index, block in enumerate(self.block_configs) if not block.attention.no_op]
 
     def ffn_widths(self):
         return [ffn_width(block, self.hidden_size) for block in self.block_configs]

@@ -11,5 +11,8 @@ METHODS = Registry(
         "mag-sp": "effideploy.pruning.methods.mag_sp:MagnitudeSP",
         "flap": "effideploy.pruning.methods.flap:FLAP",
         "uniform": "effideploy.pruning.methods.uniform:Uniform",
+        "drop-blocks": "effideploy.pruning.methods.drop_blocks:DropBlocks",
+        "drop-attention": "effideploy.pruning.methods.drop_attention:DropAttention",
+        "cfsp-joint": "effideploy.pruning.methods.cfsp_joint:CFSPJoint",
     },
 )

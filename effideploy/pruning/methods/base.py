@@ -45,6 +45,13 @@ class PruningMethod:
         """Default: the same fraction kept in every block."""
         return uniform_widths([len(s) for s in scores], self.config.sparsity, self.config.align)
 
+    def structure(self, scores: list[torch.Tensor], stats: CalibrationStats | None, shape, weights) -> "Structure":
+        """Widths and removed sublayers (``effideploy.pruning.depth``); by default widths alone. ``weights`` is a
+        sequence of every block's FFNWeights (read lazily by the methods that need them)."""
+        from effideploy.pruning.depth import Structure
+
+        return Structure(widths=self.widths(scores, stats))
+
     def block_importance(self, stats: CalibrationStats | None) -> list[float] | None:
         """The coarse importance recorded in provenance (recovery sizes LoRA ranks from it)."""
         return stats.angular if stats is not None else None

@@ -232,8 +232,8 @@ def violation(value: float | None, limit: float, direction: str) -> float:
     return max(0.0, (value - limit) / scale) if direction == "max" else max(0.0, (limit - value) / scale)
 
 
-def predicted_failures(record: RecipeRecord, policy) -> dict[str, float]:
-    """Thresholds the screen/cost model predict the recipe fails by more than SCREEN_SLACK (estimable ones only)."""
+def predicted_failures(record: RecipeRecord, policy, slack: float = SCREEN_SLACK) -> dict[str, float]:
+    """Thresholds the screen/cost model predict the recipe fails by more than ``slack`` (estimable ones only)."""
     from effideploy.bench.policy import THRESHOLDS
 
     out = {}
@@ -242,7 +242,7 @@ def predicted_failures(record: RecipeRecord, policy) -> dict[str, float]:
         if value is None:
             continue
         gap = violation(value, limit, THRESHOLDS[name].direction)
-        if gap > SCREEN_SLACK:
+        if gap > slack:
             out[name] = gap
     return out
 
@@ -273,8 +273,12 @@ def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeReco
     speed = lambda r: r.predicted.get("decode_speedup") or 0.0
     passing = sorted([r for r in records if not r.screen_failed], key=speed, reverse=True)
     chosen = passing[:size]
+    # A family's representative is its fastest recipe predicted to pass without the slack when there is one: a
+    # borderline one (e.g. int4 at +36% perplexity against a 35% limit) may fail for real and leave the family
+    # without a passing benched recipe to compare with.
+    strict = [r for r in passing if not predicted_failures(r, policy, slack=0.0)]
     for family in ("quantization", "pruning"):
-        best = next((r for r in passing if r.recipe.family == family), None)
+        best = next((r for r in strict + passing if r.recipe.family == family), None)
         if best is not None and best not in chosen:
             chosen.append(best)
     if not chosen:

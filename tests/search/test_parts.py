@@ -65,6 +65,10 @@ def test_shortlist_takes_the_fastest_predicted_passes_and_the_best_of_each_famil
     assert records[4].screen_failed == ["min_decode_speedup"] and records[5].screen_failed == ["min_decode_speedup"]
     chosen = [r.recipe.label for r in shortlist(records, policy, 2)]
     assert chosen == ["cfsp-0.2+int8", "cfsp-0.1+int8", "dense+int8"]  # no pruning-only recipe is predicted to pass
+    # a borderline int4 (+32%, inside the slack) is faster, but the family is represented by the clear pass
+    records[1] = record("q4", 0, "int4", 3.2, 0.32)
+    chosen = [r.recipe.label for r in shortlist(records, policy, 2)]
+    assert chosen == ["dense+int4", "cfsp-0.2+int8", "dense+int8"]
 
 
 def test_binding_threshold_is_the_closest_candidates_failure():

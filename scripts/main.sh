@@ -9,8 +9,9 @@
 # export as out/search/recommended. Exit 0: a recipe passes (recommended); 1: none does (the binding threshold is
 # named); 2: an error.
 #
-# Cost, measured on the shared 2-core CPU under load (docs/search.md): see README; a second run reuses the
-# checkpoints, the screen and the exports and only re-measures.
+# Cost, measured on the shared 2-core CPU under load (other jobs on the cores; docs/search.md): 842 s (14.0 min) the
+# first time (calibration + pruning 105 s, screen 140 s, cost-model exports and timing 149 s, final bench 437 s);
+# a second run reuses the checkpoints, the screen results and the exports and only re-measures.
 #
 # Extra arguments go to `effideploy tune` and win over the defaults below (see `effideploy tune --help`), e.g.
 #   bash scripts/main.sh --policy my_policy.toml --sparsities 0,0.2,0.5 --quantize none,int8

@@ -46,9 +46,7 @@ class ScreenResult:
 def fake_quantize_(model, scheme: str, block_size: int = 32):
     """Round every Linear weight (the output head included, untied from the embedding first, as the export does)
     to ``scheme`` in blocks of ``block_size`` input channels and back to float, in place."""
-    from effideploy.search.space import BYTES_PER_WEIGHT
-
-    bits = {"int8": 8, "int4": 4}[scheme] if scheme in BYTES_PER_WEIGHT and scheme else None
+    bits = {"int8": 8, "int4": 4}.get(scheme)
     if bits is None:
         raise ValueError(f"fake quantization knows int8 and int4, got {scheme!r}")
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()

@@ -449,14 +449,12 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
 
 def _default_tasks(data_dir) -> list[str]:
-    found = find_tasks_safe(data_dir)
-    return [str(p) for p in found if p.parent.name in DEFAULT_TASKS] or [str(p) for p in found]
-
-
-def find_tasks_safe(data_dir):
+    """DEFAULT_TASKS where the data folders have them, else every task found (the bench then leaves out the ones
+    where the dense model is at chance)."""
     from effideploy.eval.multiple_choice import find_tasks
 
-    return find_tasks((), data_dir)
+    found = find_tasks((), data_dir)
+    return [str(p) for p in found if p.parent.name in DEFAULT_TASKS] or [str(p) for p in found]
 
 
 def _mark_fronts(records: list[RecipeRecord], dense_memory) -> None:

@@ -353,6 +353,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     dense_record = RecipeRecord(recipe=Recipe(), checkpoint=str(folders[0.0]), features=dense_features)
 
     # 2. screen
+    progress.console.print(f"screen: {len(records) + 1} models x {config.screen_windows} windows of "
+                           f"{config.screen_seqlen} tokens in PyTorch", highlight=False)
     tokenizer = load_tokenizer(source)
     seconds["screen"] = screen_all(config, [dense_record] + records, tokenizer)
 

@@ -25,6 +25,7 @@ class Comparison:
     perplexity_scope: str | None = None
     perplexity_increase: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)  # candidate / dense score per benchmark
+    excluded_tasks: dict[str, str] = field(default_factory=dict)  # tasks left out of OP/OG/accuracy: dense at chance
     op: float = float("nan")
     og: float = float("nan")
     accuracy_mean: float | None = None
@@ -34,6 +35,10 @@ class Comparison:
     loyalty_tokens: float | None = None
     loyalty_choices: float | None = None
     loyalty_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # next-token distributions against dense: filled by `effideploy tune` from its PyTorch screen (fake-quantized
+    # weights where the recipe quantizes); the bench alone does not measure them (None)
+    kl_divergence: float | None = None
+    top_k_agreement: float | None = None
     # speed
     ttft_speedup: float = float("nan")
     decode_speedup: float = float("nan")
@@ -75,14 +80,18 @@ def _accuracy(record: Comparison, dense: ModelResult, candidate: ModelResult) ->
             dense_ppl = dense.perplexity.perplexity_from(second_half_start(dense.perplexity.seqlen))
         record.perplexity, record.perplexity_dense, record.perplexity_scope = ppl.perplexity, dense_ppl, ppl.scope
         record.perplexity_increase = ppl.perplexity / dense_ppl - 1.0
-    dense_scores = {name: task.accuracy for name, task in dense.tasks.items()}
-    candidate_scores = {name: task.accuracy for name, task in candidate.tasks.items()}
+    # Only tasks the dense model is competent on measure what a candidate lost; the others are named in the report.
+    record.excluded_tasks = metrics.at_chance_tasks({name: (task.accuracy, task.chance, task.n)
+                                                     for name, task in dense.tasks.items()})
+    dense_scores = {name: task.accuracy for name, task in dense.tasks.items() if name not in record.excluded_tasks}
+    candidate_scores = {name: task.accuracy for name, task in candidate.tasks.items()
+                        if name not in record.excluded_tasks}
     if record.perplexity is not None:  # lower is better: 1 / perplexity makes the ratio dense_ppl / candidate_ppl
         dense_scores["wikitext2"], candidate_scores["wikitext2"] = 1 / record.perplexity_dense, 1 / record.perplexity
     record.ratios = metrics.ratios(candidate_scores, dense_scores)
     record.op = metrics.overall_performance(list(record.ratios.values()))
     record.og = metrics.generalization_gap(list(record.ratios.values()))
-    names = [name for name in dense.tasks if name in candidate.tasks]
+    names = [name for name in dense_scores if name in candidate_scores and name != "wikitext2"]
     if names:
         record.accuracy_mean = sum(candidate_scores[n] for n in names) / len(names)
         record.accuracy_mean_dense = sum(dense_scores[n] for n in names) / len(names)

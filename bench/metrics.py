@@ -47,6 +47,30 @@ def ratios(candidate: dict[str, float], dense: dict[str, float]) -> dict[str, fl
     return {name: candidate[name] / dense[name] for name in dense if name in candidate and dense[name] > 0}
 
 
+# A task counts in OP/OG only where the dense model is above chance by this many standard errors (of chance
+# accuracy over the items used): a ratio of two at-chance accuracies is noise, and OP > 1 for a damaged model.
+ABOVE_CHANCE_Z = 2.0
+
+
+def chance_z(accuracy: float, chance: float, n: int) -> float:
+    """(accuracy - chance) / SE, the SE of a uniform random pick's accuracy over ``n`` items; NaN when unknown."""
+    if n <= 0 or not (0.0 < chance < 1.0) or math.isnan(accuracy):
+        return float("nan")
+    return (accuracy - chance) / math.sqrt(chance * (1.0 - chance) / n)
+
+
+def at_chance_tasks(dense: dict[str, tuple[float, float, int]], z: float = ABOVE_CHANCE_Z) -> dict[str, str]:
+    """{task: why} for the tasks (name -> dense accuracy, chance, items) where the dense model is not above chance
+    by ``z`` standard errors; a task whose chance level is unknown is kept (nothing says it is at chance)."""
+    excluded = {}
+    for name, (accuracy, chance, n) in dense.items():
+        score = chance_z(accuracy, chance, n)
+        if not math.isnan(score) and score < z:
+            excluded[name] = (f"dense accuracy {accuracy:.3f} vs chance {chance:.3f} over {n} items "
+                              f"({score:+.1f} SE < {z:g})")
+    return excluded
+
+
 def overall_performance(per_benchmark_ratios: Sequence[float]) -> float:
     """OP: the quadratic mean of the score ratios (1.0 = as good as dense on every benchmark)."""
     if not per_benchmark_ratios:

@@ -200,10 +200,11 @@ def _accuracy_section(report: BenchReport) -> list[str]:
             f"{config['seed']}): " + ", ".join(f"{t['name']} ({min(t['examples'], config['mc_limit'] or t['examples'])}"
                                                f" of {t['examples']})" for t in data["tasks"])
             + ". ± is the standard error sqrt(p (1 - p) / n) of an accuracy."]
-    at_chance = [t for t in tasks if abs(dense_tasks[t].accuracy - dense_tasks[t].chance) <= 2 * _stderr(dense_tasks[t])]
-    if at_chance:
-        out.append(f"The dense model is within two standard errors of chance on {', '.join(at_chance)}: there the "
-                   "accuracy ratios in OP and OG measure sampling noise more than the candidate (read perplexity and OL).")
+    excluded = report.comparisons[0].excluded_tasks if report.comparisons else {}
+    if excluded:
+        out.append("Left out of OP, OG and the mean accuracy drop because the dense model is not above chance there "
+                   "(a ratio of two at-chance accuracies is noise): "
+                   + "; ".join(f"{name}: {why}" for name, why in excluded.items()) + ".")
     return out
 
 

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the main job on the embedded default model: prune SmolLM2-135M with CFSP at FFN
-# sparsity 0.2 and 0.5 (one calibration pass), export the dense model and both checkpoints to ONNX, bench all three
-# on ONNX Runtime and write the sign-off report to out/run/report/ (report.md, report.json, PNG plots).
+# Set up (idempotent) and run the main job on the embedded default model: the recipe search (`effideploy tune`)
+# for SmolLM2-135M on ONNX Runtime (the runtime that serves it fastest here, one thread) under
+# bench/policies/default.toml. Space: CFSP FFN sparsity {0, 0.1, 0.2, 0.3} x weights {fp32, int8, int4}; one
+# calibration pass (32 x 512 tokens); every recipe screened in PyTorch (perplexity, KL and top-5 agreement to dense
+# on 4 held-out windows, fake quantization); a cost model fitted to the timed dense, dense+int8, dense+int4 and
+# cfsp-0.3 exports; the recipes predicted to pass benched for real. Writes out/search/report/ (report.md starts with
+# the verdict, search.json, bench/ with the full bench report and plots, reproduce.sh) and links the recommended
+# export as out/search/recommended. Exit 0: a recipe passes (recommended); 1: none does (the binding threshold is
+# named); 2: an error.
 #
-# Cost, measured on a shared 2-core CPU (load average 3-5) with these defaults: ~29 min the first time
-# (calibration 17 min, pruning 13 s, ONNX export 2 min, bench 10 min); a second run reuses the checkpoints and
-# exports and only re-measures (~10 min). `--quick` is a smoke run (16 x 512 calibration, fewer repeats/examples).
+# Cost, measured on the shared 2-core CPU under load (other jobs on the cores; docs/search.md): 842 s (14.0 min) the
+# first time (calibration + pruning 105 s, screen 140 s, cost-model exports and timing 149 s, final bench 437 s);
+# a second run reuses the checkpoints, the screen results and the exports and only re-measures.
 #
-# Extra arguments go to `effideploy run` and win over the defaults below (see `effideploy run --help`), e.g.
-#   bash scripts/main.sh --runtime torch          # no export: PyTorch eager
-#   bash scripts/main.sh --runtime vllm           # vLLM (CPU build) export and engine
-#   bash scripts/main.sh --threads 8 --policy bench/policies/default.toml   # exit 1 when the policy fails
-# --threads 1 is the default here: on a small or busy machine one thread per model is steadier and rarely slower.
+# Extra arguments go to `effideploy tune` and win over the defaults below (see `effideploy tune --help`), e.g.
+#   bash scripts/main.sh --policy my_policy.toml --sparsities 0,0.2,0.5 --quantize none,int8
+#   bash scripts/main.sh --kv none,snapkv:0.5        # add a KV-budget lever
+#   bash scripts/main.sh --lm-eval-task arc_easy     # also lm-evaluation-harness (needs lm-eval and the data)
+# `effideploy run` (prune at fixed sparsities and bench) is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-exec effideploy run --runtime onnx --threads 1 "$@"
+exec effideploy tune --runtime onnx --threads 1 --policy bench/policies/default.toml --output out/search "$@"

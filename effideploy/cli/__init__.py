@@ -17,7 +17,7 @@ from effideploy.errors import EffideployError, OptionError
 from effideploy.cli import prune as _prune  # noqa: E402,F401
 from effideploy.cli import evaluate as _evaluate  # noqa: E402,F401
 
-for _optional in ("export", "bench", "recover", "run"):
+for _optional in ("export", "bench", "recover", "run", "tune"):
     try:
         __import__(f"effideploy.cli.{_optional}")
     except ModuleNotFoundError as _exc:  # a command whose module is not written yet

@@ -103,3 +103,12 @@ def test_ideal_decode_speedup_of_a_shorter_cache():
     # same weights; the cache shrinks from 100 + 5 to 20 + 5 average entries attended per decode step
     assert ideal["decode_speedup_flops"] == pytest.approx((2 * 500 + 40 * 105) / (2 * 500 + 40 * 25))
     assert ideal["prefill_speedup_flops"] == 1.0 and ideal["decode_speedup_weight_bytes"] == 1.0
+
+
+def test_tasks_where_dense_is_at_chance_are_named_for_exclusion():
+    # 2-way tasks over 100 items: SE of chance = 0.05, so 0.61 is 2.2 SE above chance (kept), 0.58 is 1.6 SE (left out)
+    excluded = metrics.at_chance_tasks({"good": (0.61, 0.5, 100), "noise": (0.58, 0.5, 100),
+                                        "below": (0.40, 0.5, 100), "unknown": (0.5, float("nan"), 100)})
+    assert set(excluded) == {"noise", "below"}
+    assert "0.580 vs chance 0.500 over 100 items (+1.6 SE < 2)" in excluded["noise"]
+    assert metrics.chance_z(0.75, 0.25, 300) == pytest.approx(0.5 / math.sqrt(0.25 * 0.75 / 300))

@@ -183,3 +183,21 @@ def test_quantize_on_a_runtime_that_reads_checkpoints_is_refused(tiny_model_dir)
     config = BenchConfig(dense=str(tiny_model_dir), quantize=("int8",), memory=False, data_dir=str(DATA))
     with pytest.raises(EffideployError, match="quantized weights need an exporting runtime"):
         run_bench(config)
+
+
+def test_op_and_og_leave_out_tasks_where_dense_is_at_chance():
+    """Hand-made: the dense model is 0.9 on a 2-way task (competent) and 0.5 on another (chance), over 50 items;
+    the candidate 0.45 and 0.9. Only the competent task and WikiText-2 enter OP, OG and the accuracy drop."""
+    def model(label, competent, noise):
+        result = entry(label, ttft=[0.2], tpot=[0.05], nll=[[1.0, 2.0]], predictions=[[1, 2]], chosen=[0],
+                       accuracy=0.5, counts=COUNTS_DENSE)
+        result.tasks = {"competent": TaskResult("competent", competent, [0] * 50, [], list(range(50)), chance=0.5),
+                        "noise": TaskResult("noise", noise, [0] * 50, [], list(range(50)), chance=0.5)}
+        return result
+
+    record = compare(model("dense", 0.9, 0.5), model("cand", 0.45, 0.9), config())
+    assert set(record.excluded_tasks) == {"noise"} and "chance 0.500 over 50 items" in record.excluded_tasks["noise"]
+    assert record.ratios == pytest.approx({"competent": 0.5, "wikitext2": 1.0})
+    assert record.op == pytest.approx(math.sqrt((0.25 + 1.0) / 2))  # with the at-chance task it would be above 1
+    assert record.og == pytest.approx(100 * 0.25 / 0.75)
+    assert record.accuracy_drop == pytest.approx(0.45)

@@ -1,0 +1,97 @@
+"""``effideploy tune``: the recipe search. The fastest recipe (FFN sparsity x weight quantization x KV budget) that
+passes a policy on one runtime, with the evidence; exit 0 with a recommendation, 1 when none passes (the binding
+threshold named), 2 on an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from effideploy.cli.app import app, check_option_text, default_of, echo, set_threads
+from effideploy.errors import EffideployError
+from effideploy.runtimes import RUNTIMES
+from effideploy.search.search import SearchConfig
+
+DEFAULT_POLICY = "bench/policies/default.toml"
+
+
+def _values(text: str, option: str, convert) -> tuple:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(convert(part))
+        except ValueError:
+            raise EffideployError(f"{option} must be a comma-separated list, got {text!r}") from None
+    if not out:
+        raise EffideployError(f"{option} needs at least one value")
+    return tuple(out)
+
+
+@app.command("tune")
+def tune(
+    model: str = typer.Option(default_of(SearchConfig, "model"), help="Dense model (default: the embedded SmolLM2-135M)."),
+    runtime: str = typer.Option(default_of(SearchConfig, "runtime"), help=" | ".join(RUNTIMES.names())),
+    policy: Path = typer.Option(Path(DEFAULT_POLICY), help="Policy TOML the recommended recipe must pass."),
+    output: Path = typer.Option(Path(default_of(SearchConfig, "output")), help="Folder for checkpoints, exports, screen cache and report/."),
+    sparsities: str = typer.Option("0,0.1,0.2,0.3", help="FFN sparsities (CFSP; 0 = keep the FFN), comma-separated."),
+    quantize: str = typer.Option("none,int8,int4", help="Weight schemes (none = float), comma-separated."),
+    kv: str = typer.Option("none", help="KV budgets: token-compression specs (e.g. snapkv:0.5) or none, comma-separated."),
+    calib_samples: int = typer.Option(default_of(SearchConfig, "calib_samples"), help="Calibration windows (one pass for every sparsity)."),
+    calib_seqlen: int = typer.Option(default_of(SearchConfig, "calib_seqlen"), help="Tokens per calibration window."),
+    screen_windows: int = typer.Option(default_of(SearchConfig, "screen_windows"), help="Held-out windows of the PyTorch quality screen."),
+    screen_seqlen: int = typer.Option(default_of(SearchConfig, "screen_seqlen"), help="Tokens per screen window."),
+    shortlist: int = typer.Option(default_of(SearchConfig, "shortlist"), help="Recipes predicted to pass that are benched for real (plus the best quantization-only and pruning-only)."),
+    repeats: int = typer.Option(default_of(SearchConfig, "repeats"), help="Timed latency repeats of the final bench."),
+    ppl_windows: int = typer.Option(default_of(SearchConfig, "ppl_windows"), help="WikiText-2 test windows of the final bench."),
+    ppl_seqlen: int = typer.Option(default_of(SearchConfig, "ppl_seqlen"), help="Tokens per perplexity window of the final bench."),
+    prompt_tokens: int = typer.Option(default_of(SearchConfig, "prompt_tokens"), help="Tokens per latency prompt."),
+    new_tokens: int = typer.Option(default_of(SearchConfig, "new_tokens"), help="Greedy tokens generated per prompt."),
+    mc_limit: int = typer.Option(default_of(SearchConfig, "mc_limit"), help="Multiple-choice examples per task (0 skips)."),
+    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder (repeatable; default: the tasks the dense SmolLM2 is competent on)."),
+    lm_eval_task: Optional[List[str]] = typer.Option(None, "--lm-eval-task", help="Also run this lm-evaluation-harness task on the dense and recommended models (repeatable; needs lm-eval and the task's data)."),
+    lm_eval_limit: int = typer.Option(100, help="Examples per lm-eval task (-1: all)."),
+    memory: bool = typer.Option(default_of(SearchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory in the final bench."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per model."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
+    overwrite: bool = typer.Option(False, help="Prune and screen again (otherwise reused when the options match)."),
+) -> None:
+    """Recipe search: prune once, screen every recipe, fit a speed cost model, bench the promising ones, recommend."""
+    from effideploy.bench.policy import load_policy
+    from effideploy.io import check_output_dir
+    from effideploy.search.report import write_search_report
+    from effideploy.search.search import run_search
+    from effideploy.search.space import FfnSparsity, KvBudget, SearchSpace, WeightQuantization
+
+    RUNTIMES.target(runtime)
+    loaded = load_policy(policy)
+    for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize")]:
+        check_option_text(value, option)
+    space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
+                         WeightQuantization(values=_values(quantize, "--quantize", str)),
+                         KvBudget(values=_values(kv, "--kv", str))))
+    inputs = [p for p in (model, policy, data_dir, *(task or [])) if p is not None and Path(str(p)).expanduser().exists()]
+    check_output_dir(output / "report", overwrite=True, inputs=inputs)
+    set_threads(threads)
+    config = SearchConfig(model=model, runtime=runtime, output=str(output), space=space, calib_samples=calib_samples,
+                          calib_seqlen=calib_seqlen, screen_windows=screen_windows, screen_seqlen=screen_seqlen,
+                          shortlist=shortlist, repeats=repeats, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen,
+                          prompt_tokens=prompt_tokens, new_tokens=new_tokens, mc_limit=mc_limit,
+                          tasks=tuple(str(t) for t in task or ()), memory=memory, threads=threads,
+                          data_dir=str(data_dir) if data_dir else None, lm_eval_tasks=tuple(lm_eval_task or ()),
+                          lm_eval_limit=None if lm_eval_limit < 0 else lm_eval_limit, overwrite=overwrite)
+    result = run_search(config, loaded)
+    target = write_search_report(result, output / "report")
+    from effideploy.search.report import verdict_lines
+
+    echo(f"[bold]tune[/] {len(result.records)} recipes, {result.seconds['total']:.0f} s -> {target}/report.md")
+    for line in verdict_lines(result)[:2]:
+        echo(line.replace("**", ""))
+    if result.recommended is None:
+        raise typer.Exit(1)

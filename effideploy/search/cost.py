@@ -1,0 +1,122 @@
+"""The speed cost model: a few real measurements on the target runtime, a least-squares line through them, and
+predictions for every recipe that was only screened.
+
+Decode on a CPU is memory-bound: time per output token ~ a + b x (bytes one decode step reads: the matmul weights
+as stored, with their scales, plus the KV cache it attends over). Prefill is compute-bound, and an int8/int4
+MatMulNBits graph computes in int8: TTFT ~ a + b_float x (FLOPs on float weights) + b_quant x (FLOPs on quantized
+weights). Peak memory ~ a + b x stored weight bytes. Speedups are ratios of two predictions (dense / recipe), which
+transfer between runs better than absolute times on a loaded machine; the report checks each prediction against
+the measurement of every recipe that was then benched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from effideploy.search.space import BYTES_PER_WEIGHT, Recipe
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the cost model reads of a recipe, computed from its checkpoint's config alone (no export needed)."""
+
+    decode_bytes: float  # weight bytes read per decoded token + KV bytes attended over
+    prefill_flops_float: float
+    prefill_flops_quant: float
+    stored_bytes: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_tokens: int) -> Features:
+    from effideploy.bench.metrics import matmul_parameters, prefill_flops
+    from effideploy.compression.spec import parse_spec
+    from effideploy.models.build import build_config, count_parameters
+
+    config = build_config(config_dict)
+    counts = count_parameters(config)
+    matmul = matmul_parameters(counts)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kept = prompt_tokens
+    if recipe.kv is not None:
+        ratio = getattr(parse_spec(recipe.kv), "ratio", None)
+        kept = prompt_tokens * ratio if isinstance(ratio, float) and 0 < ratio <= 1 else prompt_tokens
+    kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4 * (kept + new_tokens / 2)
+    per_weight = BYTES_PER_WEIGHT[recipe.quantize]
+    flops = prefill_flops(matmul, config.num_hidden_layers * config.num_attention_heads * head_dim, prompt_tokens)
+    embedding_bytes = counts["embedding"] * 4  # the Gather keeps the float table
+    return Features(decode_bytes=matmul * per_weight + kv_bytes,
+                    prefill_flops_float=0.0 if recipe.quantize else flops,
+                    prefill_flops_quant=flops if recipe.quantize else 0.0,
+                    stored_bytes=embedding_bytes + (counts["total"] - counts["embedding"]) * per_weight
+                    + (counts["embedding"] * per_weight if recipe.quantize and not counts["lm_head"] else 0.0))
+
+
+@dataclass
+class LinearFit:
+    """target ~ intercept + sum_i coef_i x feature_i, least squares; features that are zero at every fitted point
+    (e.g. quantized FLOPs when no quantized recipe was measured) are left out and contribute nothing."""
+
+    names: tuple[str, ...]
+    coefficients: dict[str, float] = field(default_factory=dict)
+    intercept: float = 0.0
+    points: int = 0
+    residual_pct: float | None = None  # RMS relative residual over the fitted points
+
+    def fit(self, rows: list[dict], targets: list[float]) -> "LinearFit":
+        import numpy as np
+
+        used = [n for n in self.names if any(abs(r[n]) > 0 for r in rows)]
+        scale = {n: max(abs(r[n]) for r in rows) for n in used}  # conditioning: features span ~1e8..1e12
+        matrix = np.array([[1.0] + [r[n] / scale[n] for n in used] for r in rows])
+        target = np.array(targets, dtype=float)
+        solution, *_ = np.linalg.lstsq(matrix, target, rcond=None)
+        self.intercept = float(solution[0])
+        self.coefficients = {n: float(c) / scale[n] for n, c in zip(used, solution[1:])}
+        self.points = len(rows)
+        fitted = matrix @ solution
+        self.residual_pct = float(np.sqrt(np.mean(((fitted - target) / target) ** 2)) * 100)
+        return self
+
+    def predict(self, row: dict) -> float:
+        return self.intercept + sum(c * row[n] for n, c in self.coefficients.items())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CostModel:
+    decode: LinearFit = field(default_factory=lambda: LinearFit(("decode_bytes",)))
+    ttft: LinearFit = field(default_factory=lambda: LinearFit(("prefill_flops_float", "prefill_flops_quant")))
+    memory: LinearFit | None = None
+    fitted_on: list[str] = field(default_factory=list)
+
+    def fit(self, points: list[tuple[str, Features, float, float]]) -> "CostModel":
+        """``points``: (label, features, measured median TPOT s, measured median TTFT s)."""
+        rows = [f.to_dict() for _, f, _, _ in points]
+        self.decode.fit(rows, [p[2] for p in points])
+        self.ttft.fit(rows, [p[3] for p in points])
+        self.fitted_on = [p[0] for p in points]
+        return self
+
+    def fit_memory(self, points: list[tuple[Features, float]]) -> None:
+        if len(points) >= 2:
+            self.memory = LinearFit(("stored_bytes",)).fit([f.to_dict() for f, _ in points], [m for _, m in points])
+
+    def speedups(self, dense: Features, recipe: Features) -> dict:
+        d, r = dense.to_dict(), recipe.to_dict()
+        out = {"decode_speedup": _ratio(self.decode.predict(d), self.decode.predict(r)),
+               "ttft_speedup": _ratio(self.ttft.predict(d), self.ttft.predict(r))}
+        if self.memory is not None:
+            out["peak_memory_mb"] = self.memory.predict(r)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"decode": self.decode.to_dict(), "ttft": self.ttft.to_dict(),
+                "memory": None if self.memory is None else self.memory.to_dict(), "fitted_on": self.fitted_on}
+
+
+def _ratio(dense: float, recipe: float) -> float:
+    return dense / recipe if recipe > 0 else float("nan")

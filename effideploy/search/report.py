@@ -1,0 +1,144 @@
+"""The search's report folder: report.md (the verdict first), search.json, the final bench's own report under
+bench/, and the recommended artifact linked as ``recommended`` beside it."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from effideploy.io import atomic_output_dir, write_json
+
+SEARCH_SCHEMA_VERSION = 1
+
+
+def _f(value, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value * 100:+.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_search_report(result, output: Path) -> Path:
+    from effideploy.bench.report import write_report
+
+    output = Path(output).expanduser()
+    with atomic_output_dir(output, overwrite=True) as staging:
+        write_json(staging / "search.json", {"schema_version": SEARCH_SCHEMA_VERSION, **result.to_dict()})
+        (staging / "report.md").write_text(markdown(result))
+        if result.reproduce:
+            (staging / "reproduce.sh").write_text("#!/usr/bin/env bash\n# Rebuild the recommended recipe.\nset -euo pipefail\n"
+                                                  + "\n".join(result.reproduce) + "\n")
+        write_report(result.bench_report, staging / "bench", overwrite=True)
+    link = output.parent / "recommended"
+    if link.is_symlink() or link.exists():
+        if link.is_symlink():
+            link.unlink()
+    if result.artifact and not link.exists():
+        os.symlink(os.path.relpath(result.artifact, link.parent), link)
+    return output.resolve()
+
+
+def verdict_lines(result) -> list[str]:
+    records = {r.label: r for r in result.records}
+    policy = result.policy
+    if result.recommended:
+        r = records[result.recommended]
+        m = r.measured
+        lines = [f"**Verdict: ship `{r.label}`**, the fastest recipe that passes policy `{policy['name']}` on "
+                 f"{result.config['runtime']}: decode {_f(m['decode_speedup'])}x and TTFT {_f(m['ttft_speedup'])}x "
+                 f"over the dense model on the same runtime (measured, interleaved), WikiText-2 perplexity "
+                 f"{_f(m.get('perplexity'))} ({_pct(m.get('perplexity_increase'))}), KL to dense "
+                 f"{_f(m.get('kl_divergence'), 4)} nats, loyalty {_f(m.get('loyalty'), 3)}, OP {_f(m.get('op'), 3)}, "
+                 f"size {_pct(-(m.get('size_reduction') or 0))}.",
+                 f"Artifact: `{result.artifact}` (linked as `recommended` beside the report); rebuild it with "
+                 "`reproduce.sh`:", "", "```"] + result.reproduce + ["```"]
+    else:
+        b = result.binding or {}
+        lines = [f"**Verdict: no recipe passes policy `{policy['name']}`** on {result.config['runtime']}."]
+        if b:
+            detail = ", ".join(f"{n} (measured {_f(b['values'].get(n), 3)}, limit {b['limits'][n]:g}; fails "
+                               f"{b['failing_counts'][n]} of the benched)" for n in b["thresholds"])
+            lines.append(f"Binding threshold(s): {detail}. Closest candidate: `{b['closest']}`.")
+    return lines
+
+
+def markdown(result) -> str:
+    config, records = result.config, result.records
+    out = [f"# effideploy tune: {config['model']} on {config['runtime']}, policy {result.policy['name']}", ""]
+    out += verdict_lines(result)
+    comparisons = result.comparisons
+    if comparisons:
+        out += ["", "## Against the alternatives", ""]
+        for family, label in (("quantization", "quantization only (the dense model quantized)"),
+                              ("pruning", "pruning only (float weights)")):
+            c = comparisons.get(family) or {}
+            if not c.get("best"):
+                out.append(f"- {label}: no benched recipe of this kind passes the policy.")
+                continue
+            line = (f"- {label}: best passing `{c['best']}`, decode {_f(c['decode_speedup'])}x, perplexity "
+                    f"{_pct(c.get('perplexity_increase'))}")
+            if "recommended_over_best" in c:
+                ratio = c["recommended_over_best"]
+                line += (f"; the recommended recipe decodes {_f(ratio)}x as fast" if c["best"] != result.recommended
+                         else "; it is the recommended recipe")
+                if c["best"] != result.recommended and ratio < 1.05 and family == "quantization":
+                    line += " (pruning adds little at this policy)"
+            out.append(line + ".")
+    out += ["", "## Recipes tried", "",
+            "Screen: PyTorch on held-out WikiText-2 windows (fake-quantized weights for quantized recipes). Predicted: "
+            "the cost model. Measured: the final bench (or the cost model's timing run, marked c). Front: on the "
+            "Pareto front of screened quality (dense PPL / PPL) against decode speedup (d), TTFT speedup (t), "
+            "memory (m).", ""]
+    rows = []
+    for r in sorted(records, key=lambda r: -(r.predicted.get("decode_speedup") or 0)):
+        s, m = r.screen, r.measured or {}
+        mark = "" if m.get("run") != "calibration" else " (c)"
+        verdict = ("pass" if r.failed == [] else "FAIL: " + ", ".join(r.failed)) if r.failed is not None else \
+            ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else "not benched")
+        rows.append([f"`{r.label}`", r.recipe.family, _f(s.perplexity if s else None) + f" ({_pct(s.perplexity_increase if s else None)})",
+                     _f(s.kl if s else None, 4), _f(s.top1_agreement if s else None, 3),
+                     _f(s.top_k_agreement if s else None, 3), _f(r.predicted.get("decode_speedup")),
+                     _f(m.get("decode_speedup")) + mark, _f(r.predicted.get("ttft_speedup")),
+                     _f(m.get("ttft_speedup")) + mark, _f(r.predicted.get("peak_memory_mb"), 0),
+                     "".join(k[0] for k, v in r.on_front.items() if v) or "-", verdict])
+    out.append(_table(["recipe", "levers", "screen PPL", "KL", "top-1", "top-5", "decode pred.", "decode meas.",
+                       "TTFT pred.", "TTFT meas.", "peak MB pred.", "front", "policy"], rows))
+    out += ["", "## Cost model", ""]
+    cost = result.cost_model
+    decode, ttft = cost["decode"], cost["ttft"]
+    out.append(f"Fitted on {', '.join(cost['fitted_on'])} (timed on {config['runtime']}). TPOT = {decode['intercept'] * 1e3:.2f} ms + "
+               + " + ".join(f"{c * 1e12:.3g} ms/GB x {n}" for n, c in decode["coefficients"].items())
+               + f" (RMS residual {_f(decode['residual_pct'], 1)}%); TTFT = {ttft['intercept'] * 1e3:.1f} ms + "
+               + " + ".join(f"{c * 1e12:.3g} ms/TFLOP x {n}" for n, c in ttft["coefficients"].items())
+               + f" (RMS residual {_f(ttft['residual_pct'], 1)}%).")
+    held = [c for c in result.cost_check if not c["fitted_on"]]
+    if result.cost_check:
+        out += ["", _table(["recipe", "fitted on it", "decode predicted", "decode measured", "error", "TTFT predicted",
+                            "TTFT measured", "error"],
+                           [[c["label"], "yes" if c["fitted_on"] else "no", _f(c["decode_predicted"]), _f(c["decode_measured"]),
+                             _pct(c["decode_predicted"] / c["decode_measured"] - 1), _f(c["ttft_predicted"]),
+                             _f(c["ttft_measured"]), _pct(c["ttft_predicted"] / c["ttft_measured"] - 1)]
+                            for c in result.cost_check])]
+    if held:
+        errors = [abs(c["decode_predicted"] / c["decode_measured"] - 1) for c in held]
+        out += ["", f"On the {len(held)} benched recipe(s) the model was not fitted on, the predicted decode speedup is "
+                f"off by {sum(errors) / len(errors) * 100:.0f}% on average (at most {max(errors) * 100:.0f}%)."]
+    if result.lm_eval:
+        out += ["", "## lm-evaluation-harness", ""]
+        for label, tasks in result.lm_eval.items():
+            out.append(f"- {label}: " + "; ".join(f"{t}: " + ", ".join(f"{k} {_f(v, 4)}" for k, v in m.items())
+                                                 for t, m in tasks.items()))
+    out += ["", "## Cost of this run", "", ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+            + ". The final bench's full report is in `bench/report.md`."]
+    if result.notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
+    return "\n".join(out) + "\n"

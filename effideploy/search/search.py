@@ -1,0 +1,435 @@
+"""``effideploy tune``: calibrate once, prune every structural variant, screen every recipe in PyTorch, fit the
+speed cost model to a few real measurements on the target runtime, bench the promising recipes for real, and pick
+the fastest one that passes the policy.
+
+Stages (each shows progress; a second run reuses checkpoints, exports and screen results):
+1. prune: one calibration pass, one checkpoint per FFN sparsity (reused when the same options made it);
+2. screen: perplexity, KL and top-k agreement to dense of every recipe on a few held-out windows (screen.py);
+3. calibrate the cost model: the dense model, each quantization-only recipe and the most pruned float recipe,
+   exported and timed (latency only) on the target runtime (cost.py);
+4. shortlist: the recipes the screen and the cost model predict to pass, fastest first, plus the best
+   quantization-only and pruning-only ones (the report compares against them);
+5. bench: the dense model and the shortlist, every policy metric measured in one interleaved run;
+6. verdict: the fastest benched recipe that passes, or none and the binding threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from effideploy import progress
+from effideploy.errors import EffideployError, OptionError
+from effideploy.search.cost import CostModel, Features, recipe_features
+from effideploy.search.screen import ScreenResult
+from effideploy.search.stages import prune_all, screen_all
+from effideploy.search.space import Recipe, SearchSpace
+
+# Tasks the dense SmolLM2-135M is competent on (>= 3 standard errors above chance; docs/search.md): the search's
+# multiple-choice axis. Tasks not present in the data folders are skipped.
+DEFAULT_TASKS = ("hindu_knowledge",)
+# The screen is a few windows: a recipe passes it when within this relative slack of each threshold.
+SCREEN_SLACK = 0.15
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    model: str = "llama"
+    runtime: str = "onnx"
+    output: str = "out/search"
+    space: SearchSpace = field(default_factory=SearchSpace)
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    screen_windows: int = 4
+    screen_seqlen: int = 512
+    shortlist: int = 2
+    calibration_repeats: int = 3
+    repeats: int = 5
+    prompt_tokens: int = 256
+    new_tokens: int = 32
+    ppl_windows: int = 4
+    ppl_seqlen: int = 1024
+    mc_limit: int = 150
+    tasks: tuple[str, ...] = ()
+    memory: bool = True
+    threads: int | None = None
+    data_dir: str | None = None
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: int | None = 100
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "screen_windows", "shortlist", "calibration_repeats", "repeats"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.screen_seqlen < 8 or self.calib_seqlen < 2:
+            raise OptionError("screen_seqlen", "screen windows need at least 8 tokens")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["space"] = self.space.to_dict()
+        return out
+
+
+@dataclass
+class RecipeRecord:
+    """Everything the search knows about one recipe."""
+
+    recipe: Recipe
+    checkpoint: str
+    features: Features
+    screen: ScreenResult | None = None
+    screen_failed: list[str] = field(default_factory=list)
+    predicted: dict = field(default_factory=dict)
+    stage: str = "screened"  # screened | calibration | benched
+    measured: dict | None = None  # from the final bench (Comparison fields) or the calibration run (speed only)
+    failed: list[str] | None = None  # thresholds the measured candidate fails (None: not benched)
+    on_front: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.recipe.label
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "recipe": asdict(self.recipe), "family": self.recipe.family,
+                "checkpoint": self.checkpoint, "features": self.features.to_dict(),
+                "screen": None if self.screen is None else self.screen.to_dict(), "screen_failed": self.screen_failed,
+                "predicted": self.predicted, "stage": self.stage, "measured": self.measured, "failed": self.failed,
+                "on_front": self.on_front}
+
+
+@dataclass
+class SearchResult:
+    config: dict
+    policy: dict
+    records: list[RecipeRecord]
+    cost_model: dict
+    cost_check: list[dict]
+    recommended: str | None
+    binding: dict | None  # when none passes: the closest candidate and the thresholds it fails
+    comparisons: dict  # recommended vs best quantization-only / pruning-only
+    bench_report: object  # the final BenchReport
+    seconds: dict
+    notes: list[str]
+    lm_eval: dict = field(default_factory=dict)
+    reproduce: list[str] = field(default_factory=list)
+    artifact: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "policy": self.policy, "recipes": [r.to_dict() for r in self.records],
+                "cost_model": self.cost_model, "cost_check": self.cost_check, "recommended": self.recommended,
+                "binding": self.binding, "comparisons": self.comparisons, "seconds": self.seconds,
+                "notes": self.notes, "lm_eval": self.lm_eval, "reproduce": self.reproduce, "artifact": self.artifact}
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+# Policy threshold -> how the screen and the cost model estimate it before anything is benched.
+def screen_value(record: RecipeRecord, threshold: str) -> float | None:
+    s, p = record.screen, record.predicted
+    return {
+        "max_perplexity_increase": s.perplexity_increase if s else None,
+        "max_perplexity": s.perplexity if s else None,
+        "min_loyalty": s.top1_agreement if s else None,
+        "min_op": (s.perplexity_dense / s.perplexity) if s else None,  # the WikiText-2 part of OP
+        "max_kl_divergence": s.kl if s else None,
+        "min_top_k_agreement": s.top_k_agreement if s else None,
+        "min_decode_speedup": p.get("decode_speedup"),
+        "min_ttft_speedup": p.get("ttft_speedup"),
+        "max_peak_memory_mb": p.get("peak_memory_mb"),
+        "min_size_reduction": p.get("size_reduction"),
+    }.get(threshold)
+
+
+def violation(value: float | None, limit: float, direction: str) -> float:
+    """How far a value is on the wrong side of its limit, relative to the limit (0: passes; inf: unknown)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.inf
+    scale = abs(limit) or 1.0
+    return max(0.0, (value - limit) / scale) if direction == "max" else max(0.0, (limit - value) / scale)
+
+
+def predicted_failures(record: RecipeRecord, policy, slack: float = SCREEN_SLACK) -> dict[str, float]:
+    """Thresholds the screen/cost model predict the recipe fails by more than ``slack`` (estimable ones only)."""
+    from effideploy.bench.policy import THRESHOLDS
+
+    out = {}
+    for name, limit in policy.thresholds.items():
+        value = screen_value(record, name)
+        if value is None:
+            continue
+        gap = violation(value, limit, THRESHOLDS[name].direction)
+        if gap > slack:
+            out[name] = gap
+    return out
+
+
+def calibration_recipes(records: list[RecipeRecord]) -> list[RecipeRecord]:
+    """Cost-model points: each quantization-only recipe and the most pruned float recipe (the dense model is
+    always measured); together they span the bytes and FLOPs the space reaches."""
+    chosen = [r for r in records if r.recipe.sparsity == 0 and r.recipe.quantize and r.recipe.kv is None]
+    pruned = [r for r in records if r.recipe.sparsity > 0 and not r.recipe.quantize and r.recipe.kv is None]
+    if pruned:
+        chosen.append(max(pruned, key=lambda r: r.recipe.sparsity))
+    if not chosen:  # a space of KV budgets only: time the first recipe
+        chosen = records[:1]
+    return chosen
+
+
+def candidate_spec(record: RecipeRecord):
+    from effideploy.bench.config import CandidateSpec
+
+    return CandidateSpec(model=None if record.recipe.sparsity == 0 else record.checkpoint,
+                         quantize=record.recipe.quantize, compression=record.recipe.kv, label=record.label)
+
+
+def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeRecord]:
+    """Predicted to pass, fastest predicted decode first (``size`` of them), plus the fastest predicted-passing
+    recipe of each family (quantization only, pruning only) for the report's comparison; when none is predicted
+    to pass, the ``size`` recipes closest to passing, so the verdict still rests on measurements."""
+    speed = lambda r: r.predicted.get("decode_speedup") or 0.0
+    passing = sorted([r for r in records if not r.screen_failed], key=speed, reverse=True)
+    chosen = passing[:size]
+    # A family's representative is its fastest recipe predicted to pass without the slack when there is one: a
+    # borderline one (e.g. int4 at +36% perplexity against a 35% limit) may fail for real and leave the family
+    # without a passing benched recipe to compare with.
+    strict = [r for r in passing if not predicted_failures(r, policy, slack=0.0)]
+    for family in ("quantization", "pruning"):
+        best = next((r for r in strict + passing if r.recipe.family == family), None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    if not chosen:
+        chosen = sorted(records, key=lambda r: (max(predicted_failures(r, policy).values(), default=0.0), -speed(r)))[:size]
+    return chosen
+
+
+def binding_thresholds(records: list[RecipeRecord], policy) -> dict | None:
+    """When nothing passes: the benched candidate closest to passing (smallest worst relative violation) and the
+    thresholds it fails, with how many benched candidates fail each."""
+    from effideploy.bench.policy import THRESHOLDS
+
+    benched = [r for r in records if r.failed is not None]
+    if not benched or any(not r.failed for r in benched):
+        return None
+    def worst(r):
+        return max(violation((r.measured or {}).get(THRESHOLDS[n].metric), policy.thresholds[n], THRESHOLDS[n].direction)
+                   for n in r.failed)
+    closest = min(benched, key=worst)
+    counts = {}
+    for record in benched:
+        for name in record.failed:
+            counts[name] = counts.get(name, 0) + 1
+    return {"closest": closest.label, "thresholds": closest.failed,
+            "values": {n: (closest.measured or {}).get(THRESHOLDS[n].metric) for n in closest.failed},
+            "limits": {n: policy.thresholds[n] for n in closest.failed}, "failing_counts": counts}
+
+
+# ------------------------------------------------------------------------------------------------ the whole search
+
+def run_search(config: SearchConfig, policy) -> SearchResult:
+    from effideploy.bench.config import BenchConfig
+    from effideploy.bench.policy import evaluate
+    from effideploy.bench.runner import run_bench
+    from effideploy.data.text import resolve_text
+    from effideploy.models.build import load_tokenizer
+    from effideploy.models.resolve import read_config_dict, resolve_model
+    from effideploy.runtimes import RUNTIMES
+
+    started, seconds, notes = time.perf_counter(), {}, []
+    RUNTIMES.target(config.runtime)  # an unknown runtime fails first
+    runtime_class = RUNTIMES.get(config.runtime)
+    formats = runtime_class.capabilities.weight_formats
+    for lever in config.space.levers:
+        if lever.name == "quantize":
+            refused = [v for v in lever.values if v is not None and v not in formats]
+            if refused:
+                raise OptionError("quantize", f"the {config.runtime} runtime does not serve {', '.join(refused)} "
+                                              f"weights (it serves: {', '.join(formats)})")
+    lm_eval = None
+    if config.lm_eval_tasks:
+        from effideploy.eval.lm_eval_adapter import check_lm_eval
+
+        lm_eval = check_lm_eval(config.lm_eval_tasks)  # missing lm-eval or task data: one line, before any work
+    source = resolve_model(config.model)
+    if source.is_pruned_checkpoint:
+        raise EffideployError(f"{source.path} is a pruned checkpoint; the search starts from the dense model")
+    text = resolve_text("wikitext2", "calibration", config.data_dir)
+    tasks = config.tasks or _default_tasks(config.data_dir)
+    recipes = config.space.recipes()
+    if not recipes:
+        raise EffideployError("the search space holds no recipe besides the dense model")
+    progress.console.print(f"[bold]tune[/] {config.model} on {config.runtime}: {len(recipes)} recipes "
+                           f"({', '.join(f'{k}={v}' for k, v in config.space.to_dict().items())})", highlight=False)
+
+    # 1. prune
+    folders, seconds["prune"] = prune_all(config, source, sorted({r.sparsity for r in recipes}), text)
+    configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
+    features = lambda r: recipe_features(r, configs[r.sparsity], config.prompt_tokens, config.new_tokens)
+    dense_features = features(Recipe())
+    records = [RecipeRecord(recipe=r, checkpoint=str(folders[r.sparsity]), features=features(r)) for r in recipes]
+    dense_record = RecipeRecord(recipe=Recipe(), checkpoint=str(folders[0.0]), features=dense_features)
+
+    # 2. screen
+    progress.console.print(f"screen: {len(records) + 1} models x {config.screen_windows} windows of "
+                           f"{config.screen_seqlen} tokens in PyTorch", highlight=False)
+    tokenizer = load_tokenizer(source)
+    seconds["screen"] = screen_all(config, [dense_record] + records, tokenizer)
+
+    # 3. cost model on a few real measurements (speed only)
+    calibration = calibration_recipes(records)
+    tick = time.perf_counter()
+    progress.console.print("cost model: timing " + ", ".join(["dense"] + [r.label for r in calibration])
+                           + f" on {config.runtime}", highlight=False)
+    speed_only = BenchConfig(runtime=config.runtime, dense=config.model, candidates=tuple(candidate_spec(r) for r in calibration),
+                             prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, prompts=1,
+                             repeats=config.calibration_repeats, batch_sizes=(), throughput_repeats=0, ppl_windows=0,
+                             mc_limit=0, memory=False, threads=config.threads, data_dir=config.data_dir,
+                             export_root=str(Path(config.output).expanduser() / "exports"))
+    timing = run_bench(speed_only)
+    by_label = {m.label: m for m in timing.models}
+    points = [("dense", dense_features, by_label["dense"].latency.p50("tpot_s"), by_label["dense"].latency.p50("ttft_s"))]
+    for record in calibration:
+        model = by_label[record.label]
+        points.append((record.label, record.features, model.latency.p50("tpot_s"), model.latency.p50("ttft_s")))
+        record.stage = "calibration"
+        comparison = next(c for c in timing.comparisons if c.candidate == record.label)
+        record.measured = {"decode_speedup": comparison.decode_speedup, "ttft_speedup": comparison.ttft_speedup,
+                           "run": "calibration"}
+    cost = CostModel().fit(points)
+    seconds["cost model"] = time.perf_counter() - tick
+    size_dense = dense_features.stored_bytes
+    for record in records:
+        record.predicted = cost.speedups(dense_features, record.features)
+        record.predicted["size_reduction"] = 1 - record.features.stored_bytes / size_dense
+        record.screen_failed = sorted(predicted_failures(record, policy))
+
+    # 4-5. shortlist and bench for real
+    chosen = shortlist(records, policy, config.shortlist)
+    progress.console.print("bench: dense + " + ", ".join(r.label for r in chosen), highlight=False)
+    tick = time.perf_counter()
+    final = BenchConfig(runtime=config.runtime, dense=config.model, candidates=tuple(candidate_spec(r) for r in chosen),
+                        prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, repeats=config.repeats,
+                        batch_sizes=(), throughput_repeats=0, ppl_windows=config.ppl_windows,
+                        ppl_seqlen=config.ppl_seqlen, tasks=tuple(tasks), mc_limit=config.mc_limit,
+                        memory=config.memory, threads=config.threads, data_dir=config.data_dir,
+                        export_root=str(Path(config.output).expanduser() / "exports"))
+    report = run_bench(final)
+    seconds["bench"] = time.perf_counter() - tick
+    for comparison in report.comparisons:
+        record = next(r for r in chosen if r.label == comparison.candidate)
+        if record.screen is not None and record.screen.scope == "full":
+            comparison.kl_divergence, comparison.top_k_agreement = record.screen.kl, record.screen.top_k_agreement
+    checks = evaluate(policy, report.comparisons)
+    for record in chosen:
+        comparison = next(c for c in report.comparisons if c.candidate == record.label)
+        record.stage = "benched"
+        record.measured = {**comparison.to_dict(), "run": "final"}
+        record.failed = [c.name for c in checks if c.candidate == record.label and not c.passed]
+    models = {m.label: m for m in report.models}
+    cost.fit_memory([(r.features, models[r.label].memory["peak_rss_mb"]) for r in chosen
+                     if models[r.label].memory] + ([(dense_features, models["dense"].memory["peak_rss_mb"])]
+                                                   if models["dense"].memory else []))
+    if cost.memory is not None:
+        for record in records:
+            record.predicted["peak_memory_mb"] = cost.memory.predict(record.features.to_dict())
+
+    # 6. verdict, cost-model check, fronts
+    passing = [r for r in chosen if r.failed == []]
+    best = max(passing, key=lambda r: r.measured["decode_speedup"]) if passing else None
+    cost_check = [{"label": r.label, "fitted_on": r.label in cost.fitted_on,
+                   "decode_predicted": r.predicted["decode_speedup"], "decode_measured": r.measured["decode_speedup"],
+                   "ttft_predicted": r.predicted["ttft_speedup"], "ttft_measured": r.measured["ttft_speedup"]}
+                  for r in records if r.measured is not None]
+    _mark_fronts(records, models["dense"].memory)
+    if report.comparisons and report.comparisons[0].excluded_tasks:
+        notes.append("tasks left out of OP/OG (dense not above chance): "
+                     + "; ".join(f"{k}: {v}" for k, v in report.comparisons[0].excluded_tasks.items()))
+    result = SearchResult(config=config.to_dict(), policy=policy.to_dict(), records=records,
+                          cost_model=cost.to_dict(), cost_check=cost_check,
+                          recommended=best.label if best else None,
+                          binding=None if best else binding_thresholds(records, policy),
+                          comparisons=_family_comparisons(records, best), bench_report=report, seconds=seconds,
+                          notes=notes)
+    if best is not None:
+        result.artifact = str(models[best.label].artifact)
+        result.reproduce = reproduce_commands(config, best)
+    if lm_eval is not None:
+        tick = time.perf_counter()
+        from effideploy.eval.lm_eval_adapter import evaluate_runtime_artifact
+
+        targets = {"dense": models["dense"]} | ({best.label: models[best.label]} if best else {})
+        result.lm_eval = {label: evaluate_runtime_artifact(lm_eval, config.runtime, str(m.artifact), tokenizer,
+                                                           config.lm_eval_tasks, config.lm_eval_limit,
+                                                           compression=m.compression)
+                          for label, m in targets.items()}
+        seconds["lm-eval"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def _default_tasks(data_dir) -> list[str]:
+    """DEFAULT_TASKS where the data folders have them, else every task found (the bench then leaves out the ones
+    where the dense model is at chance)."""
+    from effideploy.eval.multiple_choice import find_tasks
+
+    found = find_tasks((), data_dir)
+    return [str(p) for p in found if p.parent.name in DEFAULT_TASKS] or [str(p) for p in found]
+
+
+def _mark_fronts(records: list[RecipeRecord], dense_memory) -> None:
+    """Pareto fronts of screened quality (dense PPL / recipe PPL) against decode speedup, TTFT speedup and memory
+    (dense peak / recipe peak), each recipe at its measured value where benched, else its predicted one."""
+    from effideploy.bench.metrics import pareto_front
+
+    dense_peak = (dense_memory or {}).get("peak_rss_mb")
+    for axis in ("decode_speedup", "ttft_speedup", "memory"):
+        points = []
+        for r in records:
+            quality = r.screen.perplexity_dense / r.screen.perplexity if r.screen else float("nan")
+            source = r.measured if r.measured and r.measured.get("run") == "final" else r.predicted
+            if axis == "memory":
+                peak = (source or {}).get("peak_memory_mb") or r.predicted.get("peak_memory_mb")
+                x = dense_peak / peak if dense_peak and peak else float("nan")
+            else:
+                x = (r.measured or {}).get(axis) if r.measured else r.predicted.get(axis)
+            points.append((float("nan") if x is None else x, quality))
+        for record, flag in zip(records, pareto_front(points)):
+            record.on_front[axis] = flag
+
+
+def _family_comparisons(records: list[RecipeRecord], best: RecipeRecord | None) -> dict:
+    """The recommended recipe against the fastest passing benched recipe of each family."""
+    out = {}
+    benched = [r for r in records if r.failed == []]
+    for family in ("quantization", "pruning"):
+        rival = max((r for r in benched if r.recipe.family == family), key=lambda r: r.measured["decode_speedup"],
+                    default=None)
+        if rival is None:
+            out[family] = {"best": None}
+            continue
+        out[family] = {"best": rival.label, "decode_speedup": rival.measured["decode_speedup"],
+                       "perplexity_increase": rival.measured.get("perplexity_increase")}
+        if best is not None:
+            out[family]["recommended_over_best"] = best.measured["decode_speedup"] / rival.measured["decode_speedup"]
+    return out
+
+
+def reproduce_commands(config: SearchConfig, record: RecipeRecord) -> list[str]:
+    """The commands that rebuild the recommended artifact with the plain CLI."""
+    recipe, commands = record.recipe, []
+    model = config.model
+    if recipe.sparsity > 0:
+        commands.append(f"effideploy prune --model {model} --method cfsp --sparsity {recipe.sparsity:g} "
+                        f"--calib-samples {config.calib_samples} --calib-seqlen {config.calib_seqlen} "
+                        "--output out/recommended-checkpoint")
+        model = "out/recommended-checkpoint"
+    from effideploy.runtimes import RUNTIMES
+
+    if RUNTIMES.get(config.runtime).capabilities.exporter:
+        commands.append(f"effideploy export {model} --runtime {config.runtime}"
+                        + (f" --quantize {recipe.quantize}" if recipe.quantize else "") + " --output out/recommended")
+    if recipe.kv:
+        commands.append(f"# serve with token compression {recipe.kv} (effideploy bench --token-compression {recipe.kv})")
+    return commands

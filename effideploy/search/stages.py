@@ -1,0 +1,98 @@
+"""The search's two model-building stages: one calibration pass and a checkpoint per FFN sparsity (``prune_all``),
+and the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from effideploy import progress
+from effideploy.search.screen import ScreenResult
+
+if TYPE_CHECKING:
+    from effideploy.search.search import RecipeRecord, SearchConfig
+
+SCREEN_CACHE = "screen.json"
+
+
+def prune_all(config: SearchConfig, source, sparsities: list[float], text) -> tuple[dict[float, Path], float]:
+    """One checkpoint per sparsity (0: the dense model itself), one calibration pass for those not reusable."""
+    from effideploy.bench.pipeline import _reusable, checkpoint_folder
+    from effideploy.pruning import PruneConfig, calibrate_source, prune_checkpoint
+
+    output = Path(config.output).expanduser()
+    folders, todo = {0.0: source.path}, []
+    for sparsity in sparsities:
+        if sparsity == 0:
+            continue
+        prune_config = PruneConfig(method="cfsp", sparsity=sparsity, calib_samples=config.calib_samples,
+                                   calib_seqlen=config.calib_seqlen)
+        folder = checkpoint_folder(output, "cfsp", sparsity)
+        folders[sparsity] = folder
+        if folder.exists() and not config.overwrite and _reusable(folder, source, prune_config):
+            progress.console.print(f"reusing {folder} (same source and options)", highlight=False)
+            continue
+        todo.append((sparsity, prune_config, folder))
+    tick = time.perf_counter()
+    if todo:
+        with progress.status(f"Calibrating ({config.calib_samples} x {config.calib_seqlen} tokens, one pass)"):
+            stats = calibrate_source(source, todo[0][1], text)
+        for sparsity, prune_config, folder in progress.track(todo, "Pruning"):
+            prune_checkpoint(source, prune_config, folder, calibration=text, overwrite=True, stats=stats)
+    return folders, time.perf_counter() - tick
+
+
+def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> float:
+    """Screen every recipe (cached in output/screen.json by checkpoint content and screen settings)."""
+    import copy
+
+    import torch
+
+    from effideploy.bench.artifacts import content_fingerprint
+    from effideploy.data.text import load_text, resolve_text, sample_windows, tokenize_text
+    from effideploy.models.build import load_model
+    from effideploy.models.resolve import resolve_model
+    from effideploy.search.screen import Screener, fake_quantize_
+
+    tick = time.perf_counter()
+    cache_path = Path(config.output).expanduser() / SCREEN_CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() and not config.overwrite else {}
+    settings = {"windows": config.screen_windows, "seqlen": config.screen_seqlen}
+    keys = {}
+    for record in records:
+        keys[record.label] = json.dumps({"checkpoint": content_fingerprint(Path(record.checkpoint)),
+                                         "recipe": asdict(record.recipe), **settings}, sort_keys=True)
+    todo = [r for r in records if keys[r.label] not in cache]
+    for record in records:
+        if record not in todo:
+            record.screen = ScreenResult(**{k: v for k, v in cache[keys[record.label]].items()
+                                            if k != "perplexity_increase"})
+    if todo:
+        ids = tokenize_text(tokenizer, load_text(resolve_text("wikitext2", "test", config.data_dir)))
+        # Held out: the test split (calibration reads the validation split), windows drawn apart from the bench's
+        # first consecutive perplexity windows.
+        windows = sample_windows(ids, config.screen_windows, config.screen_seqlen, seed=1234)
+        with torch.no_grad():
+            dense_path = next(r.checkpoint for r in records if r.recipe.sparsity == 0) if any(
+                r.recipe.sparsity == 0 for r in records) else None
+            dense = load_model(resolve_model(dense_path or config.model))
+            screener = Screener(dense, windows)
+            del dense
+            by_checkpoint: dict[str, list[RecipeRecord]] = {}
+            for record in todo:
+                by_checkpoint.setdefault(record.checkpoint, []).append(record)
+            for checkpoint, group in by_checkpoint.items():
+                base = load_model(resolve_model(checkpoint))
+                for record in group:
+                    model = fake_quantize_(copy.deepcopy(base), record.recipe.quantize) if record.recipe.quantize \
+                        else base
+                    record.screen = screener.screen(model, record.recipe.kv, record.label)
+                    cache[keys[record.label]] = record.screen.to_dict()
+                    del model
+                del base
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+    return time.perf_counter() - tick

@@ -1,0 +1,85 @@
+"""The search's parts on hand-made inputs: the space, the cost model, the shortlist and the binding threshold."""
+
+import math
+
+import pytest
+
+from effideploy.bench.policy import policy_from_dict
+from effideploy.errors import EffideployError
+from effideploy.search.cost import CostModel, Features
+from effideploy.search.screen import ScreenResult
+from effideploy.search.search import RecipeRecord, binding_thresholds, shortlist
+from effideploy.search.space import FfnSparsity, KvBudget, Recipe, SearchSpace, WeightQuantization
+
+
+def test_space_is_the_product_of_the_levers_without_the_dense_model():
+    space = SearchSpace((FfnSparsity(values=(0.0, 0.2)), WeightQuantization(values=(None, "int8")), KvBudget()))
+    assert [r.label for r in space.recipes()] == ["dense+int8", "cfsp-0.2", "cfsp-0.2+int8"]
+    assert [r.family for r in space.recipes()] == ["quantization", "pruning", "pruning+quantization"]
+    with pytest.raises(EffideployError, match="sparsities"):
+        FfnSparsity(values=(1.5,))
+    with pytest.raises(EffideployError, match="unknown scheme 'int3'"):
+        WeightQuantization(values=("int3",))
+
+
+def features(decode_bytes, flops_float=0.0, flops_quant=0.0, stored=1.0):
+    return Features(decode_bytes, flops_float, flops_quant, stored)
+
+
+def test_cost_model_recovers_a_linear_cost_and_predicts_speedups():
+    # TPOT = 2 ms + 1 ms per 100 MB; TTFT = 10 ms + 5 ms per GFLOP float, 2 ms per GFLOP quantized
+    tpot = lambda b: 0.002 + b * 1e-11
+    ttft = lambda f, q: 0.010 + f * 5e-12 + q * 2e-12
+    dense, int8, pruned = features(500e6, 1e10), features(140e6, 0, 1e10), features(350e6, 7e9)
+    model = CostModel().fit([(label, f, tpot(f.decode_bytes), ttft(f.prefill_flops_float, f.prefill_flops_quant))
+                             for label, f in (("dense", dense), ("int8", int8), ("pruned", pruned))])
+    assert model.decode.residual_pct == pytest.approx(0, abs=1e-6)
+    unseen = features(100e6, 0, 7e9)
+    speed = model.speedups(dense, unseen)
+    assert speed["decode_speedup"] == pytest.approx(tpot(500e6) / tpot(100e6))
+    assert speed["ttft_speedup"] == pytest.approx(ttft(1e10, 0) / ttft(0, 7e9))
+    # without quantized points the quantized-FLOPs term is left out rather than fitted to nothing
+    float_only = CostModel().fit([("dense", dense, 0.007, 0.06), ("pruned", pruned, 0.0055, 0.045)])
+    assert set(float_only.ttft.coefficients) == {"prefill_flops_float"}
+
+
+def record(label, sparsity, quantize, decode, ppl_increase, measured=None, failed=None):
+    r = RecipeRecord(recipe=Recipe(sparsity=sparsity, quantize=quantize), checkpoint=".", features=features(1.0))
+    r.screen = ScreenResult(perplexity=10 * (1 + ppl_increase), perplexity_dense=10.0, kl=0.1, top1_agreement=0.9,
+                            top_k_agreement=0.9)
+    r.predicted = {"decode_speedup": decode}
+    r.measured, r.failed = measured, failed
+    return r
+
+
+def test_shortlist_takes_the_fastest_predicted_passes_and_the_best_of_each_family():
+    from effideploy.search.search import predicted_failures
+
+    policy = policy_from_dict({"thresholds": {"max_perplexity_increase": 0.3, "min_decode_speedup": 1.5}})
+    records = [record("q8", 0, "int8", 2.7, 0.01), record("q4", 0, "int4", 3.2, 0.9),
+               record("p2q8", 0.2, "int8", 3.0, 0.2), record("p1q8", 0.1, "int8", 2.9, 0.1),
+               record("p3", 0.3, None, 1.2, 0.3), record("p1", 0.1, None, 1.1, 0.05)]
+    for r in records:
+        r.screen_failed = sorted(predicted_failures(r, policy))
+    assert records[1].screen_failed == ["max_perplexity_increase"]  # +90% is far outside +30% (and its slack)
+    assert records[4].screen_failed == ["min_decode_speedup"] and records[5].screen_failed == ["min_decode_speedup"]
+    chosen = [r.recipe.label for r in shortlist(records, policy, 2)]
+    assert chosen == ["cfsp-0.2+int8", "cfsp-0.1+int8", "dense+int8"]  # no pruning-only recipe is predicted to pass
+    # a borderline int4 (+32%, inside the slack) is faster, but the family is represented by the clear pass
+    records[1] = record("q4", 0, "int4", 3.2, 0.32)
+    chosen = [r.recipe.label for r in shortlist(records, policy, 2)]
+    assert chosen == ["dense+int4", "cfsp-0.2+int8", "dense+int8"]
+
+
+def test_binding_threshold_is_the_closest_candidates_failure():
+    policy = policy_from_dict({"thresholds": {"max_perplexity_increase": 0.3, "min_decode_speedup": 3.0}})
+    a = record("a", 0, "int8", 2.7, 0.0, measured={"perplexity_increase": 0.01, "decode_speedup": 2.7},
+               failed=["min_decode_speedup"])
+    b = record("b", 0.3, "int4", 4.0, 0.9, measured={"perplexity_increase": 0.9, "decode_speedup": 4.0},
+               failed=["max_perplexity_increase"])
+    binding = binding_thresholds([a, b], policy)
+    assert binding["closest"] == "dense+int8" and binding["thresholds"] == ["min_decode_speedup"]
+    assert binding["values"]["min_decode_speedup"] == 2.7 and binding["failing_counts"] == {
+        "min_decode_speedup": 1, "max_perplexity_increase": 1}
+    a.failed = []
+    assert binding_thresholds([a, b], policy) is None

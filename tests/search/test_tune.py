@@ -1,0 +1,119 @@
+"""The recipe search end to end on a tiny model (PyTorch runtime: no export), and its parts on hand-made inputs."""
+
+import json
+
+import pytest
+import torch
+
+from effideploy.cli import main
+from tests.conftest import DATA
+
+TINY = ["--runtime", "torch", "--sparsities", "0,0.25,0.5", "--quantize", "none", "--kv", "none,snapkv:0.5",
+        "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
+        "--shortlist", "2", "--repeats", "2", "--ppl-windows", "2", "--ppl-seqlen", "64", "--prompt-tokens", "24",
+        "--new-tokens", "4", "--mc-limit", "5", "--no-memory", "--threads", "1", "--data-dir", str(DATA)]
+
+
+def policy(tmp_path, name, **thresholds):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'name = "{name}"\n[thresholds]\n' + "".join(f"{k} = {v}\n" for k, v in thresholds.items()))
+    return path
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    return exit_info.value.code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_model_dir, tiny_task_dir):
+    """One search under an easy policy; the impossible-policy test reuses its checkpoints and screen."""
+    tmp = tmp_path_factory.mktemp("tune")
+    easy = policy(tmp, "easy", max_perplexity_increase=100.0, min_decode_speedup=0.01, max_kl_divergence=50.0)
+    out = tmp / "search"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--model", str(tiny_model_dir), "--policy", str(easy), "--output", str(out),
+              "--task", str(tiny_task_dir), *TINY])
+    return exit_info.value.code, out
+
+
+def test_search_recommends_a_recipe_that_passes_an_easy_policy(searched):
+    code, out = searched
+    assert code == 0
+    data = json.loads((out / "report" / "search.json").read_text())
+    labels = {r["label"] for r in data["recipes"]}
+    assert labels == {"cfsp-0.25", "cfsp-0.5", "dense+snapkv:0.5", "cfsp-0.25+snapkv:0.5", "cfsp-0.5+snapkv:0.5"}
+    recommended = next(r for r in data["recipes"] if r["label"] == data["recommended"])
+    assert recommended["stage"] == "benched" and recommended["failed"] == []
+    benched = [r for r in data["recipes"] if r["failed"] == []]
+    # the fastest benched recipe that passes
+    assert recommended["measured"]["decode_speedup"] == max(r["measured"]["decode_speedup"] for r in benched)
+    # every recipe was screened: KL and top-k where the full distributions are scored, not under KV compression
+    for record in data["recipes"]:
+        screen = record["screen"]
+        assert screen["perplexity"] > 0 and 0 <= screen["top1_agreement"] <= 1
+        assert (screen["kl"] is None) == (record["recipe"]["kv"] is not None)
+        if screen["kl"] is not None:
+            assert screen["kl"] >= 0 and 0 <= screen["top_k_agreement"] <= 1
+        assert record["predicted"]["decode_speedup"] > 0
+    # the cost model's predictions are set beside the measurements of every timed recipe
+    assert data["cost_check"] and all(c["decode_measured"] > 0 and c["decode_predicted"] > 0 for c in data["cost_check"])
+    report = (out / "report" / "report.md").read_text()
+    assert report.splitlines()[2].startswith(f"**Verdict: ship `{data['recommended']}`**")
+    assert "## Cost model" in report and "decode predicted" in report
+    assert (out / "report" / "bench" / "report.json").is_file()
+    assert (out / "recommended").exists() and (out / "screen.json").is_file()
+
+
+def test_an_impossible_policy_exits_1_naming_the_binding_threshold(searched, tmp_path, tiny_model_dir, tiny_task_dir,
+                                                                   capsys):
+    _, out = searched
+    impossible = policy(tmp_path, "impossible", max_perplexity_increase=100.0, min_decode_speedup=100.0)
+    code, captured = run(capsys, "tune", "--model", tiny_model_dir, "--policy", impossible, "--output", out,
+                         "--task", tiny_task_dir, *TINY)
+    assert code == 1
+    said = " ".join(captured.err.split())  # progress and verdict go to stderr (rich wraps lines)
+    assert "no recipe passes policy `impossible`" in said and "Binding threshold(s): min_decode_speedup" in said
+    data = json.loads((out / "report" / "search.json").read_text())
+    assert data["recommended"] is None and data["binding"]["thresholds"] == ["min_decode_speedup"]
+    assert not (out / "recommended").exists()
+    assert "reusing" in said  # the second run reused the checkpoints
+
+
+def test_a_quantization_the_runtime_cannot_serve_is_one_line(tmp_path, tiny_model_dir, capsys):
+    easy = policy(tmp_path, "easy", min_decode_speedup=0.01)
+    code, captured = run(capsys, "tune", "--model", tiny_model_dir, "--policy", easy, "--output", tmp_path / "s",
+                         "--runtime", "torch", "--quantize", "none,int8")
+    assert code == 2 and captured.err.startswith("error:") and "int8" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_lm_eval_task_without_lm_eval_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    easy = policy(tmp_path, "easy", min_decode_speedup=0.01)
+    code, captured = run(capsys, "tune", "--model", tiny_model_dir, "--policy", easy, "--output", tmp_path / "s",
+                         "--lm-eval-task", "hellaswag", *TINY)
+    assert code == 2 and "lm-evaluation-harness" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_fake_quantization_matches_the_matmulnbits_rounding():
+    from effideploy.exporters.onnx_quant import dequantize_matmul_nbits
+    from effideploy.search.screen import quantize_dequantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64)
+    for bits in (8, 4):
+        out = quantize_dequantize(weight, bits, 32)
+        blocks = weight.reshape(8, 2, 32)
+        signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+        scale = signed_max / -(2 ** (bits - 1))
+        q = torch.clamp(torch.round(blocks / scale) + 2 ** (bits - 1), 0, 2 ** bits - 1)
+        # the kernel's dequantization of those codes ([N, blocks, block] codes, per-block scales, implied zero point)
+        packed = q.to(torch.uint8).numpy() if bits == 8 else (q[..., 0::2] + 16 * q[..., 1::2]).to(torch.uint8).numpy()
+        expected = dequantize_matmul_nbits(packed, scale.numpy(), None, K=64, N=8, bits=bits, block_size=32)
+        assert torch.allclose(out, torch.from_numpy(expected).T, atol=1e-6)
+        assert (out - weight).abs().max() <= scale.abs().max() / 2 + 1e-6  # round to nearest

@@ -60,7 +60,7 @@ def check_f32_parity(path: Path, source, *, realigned: list[dict] | None = None,
     transformers_seconds = time.perf_counter() - tick
     tick = time.perf_counter()
     with progress.status("Parity: greedy tokens of the float32 GGUF in llama.cpp"):
-        with LlamaCppRuntime(path, threads=threads, n_ctx=_context(prompts), kv_cache_type="f32") as runtime:
+        with LlamaCppRuntime(path, threads=threads, n_ctx=_context(prompts), kv_cache_type="f32", flash_attn="off") as runtime:
             tokens = runtime.generate(prompts, PARITY_NEW_TOKENS).tokens
     mismatch = first_mismatch(reference, tokens)
     if mismatch is not None:
@@ -84,10 +84,10 @@ def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference)]
     n_ctx = _context(prompts)
     with progress.status("Parity: the float32 GGUF's logits"):
-        with LlamaCppRuntime(base, threads=threads, n_ctx=n_ctx, kv_cache_type="f32") as runtime:
+        with LlamaCppRuntime(base, threads=threads, n_ctx=n_ctx, kv_cache_type="f32", flash_attn="off") as runtime:
             dense = [runtime.logits(sequence) for sequence in sequences]
     with progress.status(f"Parity: the {kind} GGUF in llama.cpp"):
-        with LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, kv_cache_type="f32") as runtime:
+        with LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx, kv_cache_type="f32", flash_attn="off") as runtime:
             tokens = runtime.generate(prompts, PARITY_NEW_TOKENS).tokens
             quantized = [runtime.logits(sequence) for sequence in sequences]
     mismatch = first_mismatch(reference, tokens)

@@ -32,6 +32,10 @@ from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generati
 INSTALL_HINT = "scripts/setup.sh builds it (pip install llama-cpp-python==0.3.36: a C/C++ build with cmake)"
 DEFAULT_CONTEXT = 2048
 # llama.cpp's default KV cache is f16; the export's parity check uses f32 so that only the weights differ.
+# llama.cpp's CPU flash attention rounds Q and the softmax'd weights to f16 (NLL differences of ~1e-2 against an fp32
+# reference on the tiny model, 4e-6 without it): "auto" (its default) for measuring, "off" for exact parity.
+FLASH_ATTN = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED",
+              "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
 KV_CACHE_TYPES = {"f16": "GGML_TYPE_F16", "f32": "GGML_TYPE_F32", "q8_0": "GGML_TYPE_Q8_0"}
 
 
@@ -80,7 +84,8 @@ def gguf_path_of(path) -> Path:
 
 class LlamaCppRuntime(Runtime):
     """``path``: a .gguf file or an export folder. ``n_ctx``: KV positions (per sequence; the context holds
-    ``n_ctx * max_batch`` so batched generation fits). ``max_batch``: sequences ``generate_batch`` runs together. ``kv_cache_type``: f16 (llama.cpp's default), f32 or q8_0."""
+    ``n_ctx * max_batch`` so batched generation fits). ``max_batch``: sequences ``generate_batch`` runs together. ``kv_cache_type``: f16 (llama.cpp's default), f32 or q8_0. ``flash_attn``: auto (llama.cpp's default) | on | off;
+    ``kv_cache_type="f32", flash_attn="off"`` computes in float32 throughout (the export's parity check)."""
 
     name = "llamacpp"
     capabilities = Capabilities(compression_kinds=frozenset(), batching=True,
@@ -90,11 +95,13 @@ class LlamaCppRuntime(Runtime):
                                 exporter="llamacpp")
 
     def __init__(self, path, *, threads: int | None = None, n_ctx: int = DEFAULT_CONTEXT, n_batch: int = 512,
-                 max_batch: int = 4, kv_cache_type: str = "f16") -> None:
+                 max_batch: int = 8, kv_cache_type: str = "f16", flash_attn: str = "auto") -> None:
         self.model = self.ctx = None
         self._batch = None
         if kv_cache_type not in KV_CACHE_TYPES:
             raise EffideployError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
+        if flash_attn not in FLASH_ATTN:
+            raise EffideployError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
         llama_cpp = _import_llamacpp()
         self._lib = llama_cpp
         self.path = gguf_path_of(path)
@@ -121,6 +128,8 @@ class LlamaCppRuntime(Runtime):
         params.no_perf = True
         params.type_k = params.type_v = getattr(llama_cpp, KV_CACHE_TYPES[kv_cache_type])
         self.kv_cache_type = kv_cache_type
+        params.flash_attn_type = getattr(llama_cpp, FLASH_ATTN[flash_attn])
+        self.flash_attn = flash_attn
         if threads:
             params.n_threads = params.n_threads_batch = int(threads)
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
@@ -189,11 +198,13 @@ class LlamaCppRuntime(Runtime):
             last_chunk = offset + self.n_batch >= len(tokens)
             self._decode([(token, start + offset + k, sequence, all_logits or (last_chunk and k == len(chunk) - 1))
                           for k, token in enumerate(chunk)])
-            if all_logits:
-                rows += [self._logits_row(k) for k in range(len(chunk))]
+            if all_logits:  # every token asked for logits: llama_get_logits holds them in batch order
+                pointer = self._lib.llama_get_logits(self.ctx)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(len(chunk) * self.n_vocab,))
+                            .reshape(len(chunk), self.n_vocab).copy())
             elif last_chunk:
-                rows.append(self._logits_row(len(chunk) - 1))
-        return np.stack(rows)
+                rows.append(self._logits_row(len(chunk) - 1)[None])
+        return np.concatenate(rows)
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         self._check_open()
@@ -316,7 +327,7 @@ class LlamaCppRuntime(Runtime):
 
         return {"runtime": self.name, "engine": f"llama.cpp via llama-cpp-python {llamacpp_version()} (CPU, C API)",
                 "threads": self.n_threads if self.ctx is not None else self.threads, "n_ctx": self.n_ctx,
-                "max_batch": self.max_batch, "kv_cache_type": self.kv_cache_type, "gguf": str(self.path), "gguf_type": self.manifest.get("gguf_type"),
+                "max_batch": self.max_batch, "kv_cache_type": self.kv_cache_type, "flash_attn": self.flash_attn, "gguf": str(self.path), "gguf_type": self.manifest.get("gguf_type"),
                 "architecture": self.manifest.get("architecture"),
                 "system": self._lib.llama_print_system_info().decode(errors="replace").strip()}
 

@@ -142,7 +142,7 @@ def test_float32_gguf_round_trip_matches_transformers(pruned_f32, tiny_pruned_di
     expected_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     prompts = [[5, 17, 33, 101, 7, 250, 9], [300, 12, 44]]
     reference = TorchRuntime(model=model).generate(prompts, 12).tokens
-    with LlamaCppRuntime(pruned_f32.output, kv_cache_type="f32") as runtime:
+    with LlamaCppRuntime(pruned_f32.output, kv_cache_type="f32", flash_attn="off") as runtime:
         assert llama_cpp.llama_model_n_params(runtime.model) == expected_params
         assert runtime.generate(prompts, 12).tokens == reference
         key = b"deci.feed_forward_length"

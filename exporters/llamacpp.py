@@ -207,14 +207,19 @@ def export_llamacpp(
 
 
 def type_report(summary: dict, kind: str) -> dict:
-    """The storage type of every tensor (counts and names) and, for k-quants, which matrices needed llama.cpp's
-    fallback because their rows are not a multiple of 256."""
+    """The storage type of every tensor (counts and names) and the matrices whose rows do not fit the type's blocks
+    (256 weights for k-quants, 32 for q4_0..q8_0), with the type llama.cpp's fallback gave each."""
     report = {"counts": summary["tensor_types"], "tensors": summary["tensors_by_type"]}
+    block = K_QUANT_ROW if is_k_quant(kind) else BLOCK_ROW if kind.startswith("q") else None
+    if block is not None:
+        report["block"] = block
+        report["fallback"] = {name: kept for name, (row, kept, dims) in sorted(summary["rows"].items())
+                              if dims == 2 and row % block}
+        report["fallback_rule"] = ("llama.cpp tensor_type_fallback: rows not a multiple of 256 take q4_K->q5_0, "
+                                   "q5_K->q5_1, q6_K->q8_0, q2_K/q3_K->q4_0; rows not a multiple of 32 take F16")
     if is_k_quant(kind):
         kquant = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
         report["k_quant_tensors"] = sum(n for t, n in summary["tensor_types"].items() if t in kquant)
-        report["fallback_rule"] = ("llama.cpp tensor_type_fallback: rows not a multiple of 256 take q4_K->q5_0, "
-                                   "q5_K->q5_1, q6_K->q8_0, q2_K/q3_K->q4_0 (F16 when 32 does not divide them either)")
     return report
 
 

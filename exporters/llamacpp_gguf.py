@@ -344,9 +344,12 @@ def read_gguf_summary(path: Path) -> dict:
         return None if item is None else item.contents()
 
     by_type: dict[str, list[str]] = {}
+    rows = {}
     for tensor in reader.tensors:
         by_type.setdefault(tensor.tensor_type.name.lower(), []).append(tensor.name)
+        rows[tensor.name] = (int(tensor.shape[0]), tensor.tensor_type.name.lower(), len(tensor.shape))
     return {"architecture": arch, "feed_forward_length": value("feed_forward_length"),
             "head_count": value("attention.head_count"), "head_count_kv": value("attention.head_count_kv"),
             "tensor_types": {kind: len(names) for kind, names in sorted(by_type.items())},
-            "tensors_by_type": {kind: sorted(names) for kind, names in sorted(by_type.items())}}
+            "tensors_by_type": {kind: sorted(names) for kind, names in sorted(by_type.items())},
+            "rows": rows}  # name -> (row length ne[0], type, dimensions)

@@ -18,6 +18,7 @@ reason and opening the runtime is a one-line error with it (scripts/setup.sh bui
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 from pathlib import Path
@@ -56,12 +57,33 @@ def _import_llamacpp():
     reason = llamacpp_unavailable()
     if reason:
         raise EffideployError(f"the llamacpp runtime is unavailable: {reason}")
-    import logging
-
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter goes to this logger
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        # llama.cpp logs every load and context creation to stderr; keep its errors, to quote them in ours.
+        @llama_cpp.llama_log_callback
+        def _log(level, text, _user):
+            if level == GGML_LOG_LEVEL_ERROR:
+                LAST_ERRORS.append(text.decode("utf-8", errors="replace").strip())
+                del LAST_ERRORS[:-5]
+
+        _LOG_CALLBACK = _log
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     return llama_cpp
+
+
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+LAST_ERRORS: list[str] = []
+_LOG_CALLBACK = None  # the ctypes callback must outlive every llama.cpp call
+
+
+def _last_error() -> str:
+    """llama.cpp's reason: its "error loading model: ..." line (the cause), else its last error line."""
+    for line in LAST_ERRORS:
+        if "error loading model:" in line:
+            return " ".join(line.split("error loading model:", 1)[1].split())
+    return next((line for line in reversed(LAST_ERRORS) if line), "")
 
 
 def gguf_path_of(path) -> Path:
@@ -114,11 +136,11 @@ class LlamaCppRuntime(Runtime):
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0  # CPU: the runtime this adapter measures
+        LAST_ERRORS.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self.model:
             self.model = None
-            raise EffideployError(f"llama.cpp cannot load {self.path} (not a GGUF model it reads; run with "
-                                  "LLAMA_LOG_LEVEL debug for llama.cpp's reason)")
+            raise EffideployError(f"llama.cpp cannot load {self.path}: {_last_error() or 'not a GGUF model it reads'}")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx * self.max_batch
         params.n_batch = self.n_batch

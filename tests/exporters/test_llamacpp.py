@@ -145,9 +145,23 @@ def test_float32_gguf_round_trip_matches_transformers(pruned_f32, tiny_pruned_di
     with LlamaCppRuntime(pruned_f32.output, kv_cache_type="f32", flash_attn="off") as runtime:
         assert llama_cpp.llama_model_n_params(runtime.model) == expected_params
         assert runtime.generate(prompts, 12).tokens == reference
-        key = b"deci.feed_forward_length"
-        buffer = __import__("ctypes").create_string_buffer(256)
-        assert llama_cpp.llama_model_meta_val_str(runtime.model, key, buffer, 256) > 0
+
+
+
+@needs_llamacpp
+def test_llamacpp_reads_the_per_layer_widths(tiny_pruned_dir, tmp_path):
+    """Arrays that disagree with the tensors (two blocks' widths swapped) make llama.cpp refuse the file: it builds
+    every block from the per-layer feed_forward_length, not from the tensors."""
+    from effideploy.exporters.llamacpp_gguf import write_gguf
+    from effideploy.models.resolve import resolve_model
+    from effideploy.runtimes.llamacpp import LlamaCppRuntime
+
+    source = resolve_model(str(tiny_pruned_dir))
+    swapped = [TINY_PRUNED_WIDTHS[1], TINY_PRUNED_WIDTHS[0], *TINY_PRUNED_WIDTHS[2:]]
+    path = tmp_path / "swapped.gguf"
+    write_gguf(source.path, source.config_dict, path, dtype="float32", name="swapped", widths=swapped)
+    with pytest.raises(EffideployError, match="ffn_gate.weight' has wrong shape; expected 128, 201, got 128, 256"):
+        LlamaCppRuntime(path)
 
 
 @needs_llamacpp
@@ -162,14 +176,17 @@ def test_quantized_export_loads_generates_and_reports_types(tiny_pruned_dir, tmp
     counts = record["tensor_types"]["counts"]
     quantized = result.parity["quantized"]
     assert 0.0 <= quantized["vs_float32_gguf"]["top1_agreement"] <= 1.0
-    assert quantized["vs_float32_gguf"]["positions"] == 3 * (32 + 16 - 1) or quantized["vs_float32_gguf"]["positions"] > 0
+    assert quantized["vs_float32_gguf"]["positions"] > 3 * 16
     if kind == "q8_0":
-        assert counts["q8_0"] == 7 * 4 + 1  # every matrix (embedding included); norms stay f32
+        # every matrix (embedding included) but the ffn_down of widths 201, 97, 150 (rows not a multiple of 32): F16
+        assert record["tensor_types"]["fallback"] == {f"blk.{i}.ffn_down.weight": "f16" for i in (1, 2, 3)}
+        assert counts["q8_0"] == 7 * 4 + 1 - 3 and counts["f16"] == 3
         assert quantized["vs_float32_gguf"]["top1_agreement"] > 0.9
     if kquant:
         # hidden size 128 and widths 256/201/97/150: no row but the width-256 block's ffn_down is a multiple of 256
         assert record["tensor_types"]["k_quant_tensors"] <= 1
-        assert "fallback_rule" in record["tensor_types"]
+        fallback = record["tensor_types"]["fallback"]
+        assert len(fallback) == 7 * 4 + 1 - 1 and not any(t.endswith("_k") for t in fallback.values())
     if kind == "f16":
         assert counts["f16"] == 7 * 4 + 1
         assert quantized["tokens_identical_to_transformers"] or quantized["teacher_forced_max_logit_gap"] <= 0.5
@@ -224,4 +241,5 @@ def test_serve_command_answers_a_completion_over_http(pruned_f32, tiny_tokenizer
     assert answer["usage"]["prompt_tokens"] == len(ids)  # llama.cpp tokenized the text as the HF tokenizer does
     with LlamaCppRuntime(pruned_f32.output) as runtime:
         tokens = runtime.generate([ids], answer["usage"]["completion_tokens"]).tokens[0]
-    assert text == tiny_tokenizer.decode(tokens)
+    # the random model emits partial UTF-8 sequences: the server drops them, transformers decodes them as U+FFFD
+    assert text == tiny_tokenizer.decode(tokens).replace("\ufffd", "")

@@ -65,7 +65,11 @@ def open_runtime(runtime: str, path: Path, threads: int, n_ctx: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES))
-    parser.add_argument("--sparsities", default="0.2,0.5")
+    parser.add_argument("--sparsities", default="0.2,0.5", help="CFSP-pruned here (8 x 256 calibration tokens)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                        help="pruned checkpoints to use instead of --sparsities")
+    parser.add_argument("--other-exports", type=Path, default=None,
+                        help="where --with looks for (and writes) its exports (default: --work/exports)")
     parser.add_argument("--with", dest="others", default="", help="also: onnx,vllm (float32 exports)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -81,7 +85,10 @@ def main() -> None:
     from effideploy.models.resolve import resolve_model
 
     checkpoints = {"dense": str(resolve_model("llama").path)}
-    for sparsity in [float(s) for s in args.sparsities.split(",") if s]:
+    for item in args.checkpoint:
+        label, path = item.split("=", 1)
+        checkpoints[label] = path
+    for sparsity in [] if args.checkpoint else [float(s) for s in args.sparsities.split(",") if s]:
         checkpoints[f"cfsp-{sparsity:g}"] = pruned_checkpoint(args.work, sparsity)
     types = [t for t in args.types.split(",") if t]
     others = [r for r in args.others.split(",") if r]
@@ -96,17 +103,23 @@ def main() -> None:
             export_seconds[f"{label}/{kind}"] = time.perf_counter() - tick
             entries.append(("llamacpp", kind, label, path))
         for runtime in others:
-            entries.append((runtime, "float32", label, export_for(runtime, checkpoint, args.work / "exports", label)))
+            root = args.other_exports or args.work / "exports"
+            entries.append((runtime, "float32", label, export_for(runtime, checkpoint, root, label)))
     ideal = {label: matmul_parameters_of(path)[0] for label, path in checkpoints.items()}
     prompt = text_ids(checkpoints["dense"], args.prompt_tokens)
     n_ctx = max(args.prompt_tokens + args.new_tokens, args.seqlen) + 16
 
     # ----------------------------------------------------------------------------------------------------- speed
-    opened = {}
+    opened, failed = {}, {}
     for runtime, kind, label, path in entries:
         print(f"opening {runtime} {kind} {label}", flush=True)
-        engine = open_runtime(runtime, path, args.threads, n_ctx)
-        engine.generate([prompt], 4)  # warm-up
+        try:
+            engine = open_runtime(runtime, path, args.threads, n_ctx)
+            engine.generate([prompt], 4)  # warm-up
+        except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' measurements
+            failed[f"{runtime} {kind} {label}"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+            print(f"  failed: {failed[f'{runtime} {kind} {label}']}", flush=True)
+            continue
         opened[(runtime, kind, label)] = engine
     samples = {key: {"ttft": [], "decode": []} for key in opened}
     order = list(opened)
@@ -118,6 +131,7 @@ def main() -> None:
             samples[key]["decode"] += result.decode_seconds[0]
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     speed_seconds = time.perf_counter() - started
+    load = __import__("os").getloadavg()
 
     # ----------------------------------------------------------------------------------------------- quality
     import torch
@@ -148,6 +162,8 @@ def main() -> None:
     for (runtime, kind, label), sample in samples.items():
         step = statistics.median(sample["decode"])
         ttft = statistics.median(sample["ttft"])
+        if (runtime, kind, "dense") not in samples:
+            continue
         dense_step = statistics.median(samples[(runtime, kind, "dense")]["decode"])
         dense_ttft = statistics.median(samples[(runtime, kind, "dense")]["ttft"])
         path = next(p for r, k, l, p in entries if (r, k, l) == (runtime, kind, label))
@@ -156,13 +172,17 @@ def main() -> None:
                      "prefill_tok_s": len(prompt) / ttft, "decode_speedup": dense_step / step,
                      "prefill_speedup": dense_ttft / ttft, "ideal_speedup": ideal["dense"] / ideal[label],
                      "weights_mib": size / 2**20, **quality.get((runtime, kind, label), {})})
-    payload = {"settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
+    payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "checkpoints": checkpoints,
                "reference_perplexity_fp32": reference.perplexity, "prompt_tokens": len(prompt),
                "speed_seconds": speed_seconds, "export_seconds": export_seconds,
                "engines": {" ".join(k): e.describe() for k, e in opened.items() if hasattr(e, "describe") and k[0] != "vllm"},
-               "rows": rows, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+               "failed": failed, "rows": rows, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (args.out / "grid.json").write_text(json.dumps(payload, indent=2, default=str))
-    lines = [f"dense fp32 (transformers) perplexity: {reference.perplexity:.2f} ({args.windows} x {args.seqlen} WikiText-2 test)",
+    payload["load_average_after_speed"] = load
+    lines = [f"measured {payload['measured']} under load (load average {load[0]:.1f} after the speed rounds, 2 cores "
+             f"shared with other jobs), {args.threads} thread(s) per engine, {args.rounds} interleaved rounds", "",
+             f"dense fp32 (transformers) perplexity: {reference.perplexity:.2f} ({args.windows} x {args.seqlen} WikiText-2 test)",
              "", "| runtime | type | model | decode tok/s | prefill tok/s | decode speedup | ideal | prefill speedup | "
              "weights MiB | PPL | loyalty |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -22,7 +22,9 @@ def test_llamacpp_bench_of_a_model_against_itself_its_pruned_copy_and_q8_0(tmp_p
                          data_dir=str(DATA), export_root=str(tmp_path / "exports"), threads=2)
     payload = run_bench(config).to_dict()
     assert payload["runtime"]["runtime"] == "llamacpp" and payload["runtime"]["threads"] == 2
-    same, pruned, dense_q8, pruned_q8 = payload["comparisons"]
+    by_label = {c["candidate"]: c for c in payload["comparisons"]}
+    assert {"same", "cfsp-0.5", "dense+q8_0", "cfsp-0.5+q8_0"} <= set(by_label) and len(by_label) == 5
+    same, pruned, dense_q8, pruned_q8 = (by_label[k] for k in ("same", "cfsp-0.5", "dense+q8_0", "cfsp-0.5+q8_0"))
     assert same["loyalty"] == 1.0 and same["perplexity_increase"] == pytest.approx(0.0, abs=1e-6)
     assert pruned["size_reduction"] > 0
     # q8_0 stores ~8.5 bits a weight against f16's 16

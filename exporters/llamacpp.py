@@ -161,7 +161,7 @@ def export_llamacpp(
                 tick = time.perf_counter()
                 quantized = check_quantized(final, base, kind, reference, prompts, source, threads=threads, **narrowed)
                 timings["parity_quantized"] = time.perf_counter() - tick
-                parity["quantized"] = quantized
+                parity["gguf_type_check"] = quantized
             base.unlink()
         summary = read_gguf_summary(final)
         types = type_report(summary, kind)

@@ -91,6 +91,13 @@ def _parity(parity: dict | None) -> str:
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"
     if "logits_max_abs_diff" in parity:
         text += f", logits within {parity['logits_max_abs_diff']:.2g} (tolerance {parity['logits_tolerance']:g})"
+    if "gguf_type_check" in parity:  # llamacpp: the typed GGUF against the float32 one (checked above)
+        check = parity["gguf_type_check"]
+        versus = check["vs_float32_gguf"]
+        same = ("identical" if check["tokens_identical_to_transformers"]
+                else f"agree for the first {check['matching_prefix_tokens']} tokens")
+        text += (f" (float32 GGUF); {check['type']}: greedy tokens {same}, teacher-forced top-1 "
+                 f"{versus['top1_agreement']:.1%} vs the float32 GGUF, max |logit diff| {versus['max_abs_logit_diff']:.2g}")
     if "quantized" in parity:
         quantized = parity["quantized"]
         text += (f"; quantized graph vs fake-quant: logits within {quantized['logits_max_abs_diff']:.2g} (tolerance "

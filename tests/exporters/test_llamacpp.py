@@ -174,7 +174,7 @@ def test_quantized_export_loads_generates_and_reports_types(tiny_pruned_dir, tmp
     assert not (tmp_path / kind / "model-f32.gguf").exists()  # the float32 intermediate is not kept
     record = result.manifest
     counts = record["tensor_types"]["counts"]
-    quantized = result.parity["quantized"]
+    quantized = result.parity["gguf_type_check"]
     assert 0.0 <= quantized["vs_float32_gguf"]["top1_agreement"] <= 1.0
     assert quantized["vs_float32_gguf"]["positions"] > 3 * 16
     if kind == "q8_0":

@@ -42,7 +42,7 @@ def test_pruned_smollm2_q4_k_m_gguf(pruned_smollm2, tmp_path):
     # hidden 576 is no multiple of 256: q/k/v/o/gate/up fall back; every realigned ffn_down keeps a k-quant
     assert manifest["tensor_types"]["k_quant_tensors"] >= 30
     assert manifest["tokenizer"]["pre"] == "smollm" and "embedded" in manifest["tokenizer"]["source"]
-    quantized = result.parity["quantized"]["vs_float32_gguf"]
+    quantized = result.parity["gguf_type_check"]["vs_float32_gguf"]
     assert quantized["top1_agreement"] > 0.6
     tokenizer = load_tokenizer(pruned_smollm2)
     text = "Robert Boulter is an English film , television and theatre actor ."

@@ -39,7 +39,8 @@ if [ "${EFFIDEPLOY_SKIP_LLAMACPP:-0}" != "1" ]; then
   links=(); [ -d "$wheels" ] && links=(--find-links "$wheels")
   if ! "$PY" -c "import llama_cpp" 2>/dev/null || ! "$PY" -c "import starlette_context, sse_starlette" 2>/dev/null; then
     log=${TMPDIR:-/tmp}/effideploy-llamacpp-build.log
-    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    # LLAVA_BUILD=OFF: the multimodal library (about half the build) is imported only by llava chat handlers.
+    CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
       pip_install "${links[@]}" "llama-cpp-python[server]==0.3.36" >"$log" 2>&1 \
       || echo "llama-cpp-python did not build (log: $log): the llamacpp runtime reports itself unavailable"
   fi

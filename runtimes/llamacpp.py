@@ -10,7 +10,7 @@ logits (what the other runtimes do; no sampler chain).
 Timings are wall-clock around ``llama_decode`` plus reading the logits of the token to choose (the decode is
 synchronous on CPU): ``prefill_seconds`` is the prompt's decode and the first token's choice, each
 ``decode_seconds`` entry one single-token decode. ``threads`` sets llama.cpp's ``n_threads`` and
-``n_threads_batch`` (default: llama.cpp's own, the physical cores it finds).
+``n_threads_batch`` (default: half the logical CPUs, as llama-cpp-python's ``Llama`` does).
 
 If llama-cpp-python is not installed or its native library does not load, ``llamacpp_unavailable()`` gives the
 reason and opening the runtime is a one-line error with it (scripts/setup.sh builds it from source).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -152,8 +153,9 @@ class LlamaCppRuntime(Runtime):
         self.kv_cache_type = kv_cache_type
         params.flash_attn_type = getattr(llama_cpp, FLASH_ATTN[flash_attn])
         self.flash_attn = flash_attn
-        if threads:
-            params.n_threads = params.n_threads_batch = int(threads)
+        # llama-cpp-python's Llama default (half the logical CPUs, i.e. the physical cores with SMT); the C API's own
+        # default is a fixed 4, which oversubscribes small machines.
+        params.n_threads = params.n_threads_batch = int(threads or max(os.cpu_count() // 2, 1))
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             self.ctx = None

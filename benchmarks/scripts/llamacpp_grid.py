@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-verify", action="store_true", help="skip the exports' parity checks (faster)")
     parser.add_argument("--work", type=Path, default=Path("out/llamacpp-grid"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llamacpp"))
     args = parser.parse_args()
@@ -99,7 +100,8 @@ def main() -> None:
     for label, checkpoint in checkpoints.items():
         for kind in types:
             tick = time.perf_counter()
-            path = export_for("llamacpp", checkpoint, args.work / "exports", label, quantize=kind)
+            verify = {"verify": False} if args.no_verify else {}
+            path = export_for("llamacpp", checkpoint, args.work / "exports", label, quantize=kind, **verify)
             export_seconds[f"{label}/{kind}"] = time.perf_counter() - tick
             entries.append(("llamacpp", kind, label, path))
         for runtime in others:

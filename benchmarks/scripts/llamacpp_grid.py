@@ -64,6 +64,7 @@ def open_runtime(runtime: str, path: Path, threads: int, n_ctx: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", default="llama", help="the dense model (default: the embedded SmolLM2)")
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES))
     parser.add_argument("--sparsities", default="0.2,0.5", help="CFSP-pruned here (8 x 256 calibration tokens)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
@@ -85,7 +86,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from effideploy.models.resolve import resolve_model
 
-    checkpoints = {"dense": str(resolve_model("llama").path)}
+    checkpoints = {"dense": str(resolve_model(args.dense).path)}
     for item in args.checkpoint:
         label, path = item.split("=", 1)
         checkpoints[label] = path
@@ -156,6 +157,7 @@ def main() -> None:
         predictions = [t for row in result.predictions for t in row]
         quality[key] = {"perplexity": result.perplexity,
                         "loyalty": sum(a == b for a, b in zip(predictions, dense_predictions)) / len(predictions)}
+    engines = {" ".join(k): e.describe() for k, e in opened.items()}
     for engine in opened.values():
         engine.close()
 
@@ -178,7 +180,7 @@ def main() -> None:
                "checkpoints": checkpoints,
                "reference_perplexity_fp32": reference.perplexity, "prompt_tokens": len(prompt),
                "speed_seconds": speed_seconds, "export_seconds": export_seconds,
-               "engines": {" ".join(k): e.describe() for k, e in opened.items() if hasattr(e, "describe") and k[0] != "vllm"},
+               "engines": engines,
                "failed": failed, "rows": rows, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (args.out / "grid.json").write_text(json.dumps(payload, indent=2, default=str))
     payload["load_average_after_speed"] = load

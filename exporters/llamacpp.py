@@ -17,7 +17,8 @@ K-quants (q2_k .. q6_k and the _s/_m/_l mixes) pack rows of 256 weights: a matri
 multiple of 256 gets llama.cpp's fallback type (q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0, q2_K/q3_K -> q4_0; F16 where
 even 32 does not divide it). The manifest lists which tensors needed it and the type every tensor got (read back
 from the file). ``realign=True`` rounds FFN widths down to multiples of 256 first (dropping the channels with the
-smallest down_proj column norm, as the vLLM export does), so ffn_down keeps the k-quant; the hidden size, which
+smallest down_proj column norm, as the vLLM export does; a block narrower than 256 keeps its width), so ffn_down
+keeps the k-quant; the hidden size, which
 every other matrix reads, cannot be realigned (SmolLM2's 576 is not a multiple of 256).
 """
 
@@ -124,7 +125,8 @@ def export_llamacpp(
     widths = ffn_widths(config)
     new_widths, realigned = widths, []
     if realign:
-        new_widths = width_realign.plan_widths(config, widths, 1, K_QUANT_ROW, realign=True)
+        # a block narrower than 256 keeps its width (llama.cpp's fallback type serves it) rather than losing its FFN
+        new_widths = [w - w % K_QUANT_ROW if w >= K_QUANT_ROW else w for w in widths]
         realigned = width_realign.changed_blocks(widths, new_widths)
     narrowed = {"realigned": realigned, "realigned_config": (
         width_realign.realigned_config(dict(config_dict), new_widths) if realigned else None)}

@@ -38,7 +38,7 @@ def _reference_model(source, realigned: list[dict] | None, realigned_config: dic
         state.update(realign_block_tensors(state, block["index"], block["before"], block["after"]))
     config = build_config(realigned_config)
     narrowed = model_class(config)(config)
-    narrowed.load_state_dict(state, strict=False)
+    narrowed.load_state_dict(state)
     return narrowed.eval()
 
 

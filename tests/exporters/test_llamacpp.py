@@ -243,3 +243,32 @@ def test_serve_command_answers_a_completion_over_http(pruned_f32, tiny_tokenizer
         tokens = runtime.generate([ids], answer["usage"]["completion_tokens"]).tokens[0]
     # the random model emits partial UTF-8 sequences: the server drops them, transformers decodes them as U+FFFD
     assert text == tiny_tokenizer.decode(tokens).replace("\ufffd", "")
+
+
+@needs_llamacpp
+def test_realign_rounds_ffn_widths_to_256_for_k_quants(tiny_tokenizer, tmp_path):
+    """Widths 600/300/512/200 -> 512/256/512/200: ffn_down of the realigned blocks keeps q4_K/q6_K, the block narrower
+    than 256 keeps its width (fallback), and the float32 GGUF still equals transformers on the narrowed model."""
+    from effideploy.checkpoint.writer import copy_remote_code
+    from effideploy.pruning import PruneConfig
+    from effideploy.pruning.plan import BlockPlan, PrunePlan
+    from effideploy.pruning.rewrite import apply_plan
+    from tests.conftest import tiny_llama
+
+    widths, full = [600, 300, 512, 200], 640
+    model = tiny_llama(intermediate_size=full)
+    generator = torch.Generator().manual_seed(1)
+    apply_plan(model, PrunePlan(config=PruneConfig(method="uniform"), blocks=[
+        BlockPlan(index=i, full_width=full, kept=torch.randperm(full, generator=generator)[:w].sort().values)
+        for i, w in enumerate(widths)]))
+    source = tmp_path / "pruned"
+    model.save_pretrained(source)
+    copy_remote_code(source)
+    tiny_tokenizer.save_pretrained(source)
+    result = export_llamacpp(source, tmp_path / "q4", quantize="q4_k_m", realign=True)
+    assert result.manifest["ffn_widths"] == [512, 256, 512, 200]
+    assert [(b["index"], b["before"], b["after"]) for b in result.manifest["realign"]["blocks"]] == [(0, 600, 512), (1, 300, 256)]
+    assert result.parity["match"]  # against transformers with the same channels dropped
+    types = {name: kind for kind, names in result.manifest["tensor_types"]["tensors"].items() for name in names}
+    assert all(types[f"blk.{i}.ffn_down.weight"].endswith("_k") for i in (0, 1, 2))
+    assert result.manifest["tensor_types"]["fallback"]["blk.3.ffn_down.weight"] == "f16"  # 200: not a multiple of 32

@@ -45,7 +45,7 @@ def test_pruned_smollm2_q4_k_m_gguf(pruned_smollm2, tmp_path):
     assert manifest["tensor_types"]["k_quant_tensors"] == sum(w % 256 == 0 for w in widths)
     assert manifest["tokenizer"]["pre"] == "smollm" and "embedded" in manifest["tokenizer"]["source"]
     quantized = result.parity["gguf_type_check"]["vs_float32_gguf"]
-    assert quantized["top1_agreement"] > 0.6
+    assert quantized["top1_agreement"] > 0.5  # 0.65 measured (every ffn_down 4-bit after --realign)
     tokenizer = load_tokenizer(pruned_smollm2)
     text = "Robert Boulter is an English film , television and theatre actor ."
     with LlamaCppRuntime(result.output, threads=2, n_ctx=128) as runtime:

@@ -294,7 +294,7 @@ def _special_ids(folder: Path, config_dict: dict, vocab: dict[str, int]) -> dict
             token = tokenizer_config.get(f"{key}_token")
             token = token.get("content") if isinstance(token, dict) else token
             value = vocab.get(token) if isinstance(token, str) else None
-        if isinstance(value, int) and 0 <= value < len(vocab) + 1_000_000:
+        if isinstance(value, int) and value >= 0:
             ids[gguf_key] = int(value)
     return ids
 

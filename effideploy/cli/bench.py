@@ -78,9 +78,9 @@ def finish(report, output: Path, policy_path: Optional[Path], policy, overwrite:
 def bench(
     candidate: Optional[List[str]] = typer.Option(None, "--candidate", help="Pruned checkpoint or export to compare (repeatable; default out/pruned, or out/export-<runtime>)."),
     token_compression: Optional[List[str]] = typer.Option(None, "--token-compression", help="Dense model + token compression, e.g. snapkv:0.2 (repeatable; torch and onnx; vllm: kv-dtype:fp8)."),
-    quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Also bench the dense model and every checkpoint candidate exported with quantized weights: int8 | int4 (onnx), w8a8 | w4a16 (vllm; int8/int4 too) (repeatable)."),
+    quantize: Optional[List[str]] = typer.Option(None, "--quantize", help="Also bench the dense model and every checkpoint candidate exported with quantized weights: int8 | int4 (onnx), w8a8 | w4a16 (vllm; int8/int4 too), f16 | q8_0 | q4_k_m | ... (llamacpp) (repeatable)."),
     model: str = typer.Option(default_of(BenchConfig, "dense"), help="Dense baseline (as for prune --model)."),
-    runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help="torch | onnx | vllm (onnx/vllm export checkpoints under out/exports when needed)."),
+    runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help="torch | onnx | vllm | llamacpp (onnx/vllm/llamacpp export checkpoints under out/exports when needed)."),
     output: Path = typer.Option(Path(DEFAULT_BENCH_OUTPUT), help="Report folder (report.md, report.json, PNG plots)."),
     policy: Optional[Path] = typer.Option(None, help="Policy TOML (bench/policies/default.toml): exit 1 when it fails."),
     prompt_tokens: int = typer.Option(default_of(BenchConfig, "prompt_tokens"), help="Tokens per latency prompt (WikiText-2 test windows)."),

@@ -1,4 +1,4 @@
-"""``effideploy export``: a checkpoint as a folder one runtime serves (vLLM or ONNX Runtime), parity-checked."""
+"""``effideploy export``: a checkpoint as a folder one runtime serves (vLLM, ONNX Runtime or llama.cpp), parity-checked."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from effideploy.errors import EffideployError
 @app.command("export")
 def export(
     checkpoint: str = typer.Argument(DEFAULT_PRUNED, help="Checkpoint folder (or any model prune --model takes, e.g. 'llama' for the dense baseline)."),
-    runtime: str = typer.Option(..., help="vllm | onnx"),
+    runtime: str = typer.Option(..., help="vllm | onnx | llamacpp"),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: out/export-<runtime>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Parity check against transformers (default: on; vLLM: when vLLM is installed)."),
@@ -23,7 +23,9 @@ def export(
     quantize: Optional[str] = typer.Option(
         None, help="ONNX: int8 | int4 weights (MatMulNBits, int8 compute on CPU). vLLM: w8a8 (alias int8: int8 "
                    "weights per channel, int8 dynamic per-token activations) or w4a16 (alias int4: int4 weights in "
-                   "groups of --group-size, served in bfloat16/float16), written in the compressed-tensors format."),
+                   "groups of --group-size, served in bfloat16/float16), written in the compressed-tensors format. "
+                   "llamacpp: the GGUF type, made by llama.cpp's quantizer: f32 | f16 (default) | bf16 | q8_0 | q6_k | "
+                   "q5_k_m | q4_k_m | q4_0 | ... (k-quants need rows of 256; others fall back, listed in the manifest)."),
     block_size: Optional[int] = typer.Option(None, help="ONNX: weights per quantization block, a power of two >= 16 (default 32)."),
     quant_method: Optional[str] = typer.Option(None, help="rtn (round-to-nearest, default) | gptq (from the statistics `prune --keep-stats` kept; on ONNX without them: ORT's GPTQ, int4) | hqq (ONNX int4)."),
     group_size: Optional[int] = typer.Option(None, help="vLLM --quantize w4a16: input columns per int4 scale (default 128; every FFN width must be a multiple of it)."),
@@ -33,12 +35,12 @@ def export(
         None, help="Record a token-compression method for the runner, e.g. streamingllm:0.2 (ONNX; snapkv/h2o need "
                    "--attention-outputs) or kv-dtype:fp8 (vLLM, the only one it runs)."),
     tensor_parallel_size: int = typer.Option(1, help="vLLM: tensor-parallel ranks the export must split over."),
-    realign: bool = typer.Option(False, help="vLLM: round FFN widths down to what --tensor-parallel-size needs."),
+    realign: bool = typer.Option(False, help="vLLM: round FFN widths down to what --tensor-parallel-size needs. llamacpp: to multiples of 256 (k-quants)."),
     align: Optional[int] = typer.Option(None, help="vLLM: also require widths divisible by this per rank (kernels)."),
     kv_cache_dtype: Optional[str] = typer.Option(None, help="vLLM: KV-cache dtype (auto | fp8 | fp8_e4m3 | fp8_e5m2)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ) -> None:
-    """Export a pruned (or dense) checkpoint for vLLM or ONNX Runtime and check it against transformers."""
+    """Export a pruned (or dense) checkpoint for vLLM, ONNX Runtime or llama.cpp (GGUF) and check it against transformers."""
     from effideploy.exporters import EXPORTERS
 
     exporter = EXPORTERS.get(runtime)  # an unknown runtime fails here, before any work
@@ -89,6 +91,13 @@ def _parity(parity: dict | None) -> str:
     text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"
     if "logits_max_abs_diff" in parity:
         text += f", logits within {parity['logits_max_abs_diff']:.2g} (tolerance {parity['logits_tolerance']:g})"
+    if "gguf_type_check" in parity:  # llamacpp: the typed GGUF against the float32 one (checked above)
+        check = parity["gguf_type_check"]
+        versus = check["vs_float32_gguf"]
+        same = ("identical" if check["tokens_identical_to_transformers"]
+                else f"agree for the first {check['matching_prefix_tokens']} tokens")
+        text += (f" (float32 GGUF); {check['type']}: greedy tokens {same}, teacher-forced top-1 "
+                 f"{versus['top1_agreement']:.1%} vs the float32 GGUF, max |logit diff| {versus['max_abs_logit_diff']:.2g}")
     if "quantized" in parity:
         quantized = parity["quantized"]
         text += (f"; quantized graph vs fake-quant: logits within {quantized['logits_max_abs_diff']:.2g} (tolerance "

@@ -32,7 +32,9 @@ def prune(
     damp: float = typer.Option(default_of(PruneConfig, "damp"), help="lstsq: ridge term relative to the mean activation second moment."),
     gram_stride: int = typer.Option(default_of(PruneConfig, "gram_stride"), help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
     batch_size: int = typer.Option(default_of(PruneConfig, "batch_size"), help="Calibration windows per forward."),
-    calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
+    calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="auto | float32 | bfloat16 (autocast; auto: bfloat16 on CUDA, float32 on the CPU)."),
+    device: str = typer.Option(default_of(PruneConfig, "device"), help="auto | cpu | cuda | cuda:N (auto: CUDA when available)."),
+    max_memory: Optional[float] = typer.Option(default_of(PruneConfig, "max_memory_gb"), help="GB of host memory calibration may use (default: MemAvailable); a memory plan over it is refused before any work."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled (.bin) weights, which can run code when loaded."),
@@ -63,7 +65,7 @@ def prune(
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
-                         calib_dtype=calib_dtype)
+                         calib_dtype=calib_dtype, device=device, max_memory_gb=max_memory)
     METHODS.target(method)
     recovery = None
     if recover:  # validated before any work starts

@@ -53,15 +53,48 @@ def needs_gram(config: PruneConfig) -> bool:
     return make_method(config).compensation == "lstsq"
 
 
-def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor | None,
-              gram_dir: str | None = None) -> CalibrationStats | None:
+def needs_calibration(config: PruneConfig) -> bool:
     method = make_method(config)
-    if not method.needs_calibration and method.compensation == "none":
+    return method.needs_calibration or method.compensation != "none"
+
+
+def memory_plan(config: PruneConfig, config_dict: dict, *, announce: bool = True):
+    """Device, compute dtype and the calibration's memory plan (``effideploy.memory_plan``), from config.json's
+    shapes before anything is loaded: printed on stderr, and a plan that does not fit is refused here."""
+    from effideploy.device import compute_dtype, device_available_bytes, host_available_bytes, resolve_device
+    from effideploy.memory_plan import Shapes, plan_calibration
+
+    device = resolve_device(config.device)
+    dtype = compute_dtype(device, config.calib_dtype)
+    limit = int(config.max_memory_gb * 1e9) if config.max_memory_gb else host_available_bytes()
+    plan = plan_calibration(Shapes.from_config(config_dict), windows=config.calib_samples, seqlen=config.calib_seqlen,
+                            batch_size=config.batch_size, gram=needs_gram(config), device=str(device), dtype=dtype,
+                            host_limit=limit, device_free=device_available_bytes(device))
+    plan.check()  # refused as one line (which names the figures), before the plan is printed
+    if announce:
+        progress.console.print(plan.describe(), highlight=False)
+    return device, dtype, plan
+
+
+def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor | None,
+              gram_dir: str | None = None, memory=None) -> CalibrationStats | None:
+    """``memory``: what :func:`memory_plan` returned (else the device and dtype are resolved here, unplanned)."""
+    method = make_method(config)
+    if not needs_calibration(config):
         return None
     if windows is None:
         raise EffideployError(f"{config.method!r} with {method.compensation!r} compensation needs calibration windows")
-    return collect_stats(model, windows, config.batch_size, config.calib_dtype, gram=needs_gram(config),
-                         gram_dir=gram_dir, gram_stride=config.gram_stride)
+    device, dtype, plan = memory or (*_device_and_dtype(config), None)
+    return collect_stats(model, windows, config.batch_size, dtype, gram=needs_gram(config),
+                         gram_dir=gram_dir, gram_stride=config.gram_stride, device=device,
+                         activations_on_device=plan is None or plan.activations_on_device or device.type == "cpu")
+
+
+def _device_and_dtype(config: PruneConfig) -> tuple[torch.device, str]:
+    from effideploy.device import compute_dtype, resolve_device
+
+    device = resolve_device(config.device)
+    return device, compute_dtype(device, config.calib_dtype)
 
 
 def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: CalibrationStats | None) -> PrunePlan:
@@ -152,6 +185,7 @@ def prune_checkpoint(
     timings: dict[str, float] = {}
     model_config = build_config(source.config_dict)
     check_prunable(config, model_config, source.config_dict)
+    memory = memory_plan(config, source.config_dict) if stats is None and needs_calibration(config) else None
     weights = SafetensorsWeights(source.path)
     layerwise = LayerwiseModel(model_config, weights)
 
@@ -164,7 +198,7 @@ def prune_checkpoint(
             tick = time.perf_counter()
             windows = calibration_windows(load_tokenizer(source), calibration, config)
             timings["tokenize"] = time.perf_counter() - tick
-            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir)
+            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir, memory=memory)
         with torch.no_grad():
             plan = plan_from_stats(layerwise, config, stats)
         if sum(plan.widths) >= sum(plan.full_widths):
@@ -203,12 +237,14 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
     and sparsity that shares the calibration options (text, windows, seqlen, seed, dtype). ``gram`` (default:
     whether ``config`` needs it) collects the second moments lstsq compensation reads; ``gram_dir`` spools them
     to disk and must outlive the checkpoints written from these statistics."""
+    device, dtype, plan = memory_plan(config, source.config_dict)
     layerwise = LayerwiseModel(build_config(source.config_dict), SafetensorsWeights(source.path))
     windows = calibration_windows(load_tokenizer(source), calibration, config)
     with torch.no_grad():
-        return collect_stats(layerwise, windows, config.batch_size, config.calib_dtype,
+        return collect_stats(layerwise, windows, config.batch_size, dtype,
                              gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir,
-                             gram_stride=config.gram_stride)
+                             gram_stride=config.gram_stride, device=device,
+                             activations_on_device=plan.activations_on_device or device.type == "cpu")
 
 
 def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder: Path) -> None:
@@ -252,6 +288,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
             "text": calibration.name, "path": calibration.path, "split": calibration.split,
             "windows": stats.n_windows, "seqlen": stats.seqlen, "seed": config.seed,
             "tokens": stats.n_windows * stats.seqlen,
+            "device": str(_device_and_dtype(config)[0]), "compute_dtype": _device_and_dtype(config)[1],
         },
         "sparsity": {
             "ffn_requested": config.sparsity,

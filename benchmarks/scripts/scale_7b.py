@@ -158,8 +158,9 @@ def structural_check(export: Path) -> dict:
                          p + "mlp.gate_proj.weight": [width, h], p + "mlp.up_proj.weight": [width, h],
                          p + "mlp.down_proj.weight": [h, width], p + "input_layernorm.weight": [h],
                          p + "post_attention_layernorm.weight": [h]})
-        if config.get("mlp_bias"):
-            expected[p + "mlp.down_proj.bias"] = [h]
+        if config.get("mlp_bias"):  # bias compensation: every FFN projection gets one
+            expected.update({p + "mlp.gate_proj.bias": [width], p + "mlp.up_proj.bias": [width],
+                             p + "mlp.down_proj.bias": [h]})
     mismatched = [name for name, shape in expected.items() if name not in entries or list(entries[name][3]) != shape]
     dtypes = sorted({str(entry[2]).replace("torch.", "") for entry in entries.values()})
     if mismatched:
@@ -177,7 +178,7 @@ def lstsq_probe(width: int, kept: int, tokens: int) -> dict:
     tick = time.perf_counter()
     gram = (activation.T @ activation).double()
     accumulate = time.perf_counter() - tick
-    gram += torch.eye(width, dtype=torch.float64) * tokens  # full rank, as with >= width tokens
+    gram.diagonal().add_(tokens)  # full rank, as with >= width tokens
     down = torch.randn(SHAPES["hidden_size"], width, generator=g) * 0.02
     tick = time.perf_counter()
     least_squares(down, gram / tokens, activation.mean(0).double(), torch.arange(kept), damp=1e-3)
@@ -241,7 +242,11 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "scale_7b.md")
     parser.add_argument("--keep", action="store_true", help="keep the model, pruned and export folders")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="check the script on a 2-block model of hidden 256")
     args = parser.parse_args()
+    if args.smoke:  # the same steps on small shapes (seconds), to check the script itself
+        SHAPES.update(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4)
     work = args.work
     model, pruned, export = work / "llama2-7b-shaped", work / "pruned", work / "export-vllm"
     work.mkdir(parents=True, exist_ok=True)
@@ -263,6 +268,7 @@ def main() -> None:
     check = structural_check(export)
     widths = sorted(check["widths"])
     probe = lstsq_probe(SHAPES["intermediate_size"], widths[len(widths) // 2], 512)
+    print(f"lstsq probe: {probe}", file=sys.stderr, flush=True)
     text = report(made, prune, exported, check, probe, provenance)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)

@@ -72,7 +72,7 @@ def memory_plan(config: PruneConfig, config_dict: dict, *, announce: bool = True
                             host_limit=limit, device_free=device_available_bytes(device))
     plan.check()  # refused as one line (which names the figures), before the plan is printed
     if announce:
-        progress.console.print(plan.describe(), highlight=False)
+        progress.console.print(plan.describe(), highlight=False, soft_wrap=True)
     return device, dtype, plan
 
 

@@ -129,3 +129,18 @@ def test_onnx_runtime_uses_the_cuda_provider_when_onnxruntime_gpu_is_installed(t
     EXPORTERS.get("onnx")(str(tiny_model_dir), tmp_path / "onnx", verify=False)
     runtime = OnnxRuntime(tmp_path / "onnx", device="cuda")
     assert runtime.device == "cuda" and runtime.describe()["providers"][0] == "CUDAExecutionProvider"
+
+
+def test_lstsq_solve_on_cuda_matches_the_cpu():
+    from effideploy.pruning.compensation import least_squares
+
+    g = torch.Generator().manual_seed(0)
+    activations = torch.randn(4000, 300, generator=g)
+    gram = activations.T.double() @ activations.double() / 4000
+    down = torch.randn(64, 300, generator=g)
+    kept = torch.arange(0, 300, 2)
+    cpu = least_squares(down, gram, activations.mean(0), kept, 1e-3)
+    gpu = least_squares(down, gram, activations.mean(0), kept, 1e-3, device="cuda")
+    assert gpu[0].device.type == "cpu"
+    torch.testing.assert_close(gpu[0], cpu[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-5, atol=1e-6)

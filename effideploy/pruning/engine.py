@@ -252,8 +252,9 @@ def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder
     outer = [name for name in weights.names() if not name.startswith("model.layers.")]
     if model.config.tie_word_embeddings:
         outer = [name for name in outer if name != "lm_head.weight"]
+    device = _device_and_dtype(plan.config)[0]  # the lstsq solves run there
     blocks = (rewrite_block({name: weights.get(name) for name in model.block_tensor_names(block.index)}, block,
-                            with_bias=with_bias)
+                            with_bias=with_bias, device=device)
               for block in progress.track(plan.blocks, "Writing pruned blocks"))
     write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, model.num_layers)
 

@@ -186,6 +186,50 @@ def lstsq_probe(width: int, kept: int, tokens: int) -> dict:
             "solve_s": time.perf_counter() - tick, "gram_mb": width * width * 8 / 1e6}
 
 
+def phase_peaks(model: Path, folder: Path) -> dict:
+    """The prune's phases run in this process, peak RSS (ru_maxrss, monotone) and current RSS after each: which
+    phase sets the process's peak, and whether freed memory went back to the system."""
+    import resource
+
+    import psutil
+
+    from effideploy.checkpoint.config import pruned_config
+    from effideploy.data.text import resolve_text
+    from effideploy.models.build import build_config, load_tokenizer
+    from effideploy.models.layerwise import LayerwiseModel
+    from effideploy.models.resolve import resolve_model
+    from effideploy.models.weights import SafetensorsWeights
+    from effideploy.pruning import PruneConfig
+    from effideploy.pruning.engine import calibrate, calibration_windows, plan_from_stats, write_blocks
+
+    def sample(tick) -> dict:
+        return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+                "rss_gb": psutil.Process().memory_info().rss / 1e9, "seconds": time.perf_counter() - tick}
+
+    tick = time.perf_counter()
+    config = PruneConfig(sparsity=0.5, calib_samples=4, calib_seqlen=128, compensation="bias", device="cpu")
+    source = resolve_model(str(model))
+    layerwise = LayerwiseModel(build_config(source.config_dict), SafetensorsWeights(source.path))
+    phases = {"imported": sample(tick)}
+    tick = time.perf_counter()
+    windows = calibration_windows(load_tokenizer(source), resolve_text("wikitext2"), config)
+    phases["tokenize"] = sample(tick)
+    tick = time.perf_counter()
+    with torch.no_grad():
+        stats = calibrate(layerwise, config, windows)
+    phases["calibration"] = sample(tick)
+    tick = time.perf_counter()
+    with torch.no_grad():
+        plan = plan_from_stats(layerwise, config, stats)
+    phases["score_and_allocate"] = sample(tick)
+    tick = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_blocks(layerwise, plan, pruned_config(layerwise.config, plan.widths, mlp_bias=True).mlp_bias, folder)
+    phases["write"] = sample(tick)
+    shutil.rmtree(folder)
+    return phases
+
+
 def report(made: dict, prune: dict, export: dict, check: dict, probe: dict, provenance: dict) -> str:
     gb = made["bytes"] / 1e9
     seconds = provenance["seconds"]
@@ -242,6 +286,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "scale_7b.md")
     parser.add_argument("--keep", action="store_true", help="keep the model, pruned and export folders")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--phases", action="store_true", help="only: peak RSS after each prune phase, in process")
     parser.add_argument("--smoke", action="store_true", help="check the script on a 2-block model of hidden 256")
     args = parser.parse_args()
     if args.smoke:  # the same steps on small shapes (seconds), to check the script itself
@@ -258,6 +303,13 @@ def main() -> None:
         made = make_model(model)
         (work / "made.json").write_text(json.dumps(made))
     print(f"model: {made['bytes'] / 1e9:.2f} GB in {made['seconds']:.0f} s", file=sys.stderr, flush=True)
+    if args.phases:
+        phases = phase_peaks(model, work / "phases")
+        print(json.dumps(phases, indent=1))
+        args.report.with_name(args.report.stem + "_phases.json").write_text(json.dumps(phases, indent=1))
+        if not args.keep:
+            shutil.rmtree(work)
+        return
     prune = timed([*cli, "prune", "--model", str(model), "--sparsity", "0.5", "--calib-samples", "4",
                    "--calib-seqlen", "128", "--compensation", "bias", "--output", str(pruned), "--overwrite",
                    *threads], work / "prune.log")

@@ -11,6 +11,15 @@ Calibration holds (see ``effideploy.pruning.calibration``):
 - the statistics: two float64 vectors per block, and with lstsq compensation the float64 second-moment matrix
   [ffn, ffn] plus its float32 per-batch product (spooled to disk when the block is done).
 
+The prune's two other passes run on the host and can set its peak (measured on Llama-2-7B's shapes: the write did):
+
+- scoring: each block's three FFN matrices in float32 and the score's temporaries, about seven [ffn, hidden] float32
+  matrices, plus the stored matrix being read;
+- writing: the outer tensors (embeddings, head) and their serialised copy, then per block its stored tensors, the
+  pruned copy and its serialised copy (three stored blocks at most) and down_proj in float32 for the compensation;
+  with lstsq, the float64 second moments and the solve's operands (~24 (hidden x ffn + ffn^2) bytes; on a CUDA
+  device the solve runs there and the host holds the second moments only).
+
 On a CUDA device the block, the batch and the statistics live on the device. The activations stay on the device
 when block + batch + statistics + activations fit in 90% of its free memory (``torch.cuda.mem_get_info``), else
 they are spilled to host memory and each batch is moved in and out (PCIe traffic of 2 x activations per block).
@@ -48,6 +57,7 @@ class Shapes:
     head_dim: int
     vocab: int
     stored_bytes: int = 4  # bytes per weight element on disk (bf16 checkpoints: 2)
+    tied: bool = False  # the head shares the embedding table
 
     @classmethod
     def from_config(cls, config: dict) -> "Shapes":
@@ -60,7 +70,7 @@ class Shapes:
             return cls(hidden=hidden, ffn=ffn, layers=int(config["num_hidden_layers"]), heads=heads,
                        kv_heads=int(config.get("num_key_value_heads") or heads),
                        head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
-                       stored_bytes=DTYPE_BYTES.get(dtype, 4))
+                       stored_bytes=DTYPE_BYTES.get(dtype, 4), tied=bool(config.get("tie_word_embeddings", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise EffideployError(f"config.json lacks the shapes the memory plan needs ({exc})") from None
 
@@ -69,6 +79,11 @@ class Shapes:
         q_o = 2 * self.hidden * self.heads * self.head_dim
         k_v = 2 * self.hidden * self.kv_heads * self.head_dim
         return q_o + k_v + 3 * self.hidden * self.ffn + 2 * self.hidden
+
+    @property
+    def outer_parameters(self) -> int:
+        """Embedding table, head (unless tied) and final norm."""
+        return (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
 
     @property
     def largest_tensor(self) -> int:
@@ -86,6 +101,8 @@ class MemoryPlan:
     activations: int  # float32 residual stream of all windows
     batch: int  # one batch's intermediates
     statistics: int
+    scoring: int  # the scoring pass (host)
+    writing: int  # the rewrite and write pass (host)
     activations_on_device: bool
     host_peak: int
     device_peak: int  # 0 on the CPU
@@ -111,8 +128,8 @@ class MemoryPlan:
                       else " (spilled: they do not fit beside one block on the device)")
         lines.append(f"  one block {gb(self.block)}, activations {gb(self.activations)} on {where}, batch "
                      f"intermediates {gb(self.batch)}, statistics {gb(self.statistics)}, embedding phase "
-                     f"{gb(self.embedding)}" + (f"; second moments spooled to disk {gb(self.spool_disk)}"
-                                                 if self.spool_disk else ""))
+                     f"{gb(self.embedding)}; then scoring {gb(self.scoring)}, writing {gb(self.writing)}"
+                     + (f"; second moments spooled to disk {gb(self.spool_disk)}" if self.spool_disk else ""))
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -147,18 +164,24 @@ def plan_calibration(shapes: Shapes, *, windows: int, seqlen: int, batch_size: i
     statistics = 16 * f + (20 * f * f if gram else 0)
     spool = 8 * f * f * shapes.layers if gram else 0
     embed_phase = embedding + 2 * activations
+    stored = shapes.stored_bytes
+    scoring = 28 * h * f + stored * h * f
+    solve = 24 * (h * f + f * f) if gram else 0
+    writing = max(2 * stored * shapes.outer_parameters, 3 * stored * shapes.block_parameters + 4 * h * f)
+    common = dict(device=device, dtype=dtype, block=block, read_buffer=read_buffer, embedding=embedding,
+                  activations=activations, batch=batch, statistics=statistics, scoring=scoring, host_limit=host_limit,
+                  spool_disk=spool)
     if device_free is None:
-        host_peak = HOST_BASELINE + max(embed_phase, block + read_buffer + activations + batch + statistics)
-        return MemoryPlan(device=device, dtype=dtype, block=block, read_buffer=read_buffer, embedding=embedding,
-                          activations=activations, batch=batch, statistics=statistics, activations_on_device=False,
-                          host_peak=int(host_peak), device_peak=0, host_limit=host_limit, device_free=None,
-                          spool_disk=spool)
+        writing += solve
+        calibration = block + read_buffer + activations + batch + statistics
+        host_peak = HOST_BASELINE + max(embed_phase, calibration, scoring, writing)
+        return MemoryPlan(**common, writing=writing, activations_on_device=False, host_peak=int(host_peak),
+                          device_peak=0, device_free=None)
+    writing += 8 * f * f if gram else 0  # the second moments read back; the solve runs on the device
     fixed = DEVICE_BASELINE + block + batch + statistics
     on_device = fixed + activations <= DEVICE_HEADROOM * device_free
-    device_peak = fixed + (activations if on_device else 0)
+    device_peak = max(fixed + (activations if on_device else 0), DEVICE_BASELINE + solve)
     host_side = read_buffer + (0 if on_device else activations)
-    host_peak = HOST_BASELINE + CUDA_HOST_EXTRA + max(embed_phase, host_side)
-    return MemoryPlan(device=device, dtype=dtype, block=block, read_buffer=read_buffer, embedding=embedding,
-                      activations=activations, batch=batch, statistics=statistics, activations_on_device=on_device,
-                      host_peak=int(host_peak), device_peak=int(device_peak), host_limit=host_limit,
-                      device_free=device_free, spool_disk=spool)
+    host_peak = HOST_BASELINE + CUDA_HOST_EXTRA + max(embed_phase, host_side, scoring, writing)
+    return MemoryPlan(**common, writing=writing, activations_on_device=on_device, host_peak=int(host_peak),
+                      device_peak=int(device_peak), device_free=device_free)

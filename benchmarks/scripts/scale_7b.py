@@ -288,7 +288,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--phases", action="store_true", help="only: peak RSS after each prune phase, in process")
     parser.add_argument("--smoke", action="store_true", help="check the script on a 2-block model of hidden 256")
+    parser.add_argument("--blocks", type=int, default=None, help="fewer blocks of the same shapes (phase peaks do "
+                        "not depend on depth)")
     args = parser.parse_args()
+    if args.blocks:
+        SHAPES.update(num_hidden_layers=args.blocks)
     if args.smoke:  # the same steps on small shapes (seconds), to check the script itself
         SHAPES.update(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4)

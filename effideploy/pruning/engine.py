@@ -13,8 +13,8 @@ from torch import nn
 import effideploy
 from effideploy import progress
 from effideploy.checkpoint.config import pruned_config
-from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, copy_remote_code, copy_tokenizer,
-                                         source_record, write_block_shards)
+from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code,
+                                         copy_tokenizer, source_record)
 from effideploy.data.text import TextSpec, load_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError, OptionError
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
@@ -253,10 +253,14 @@ def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder
     if model.config.tie_word_embeddings:
         outer = [name for name in outer if name != "lm_head.weight"]
     device = _device_and_dtype(plan.config)[0]  # the lstsq solves run there
-    blocks = (rewrite_block({name: weights.get(name) for name in model.block_tensor_names(block.index)}, block,
-                            with_bias=with_bias, device=device)
-              for block in progress.track(plan.blocks, "Writing pruned blocks"))
-    write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, model.num_layers)
+    # write_block_shards' layout, written here so that the outer tensors (embeddings and head: 0.5 GB for
+    # Llama-2-7B, 2 GB for a 128k vocabulary) are freed before the blocks are read, not held until the last one.
+    writer = ShardWriter(folder, n_shards=model.num_layers + 1)
+    writer.add({name: weights.get(name) for name in outer})
+    for block in progress.track(plan.blocks, "Writing pruned blocks"):
+        writer.add(rewrite_block({name: weights.get(name) for name in model.block_tensor_names(block.index)}, block,
+                                 with_bias=with_bias, device=device))
+    writer.finish()
 
 
 def pruning_code_fingerprint() -> str:

@@ -239,7 +239,8 @@ def report(made: dict, prune: dict, export: dict, check: dict, probe: dict, prov
     lines = [
         "# Llama-2-7B-shaped model pruned on the CPU (random weights)",
         "",
-        f"Model: {made['parameters'] / 1e9:.2f} B parameters, 32 blocks, hidden 4096, FFN 11008, vocabulary 32000, "
+        f"Model: {made['parameters'] / 1e9:.2f} B parameters, {SHAPES['num_hidden_layers']} blocks, hidden "
+        f"{SHAPES['hidden_size']}, FFN {SHAPES['intermediate_size']}, vocabulary {SHAPES['vocab_size']}, "
         f"bfloat16 safetensors, {gb:.2f} GB on disk ({len(shard_plan())} shards); tokenizer: byte-level BPE, "
         f"{made['tokenizer_vocab']} tokens. Machine: 2 shared cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM, no GPU; measured under load "

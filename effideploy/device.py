@@ -95,11 +95,6 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
-def autocast(device: torch.device, dtype: str):
-    """Matrix products in ``dtype`` (bfloat16 autocast) with float32 weights and residual stream."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
 def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     """MemAvailable from /proc/meminfo (what can be allocated without swapping), None where there is none."""
     try:
@@ -118,9 +113,3 @@ def device_available_bytes(device: torch.device) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return "cpu"

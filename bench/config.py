@@ -52,6 +52,7 @@ class BenchConfig:
     quantize: tuple[str, ...] = ()  # also bench the dense model and every checkpoint exported with these schemes
     memory: bool = True
     threads: int | None = None
+    device: str | None = None  # auto | cpu | cuda[:N] for every model opened (None: the runtime's default)
     data_dir: str | None = None
     export_root: str = EXPORT_ROOT
 
@@ -72,6 +73,10 @@ class BenchConfig:
             raise OptionError("mc_limit", f"must not be negative, got {self.mc_limit}")
         if self.threads is not None and self.threads < 1:
             raise OptionError("threads", f"must be at least 1, got {self.threads}")
+        if self.device is not None:
+            from effideploy.device import check_spec
+
+            check_spec(self.device)
         if not self.candidates and not self.quantize:
             raise EffideployError("no candidates to compare with the dense model; give --candidate, --token-compression "
                                   "or --quantize")

@@ -28,6 +28,8 @@ def runtime_options(config: BenchConfig, models: list[ModelResult], longest: int
     from effideploy.runtimes import RUNTIMES
 
     options = {"threads": config.threads} if config.threads else {}
+    if config.device is not None:
+        options["device"] = config.device
     limits = [m.parameters.max_positions for m in models if m.parameters and m.parameters.max_positions]
     options.update(RUNTIMES.get(config.runtime).context_options(min([max(2048, longest + 1), *limits])))
     return options

@@ -159,7 +159,7 @@ def scores_of(logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
     """[n, V] logits predicting the [n] ``targets`` -> TokenScores."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
-    return TokenScores(nll=nll, argmax=logits.argmax(-1))
+    return TokenScores(nll=nll.cpu(), argmax=logits.argmax(-1).cpu())  # no-op on the CPU; GPU results come home
 
 
 def check_requests(requests: list[ContinuationRequest]) -> None:

@@ -76,7 +76,8 @@ class OnnxRuntime(Runtime):
         import onnxruntime  # noqa: F401
 
     def __init__(self, path, *, providers: list | None = None, threads: int | None = None,
-                 kv_hook: KVHook | None = None, session_config: dict[str, str] | None = None) -> None:
+                 kv_hook: KVHook | None = None, session_config: dict[str, str] | None = None,
+                 device: str | None = None) -> None:
         """``path``: an export folder (holding model.onnx) or an .onnx file. ``providers``: ONNX Runtime execution
         providers (default: CUDA when this onnxruntime has it, else CPU). ``threads``: intra-op threads.
         ``session_config``: extra session config entries, e.g. {"session.intra_op.allow_spinning": "0"}."""
@@ -97,6 +98,10 @@ class OnnxRuntime(Runtime):
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
+        if providers is None and device is not None:  # auto | cpu | cuda[:N] (effideploy.device)
+            from effideploy.device import onnx_providers
+
+            providers = onnx_providers(device, ort.get_available_providers())
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

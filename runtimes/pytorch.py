@@ -26,6 +26,12 @@ def decode_one_token(model, token: torch.Tensor, cache: DynamicCache) -> torch.T
     return out.logits[:, -1]
 
 
+def _synchronize(tensor: torch.Tensor) -> None:
+    """CUDA kernels run asynchronously: a step's time is only its own once its result is there."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, **prefill_inputs) -> tuple[list[list[int]], float, list[float]]:
     """Greedy generation of a [B, L] batch over a fresh cache: (tokens per row, prefill seconds, decode seconds
@@ -33,11 +39,13 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, **prefill_inputs
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     next_tokens = prefill(model, input_ids, cache, **prefill_inputs).argmax(-1, keepdim=True)
+    _synchronize(next_tokens)
     prefill_seconds = time.perf_counter() - start
     generated, steps = [next_tokens], []
     for _ in range(max_new_tokens - 1):
         start = time.perf_counter()
         next_tokens = decode_one_token(model, next_tokens, cache).argmax(-1, keepdim=True)
+        _synchronize(next_tokens)
         steps.append(time.perf_counter() - start)
         generated.append(next_tokens)
     return torch.cat(generated, dim=1).tolist(), prefill_seconds, steps
@@ -47,7 +55,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, **prefill_inputs
 def continuation_scores(model, cache: DynamicCache, last_logits: torch.Tensor, continuation: list[int]) -> TokenScores:
     """Scores of ``continuation`` after a context already prefilled into ``cache`` (``last_logits`` [V]: the
     context's last position), teacher-forced in one forward; the cache grows by len(continuation) - 1."""
-    target = torch.tensor(continuation)
+    target = torch.tensor(continuation, device=last_logits.device)
     logits = [last_logits[None]]
     if len(continuation) > 1:
         logits.append(model(input_ids=target[None, :-1], past_key_values=cache, use_cache=True).logits[0])
@@ -60,7 +68,11 @@ class TorchRuntime(Runtime):
                                 weight_formats=("float32", "bfloat16", "float16"), exporter=None)
 
     def __init__(self, path=None, *, model=None, dtype: torch.dtype = torch.float32, threads: int | None = None,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, device: str | torch.device | None = None) -> None:
+        """``device``: auto | cpu | cuda | cuda:N (``effideploy.device``); None keeps a given ``model`` where it
+        is and opens a path on ``auto`` (CUDA when available)."""
+        from effideploy.device import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
         if model is None:
@@ -68,7 +80,10 @@ class TorchRuntime(Runtime):
             from effideploy.models.resolve import resolve_model
 
             model = load_model(resolve_model(path, allow_pickle=allow_pickle), dtype=dtype)
+        if device is not None or path is not None:
+            model = model.to(resolve_device(device))
         self.model = model.eval()
+        self.device = next(self.model.parameters()).device
         self.path = path
         self.hooks = None  # TorchHooks while token compression is attached
 
@@ -89,6 +104,9 @@ class TorchRuntime(Runtime):
     def _session(self, prompt_length: int):
         return self.hooks(self.model, prompt_length) if self.hooks is not None else nullcontext()
 
+    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)
+
     @property
     def can_batch(self) -> bool:
         return self.hooks is None  # the hooks track one sequence's positions
@@ -99,7 +117,7 @@ class TorchRuntime(Runtime):
         start_all = time.perf_counter()
         for prompt in prompts:
             with self._session(len(prompt)):
-                out, first, steps = greedy(self.model, torch.tensor([prompt]), max_new_tokens)
+                out, first, steps = greedy(self.model, self._ids([prompt]), max_new_tokens)
             tokens += out
             prefill_times.append(first)
             decode_times.append(steps)
@@ -113,7 +131,7 @@ class TorchRuntime(Runtime):
         if len({len(p) for p in prompts}) != 1:
             raise EffideployError("generate_batch needs prompts of equal length")
         start_all = time.perf_counter()
-        out, first, steps = greedy(self.model, torch.tensor(prompts), max_new_tokens)
+        out, first, steps = greedy(self.model, self._ids(prompts), max_new_tokens)
         return Generation(tokens=out, prefill_seconds=[first] * len(prompts), decode_seconds=[steps] * len(prompts),
                           total_seconds=time.perf_counter() - start_all)
 
@@ -124,7 +142,7 @@ class TorchRuntime(Runtime):
                                   "(score_continuations), not whole windows in one forward")
         results = []
         for sequence in sequences:
-            ids = torch.tensor([sequence])
+            ids = self._ids([sequence])
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
             results.append(scores_from_logits(logits, ids[0]))
         return results
@@ -142,7 +160,7 @@ class TorchRuntime(Runtime):
         for request_context, continuation in requests:
             if request_context != context:
                 context, cache = request_context, DynamicCache(config=self.model.config)
-                last = prefill(self.model, torch.tensor([context]), cache)[0]
+                last = prefill(self.model, self._ids([context]), cache)[0]
             results.append(continuation_scores(self.model, cache, last, continuation))
             if len(continuation) > 1:
                 cache.crop(-(len(continuation) - 1))  # back to the context alone
@@ -160,5 +178,5 @@ class TorchRuntime(Runtime):
         import transformers
 
         return {"runtime": self.name, "engine": f"transformers {transformers.__version__} (eager, sdpa)",
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(self.device),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}

@@ -55,7 +55,9 @@ class VllmRuntime(Runtime):
     _set_num_threads = staticmethod(torch.set_num_threads)
 
     def __init__(self, path, *, max_model_len: int = 2048, dtype: str | None = None, kv_cache_dtype: str | None = None,
-                 threads: int | None = None, **engine_options) -> None:
+                 threads: int | None = None, device: str | None = None, **engine_options) -> None:
+        """``device``: auto | cpu | cuda; vLLM runs where its build targets (the GPU build when installed), so a
+        device that disagrees is refused rather than ignored."""
         self.llm = self.engine = None
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -64,6 +66,12 @@ class VllmRuntime(Runtime):
 
         check_own_remote_code(self.path)  # vLLM loads it with trust_remote_code=True: only effideploy's own code
         vllm = _import_vllm()
+        if device is not None:
+            from vllm.platforms import current_platform
+
+            from effideploy.device import vllm_check
+
+            vllm_check(device, current_platform.device_type)
         manifest = read_export_manifest(self.path) or {}
         self.kv_cache_dtype = kv_cache_dtype or manifest.get("kv_cache_dtype") or "auto"
         dtype = dtype or manifest.get("dtype") or "float32"  # the dtype the export was written and checked in

@@ -97,6 +97,7 @@ def bench(
     seed: int = typer.Option(default_of(BenchConfig, "seed"), help="Seed of the prompt windows and the multiple-choice subset."),
     memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    device: Optional[str] = typer.Option(default_of(BenchConfig, "device"), help="auto | cpu | cuda | cuda:N for the runtime (torch: CUDA when available; onnx: the CUDA execution provider with onnxruntime-gpu; vllm: where its build runs)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder."),
 ) -> None:
@@ -129,6 +130,6 @@ def bench(
         prompts=prompts, warmup=warmup, repeats=repeats, batch_sizes=parse_batch_sizes(batch_sizes),
         throughput_repeats=throughput_repeats, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen,
         tasks=tuple(str(t) for t in task or []), mc_limit=None if mc_limit < 0 else mc_limit, seed=seed,
-        quantize=tuple(quantize or ()), memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None,
+        quantize=tuple(quantize or ()), memory=memory, threads=threads, device=device, data_dir=str(data_dir) if data_dir else None,
     )
     finish(run_bench(config), output, policy, loaded_policy, overwrite)

@@ -37,7 +37,9 @@ def prune(
     damp: float = typer.Option(default_of(PruneConfig, "damp"), help="lstsq: ridge term relative to the mean activation second moment."),
     gram_stride: int = typer.Option(default_of(PruneConfig, "gram_stride"), help="lstsq: second moments from every k-th calibration token (k-fold cheaper)."),
     batch_size: int = typer.Option(default_of(PruneConfig, "batch_size"), help="Calibration windows per forward."),
-    calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="float32 | bfloat16 (autocast: ~1.6x faster calibration)."),
+    calib_dtype: str = typer.Option(default_of(PruneConfig, "calib_dtype"), help="auto | float32 | bfloat16 (autocast; auto: bfloat16 on CUDA, float32 on the CPU)."),
+    device: str = typer.Option(default_of(PruneConfig, "device"), help="auto | cpu | cuda | cuda:N (auto: CUDA when available)."),
+    max_memory: Optional[float] = typer.Option(default_of(PruneConfig, "max_memory_gb"), help="GB of host memory calibration may use (default: MemAvailable); a memory plan over it is refused before any work."),
     keep_stats: bool = typer.Option(default_of(PruneConfig, "keep_stats"), help="Keep every Linear's input second moments from the calibration pass in the checkpoint, for `export --quantize ... --quant-method gptq` without a second pass."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -70,7 +72,7 @@ def prune(
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
                          calib_dtype=calib_dtype, keep_stats=keep_stats, count=count, target_params=target_params,
-                         target_speedup=target_speedup)
+                         target_speedup=target_speedup, device=device, max_memory_gb=max_memory)
     METHODS.target(method)
     if recover and getattr(METHODS.get(method), "structural", False):
         from effideploy.errors import OptionError
@@ -84,7 +86,7 @@ def prune(
         recovery = RecoveryConfig(mean_rank=recover_mean_rank, uniform=recover_uniform, steps=recover_steps,
                                   lr=recover_lr, batch_size=recover_batch_size, seqlen=recover_seqlen,
                                   data=recover_data or calib, data_dir=str(data_dir) if data_dir else None,
-                                  teacher=recover_teacher, seed=seed)
+                                  teacher=recover_teacher, seed=seed, device=device)
     check_output_against_inputs(output, overwrite, model, calib, data_dir, recover_data, recover_teacher)
     source = resolve_model(model, allow_pickle=allow_pickle)
     text = resolve_text(calib, "calibration", str(data_dir) if data_dir else None)

@@ -56,7 +56,8 @@ def recover(
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ (else $EFFIDEPLOY_DATA_DIR)."),
     teacher: Optional[str] = typer.Option(None, help="Distil from this model (e.g. 'llama', the dense model)."),
     distill_weight: float = typer.Option(default_of(RecoveryConfig, "distill_weight"), help="Weight of the KL term against cross-entropy, in [0, 1]."),
-    dtype: str = typer.Option(default_of(RecoveryConfig, "compute_dtype"), help="float32 | bfloat16 (CPU autocast for forward/backward)."),
+    dtype: str = typer.Option(default_of(RecoveryConfig, "compute_dtype"), help="auto | float32 | bfloat16 (autocast for forward/backward; auto: bfloat16 on CUDA, float32 on the CPU)."),
+    device: str = typer.Option(default_of(RecoveryConfig, "device"), help="auto | cpu | cuda | cuda:N: where the model trains (auto: CUDA when available)."),
     gradient_checkpointing: bool = typer.Option(default_of(RecoveryConfig, "gradient_checkpointing"), help="Recompute activations in backward to save memory."),
     seed: int = typer.Option(default_of(RecoveryConfig, "seed"), help="Seed of the window sampling and LoRA initialisation."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -69,7 +70,7 @@ def recover(
     config = RecoveryConfig(budget=budget, mean_rank=mean_rank, uniform=uniform, steps=steps, lr=lr,
                             batch_size=batch_size, seqlen=seqlen, grad_accum=grad_accum, data=data,
                             data_dir=str(data_dir) if data_dir else None, teacher=teacher,
-                            distill_weight=distill_weight, compute_dtype=dtype,
+                            distill_weight=distill_weight, compute_dtype=dtype, device=device,
                             gradient_checkpointing=gradient_checkpointing, seed=seed)
     check_output_against_inputs(output, overwrite, checkpoint, data, data_dir, teacher)
     report_recovery(run_with_warnings(recover_checkpoint, checkpoint, output, config, overwrite=overwrite))

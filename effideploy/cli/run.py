@@ -40,6 +40,7 @@ def run(
     mc_limit: Optional[int] = typer.Option(None, help=f"Multiple-choice examples per task (default {RUN_BENCH['mc_limit']}; --quick {QUICK_BENCH['mc_limit']}; 0 skips)."),
     memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = typer.Option(default_of(PruneConfig, "device"), help="auto | cpu | cuda | cuda:N: calibration and the runtime (auto: CUDA when available)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Prune again (checkpoints with the same source and options are otherwise reused)."),
 ) -> None:
@@ -58,14 +59,15 @@ def run(
     check_output_dir(output / "report", overwrite=True, inputs=inputs)
     set_threads(threads)
     prune_options = dict(QUICK_PRUNE) if quick else {}
-    for key, value in {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen}.items():
+    for key, value in {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen,
+                       "device": None if device == "auto" else device}.items():
         if value is not None:
             prune_options[key] = value
     bench_options = dict(QUICK_BENCH if quick else RUN_BENCH)
     for key, value in {"repeats": repeats, "ppl_windows": ppl_windows, "mc_limit": mc_limit}.items():
         if value is not None:
             bench_options[key] = value
-    bench_options.update(memory=memory, threads=threads, data_dir=str(data_dir) if data_dir else None)
+    bench_options.update(memory=memory, threads=threads, device=None if device == "auto" else device, data_dir=str(data_dir) if data_dir else None)
     result, report = run_pipeline(model=model, sparsities=parse_sparsities(sparsities), method=method, runtime=runtime,
                                    output=output, prune_options=prune_options, bench_options=bench_options,
                                    token_compression=tuple(token_compression or ()),

@@ -250,5 +250,5 @@ def score_continuation(model, hooks, context: list[int], continuation: list[int]
     hooks = _as_hooks(hooks)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), hooks(model, len(context)) if hooks is not None else nullcontext():
-        last = prefill(model, torch.tensor([context]), cache)[0]
+        last = prefill(model, torch.tensor([context], device=model.device), cache)[0]
         return continuation_scores(model, cache, last, continuation)

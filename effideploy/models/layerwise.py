@@ -35,21 +35,27 @@ class LayerwiseModel:
         prefix = f"model.layers.{index}."
         return [name for name in self.weights.names() if name.startswith(prefix)]
 
-    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+    def block_state(self, index: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """One block's tensors in ``self.dtype``; on a GPU each is read in its stored dtype, moved, then cast there,
+        so the host holds one stored tensor at a time."""
         prefix = f"model.layers.{index}."
-        return {name[len(prefix):]: self.weights.get(name, self.dtype) for name in self.block_tensor_names(index)}
+        if device is None or torch.device(device).type == "cpu":
+            return {name[len(prefix):]: self.weights.get(name, self.dtype) for name in self.block_tensor_names(index)}
+        return {name[len(prefix):]: self.weights.get(name).to(device).to(self.dtype)
+                for name in self.block_tensor_names(index)}
 
-    def block(self, index: int) -> LlamaDecoderLayer:
+    def block(self, index: int, device: torch.device | str | None = None) -> LlamaDecoderLayer:
         config = layer_config(self.config, index)
         with torch.device("meta"):
             layer = LlamaDecoderLayer(config, index)
-        layer.load_state_dict(self.block_state(index), assign=True, strict=True)
+        layer.load_state_dict(self.block_state(index, device), assign=True, strict=True)
         return layer.eval()
 
     def context(self, hidden: torch.Tensor) -> dict:
         """The keyword arguments LlamaModel passes to every block for a batch of full windows (no cache)."""
         batch, length = hidden.shape[:2]
-        position_ids = torch.arange(length).unsqueeze(0)
+        position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
+        self.rotary.to(hidden.device)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,

@@ -157,6 +157,8 @@ def collect_stats(
     gram: bool = False,
     gram_dir: str | None = None,
     gram_stride: int = 1,
+    device: torch.device | str = "cpu",
+    activations_on_device: bool = True,
     hessians_dir: str | None = None,
 ) -> CalibrationStats:
     """``compute_dtype="bfloat16"`` runs the blocks' matrix products under bfloat16 autocast (the residual stream
@@ -168,27 +170,33 @@ def collect_stats(
     ``hessians_dir``: also the second moments of every Linear's input (GPTQ at export, ``prune --keep-stats``),
     spooled there block by block (``effideploy.quantization.hessians``).
     ``gram_stride`` k uses every k-th token for the second moments only (their product costs as much as half the
-    block's forward at k = 1; an n x n estimate needs far fewer than 131k tokens)."""
+    block's forward at k = 1; an n x n estimate needs far fewer than 131k tokens).
+
+    ``device``: where each block, its batch and its statistics live (``effideploy.device``); the activations of
+    all windows stay there too unless ``activations_on_device`` is False (``effideploy.memory_plan`` decides), when
+    they stay in host memory and each batch is moved in and out."""
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute_dtype must be float32 or bfloat16, not {compute_dtype!r}")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+    store = device if activations_on_device else torch.device("cpu")
     start = time.perf_counter()
     n_windows = windows.shape[0]
     gram_stride = effective_gram_stride(gram_stride, windows.numel(), model.config.intermediate_size)
     batches = [slice(i, min(i + batch_size, n_windows)) for i in range(0, n_windows, batch_size)]
-    hidden = torch.cat([model.embed(windows[part]) for part in batches])
+    hidden = torch.cat([model.embed(windows[part]) for part in batches]).to(store)
     contexts: dict[int, dict] = {}
     blocks = []
     for index in progress.track(range(model.num_layers), "Calibrating blocks"):
         block_start = time.perf_counter()
-        layer = model.block(index)
+        layer = model.block(index, device)
         width = layer.mlp.down_proj.in_features
         stats = BlockStats(
             index=index,
             width=width,
-            act_sq_sum=torch.zeros(width, dtype=torch.float64),
-            act_sum=torch.zeros(width, dtype=torch.float64),
-            gram_sum=torch.zeros(width, width, dtype=torch.float64) if gram else None,
+            act_sq_sum=torch.zeros(width, dtype=torch.float64, device=device),
+            act_sum=torch.zeros(width, dtype=torch.float64, device=device),
+            gram_sum=torch.zeros(width, width, dtype=torch.float64, device=device) if gram else None,
         )
 
         def record(_module, args, stats=stats):
@@ -212,7 +220,7 @@ def collect_stats(
         middle_handle = layer.post_attention_layernorm.register_forward_pre_hook(record_middle)
         try:
             for part in batches:
-                block_in = hidden[part]
+                block_in = hidden[part].to(device)
                 size = block_in.shape[0]
                 if size not in contexts:
                     contexts[size] = model.context(block_in)
@@ -222,12 +230,15 @@ def collect_stats(
                 record_sublayers(stats, block_in, middle.pop(), block_out)
                 stats.n_tokens += block_in.shape[0] * block_in.shape[1]
                 stats.n_samples += size
-                hidden[part] = block_out
+                hidden[part] = block_out.to(store)
         finally:
             handle.remove()
             middle_handle.remove()
             if recorder is not None:
                 recorder.remove()
+        stats.act_sq_sum, stats.act_sum = stats.act_sq_sum.cpu(), stats.act_sum.cpu()
+        if stats.gram_sum is not None:
+            stats.gram_sum = stats.gram_sum.cpu()
         if recorder is not None:
             recorder.save(spool_path(hessians_dir, index))
         if stats.gram_sum is not None and gram_dir is not None:

@@ -30,14 +30,18 @@ def mean_bias(down: torch.Tensor, act_mean: torch.Tensor, kept: torch.Tensor) ->
 
 
 def least_squares(
-    down: torch.Tensor, gram: torch.Tensor, act_mean: torch.Tensor, kept: torch.Tensor, damp: float = 1e-2
+    down: torch.Tensor, gram: torch.Tensor, act_mean: torch.Tensor, kept: torch.Tensor, damp: float = 1e-2,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (new down_proj weight [h, |S|], bias [h]) in down's dtype; computed in float64."""
-    w = down.double()
-    g = gram.double()
-    mu = act_mean.double()
+    """Returns (new down_proj weight [h, |S|], bias [h]) in down's dtype, on down's device; computed in float64,
+    on ``device`` when given (a GPU: the solve at FFN 11008 costs ~1 TFLOP)."""
+    home = down.device
+    w = down.to(device or home).double()
+    g = gram.to(w.device).double()
+    mu = act_mean.to(w.device).double()
+    kept = kept.to(w.device)
     k = kept.numel()
-    lhs = torch.empty(k + 1, k + 1, dtype=torch.float64)
+    lhs = torch.empty(k + 1, k + 1, dtype=torch.float64, device=w.device)
     lhs[:k, :k] = g[kept][:, kept]
     lhs[:k, k] = mu[kept]
     lhs[k, :k] = mu[kept]
@@ -52,4 +56,4 @@ def least_squares(
     # contribution of kept channels the fit cannot pin down).
     rhs[:, :k] += ridge[:k] * w[:, kept]
     solution = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
-    return solution[:, :k].to(down.dtype), solution[:, k].to(down.dtype)
+    return solution[:, :k].to(home, down.dtype), solution[:, k].to(home, down.dtype)

@@ -30,6 +30,8 @@ class PruneConfig:
     target_params / target_speedup: the size target of ``drop-blocks``, ``drop-attention`` and ``cfsp-joint``, as the
         fraction of all parameters removed or as the ideal decode speedup (matmul weights read per token, dense /
         pruned); see ``effideploy.pruning.depth``. ``sparsity`` is ignored by these methods.
+    calib_dtype / device / max_memory_gb: where calibration runs and in what precision, and the host memory it may
+        use; the memory plan (``effideploy.memory_plan``) is checked against it before any work.
     """
 
     method: str = "cfsp"
@@ -45,7 +47,9 @@ class PruneConfig:
     calib_seqlen: int = 1024
     seed: int = 0
     batch_size: int = 8
-    calib_dtype: str = "float32"
+    calib_dtype: str = "auto"  # effideploy.device.compute_dtype: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (effideploy.device)
+    max_memory_gb: float | None = None  # host memory calibration may use (default: MemAvailable)
     keep_stats: bool = False
     count: int | None = None
     target_params: float | None = None
@@ -67,8 +71,15 @@ class PruneConfig:
             )
         if self.batch_size < 1:
             raise OptionError("batch_size", f"must be positive, got {self.batch_size}")
-        if self.calib_dtype not in ("float32", "bfloat16"):
-            raise OptionError("calib_dtype", f"must be float32 or bfloat16, got {self.calib_dtype!r}")
+        if self.calib_dtype not in ("auto", "float32", "bfloat16"):
+            raise OptionError("calib_dtype", f"must be auto, float32 or bfloat16, got {self.calib_dtype!r}")
+        from effideploy.device import check_spec
+
+        check_spec(self.device)
+        if self.max_memory_gb is not None and (isinstance(self.max_memory_gb, bool) or not isinstance(
+                self.max_memory_gb, (int, float)) or not math.isfinite(self.max_memory_gb) or self.max_memory_gb <= 0):
+            raise OptionError("max_memory_gb", f"must be a positive number of GB, got {self.max_memory_gb!r}",
+                              flag="--max-memory")
         if self.gram_stride < 1:
             raise OptionError("gram_stride", f"must be a positive integer, got {self.gram_stride}")
         if self.damp <= 0:

@@ -13,8 +13,8 @@ from torch import nn
 import effideploy
 from effideploy import progress
 from effideploy.checkpoint.config import pruned_config
-from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, copy_remote_code, copy_tokenizer,
-                                         source_record, write_block_shards)
+from effideploy.checkpoint.writer import (PROVENANCE_FILE, PROVENANCE_FORMAT, ShardWriter, copy_remote_code,
+                                         copy_tokenizer, source_record)
 from effideploy.data.text import TextSpec, load_text, sample_windows, tokenize_text
 from effideploy.errors import EffideployError, OptionError
 from effideploy.io import atomic_output_dir, check_output_dir, scratch_dir, write_json
@@ -70,15 +70,49 @@ def needs_gram(config: PruneConfig) -> bool:
     return make_method(config).compensation == "lstsq"
 
 
-def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor | None,
-              gram_dir: str | None = None, hessians_dir: str | None = None) -> CalibrationStats | None:
+def needs_calibration(config: PruneConfig) -> bool:
     method = make_method(config)
-    if not method.needs_calibration and method.compensation == "none" and hessians_dir is None:
+    return method.needs_calibration or method.compensation != "none"
+
+
+def memory_plan(config: PruneConfig, config_dict: dict, *, announce: bool = True):
+    """Device, compute dtype and the calibration's memory plan (``effideploy.memory_plan``), from config.json's
+    shapes before anything is loaded: printed on stderr, and a plan that does not fit is refused here."""
+    from effideploy.device import compute_dtype, device_available_bytes, host_available_bytes, resolve_device
+    from effideploy.memory_plan import Shapes, plan_calibration
+
+    device = resolve_device(config.device)
+    dtype = compute_dtype(device, config.calib_dtype)
+    limit = int(config.max_memory_gb * 1e9) if config.max_memory_gb else host_available_bytes()
+    plan = plan_calibration(Shapes.from_config(config_dict), windows=config.calib_samples, seqlen=config.calib_seqlen,
+                            batch_size=config.batch_size, gram=needs_gram(config), device=str(device), dtype=dtype,
+                            host_limit=limit, device_free=device_available_bytes(device))
+    plan.check()  # refused as one line (which names the figures), before the plan is printed
+    if announce:
+        progress.console.print(plan.describe(), highlight=False, soft_wrap=True)
+    return device, dtype, plan
+
+
+def calibrate(model: LayerwiseModel, config: PruneConfig, windows: torch.Tensor | None,
+              gram_dir: str | None = None, memory=None, hessians_dir: str | None = None) -> CalibrationStats | None:
+    """``memory``: what :func:`memory_plan` returned (else the device and dtype are resolved here, unplanned)."""
+    method = make_method(config)
+    if not needs_calibration(config) and hessians_dir is None:
         return None
     if windows is None:
         raise EffideployError(f"{config.method!r} with {method.compensation!r} compensation needs calibration windows")
-    return collect_stats(model, windows, config.batch_size, config.calib_dtype, gram=needs_gram(config),
-                         gram_dir=gram_dir, gram_stride=config.gram_stride, hessians_dir=hessians_dir)
+    device, dtype, plan = memory or (*_device_and_dtype(config), None)
+    return collect_stats(model, windows, config.batch_size, dtype, gram=needs_gram(config),
+                         gram_dir=gram_dir, gram_stride=config.gram_stride, device=device,
+                         activations_on_device=plan is None or plan.activations_on_device or device.type == "cpu",
+                         hessians_dir=hessians_dir)
+
+
+def _device_and_dtype(config: PruneConfig) -> tuple[torch.device, str]:
+    from effideploy.device import compute_dtype, resolve_device
+
+    device = resolve_device(config.device)
+    return device, compute_dtype(device, config.calib_dtype)
 
 
 def plan_from_stats(model: LayerwiseModel, config: PruneConfig, stats: CalibrationStats | None) -> PrunePlan:
@@ -182,6 +216,7 @@ def prune_checkpoint(
     timings: dict[str, float] = {}
     model_config = build_config(source.config_dict)
     check_prunable(config, model_config, source.config_dict)
+    memory = memory_plan(config, source.config_dict) if stats is None and needs_calibration(config) else None
     weights = SafetensorsWeights(source.path)
     layerwise = LayerwiseModel(model_config, weights)
 
@@ -195,7 +230,7 @@ def prune_checkpoint(
             windows = calibration_windows(load_tokenizer(source), calibration, config)
             timings["tokenize"] = time.perf_counter() - tick
             hessians_dir = gram_dir if config.keep_stats else None
-            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir, hessians_dir=hessians_dir)
+            stats = calibrate(layerwise, config, windows, gram_dir=gram_dir, memory=memory, hessians_dir=hessians_dir)
         elif config.keep_stats and hessians_dir is None:
             raise EffideployError("keep_stats with shared statistics needs the hessians_dir of that calibration pass")
         with torch.no_grad():
@@ -243,12 +278,15 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
     and sparsity that shares the calibration options (text, windows, seqlen, seed, dtype). ``gram`` (default:
     whether ``config`` needs it) collects the second moments lstsq compensation reads; ``gram_dir`` spools them
     to disk and must outlive the checkpoints written from these statistics."""
+    device, dtype, plan = memory_plan(config, source.config_dict)
     layerwise = LayerwiseModel(build_config(source.config_dict), SafetensorsWeights(source.path))
     windows = calibration_windows(load_tokenizer(source), calibration, config)
     with torch.no_grad():
-        return collect_stats(layerwise, windows, config.batch_size, config.calib_dtype,
+        return collect_stats(layerwise, windows, config.batch_size, dtype,
                              gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir,
-                             gram_stride=config.gram_stride, hessians_dir=hessians_dir)
+                             gram_stride=config.gram_stride, device=device,
+                             activations_on_device=plan.activations_on_device or device.type == "cpu",
+                             hessians_dir=hessians_dir)
 
 
 def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder: Path) -> None:
@@ -256,12 +294,18 @@ def write_blocks(model: LayerwiseModel, plan: PrunePlan, with_bias: bool, folder
     outer = [name for name in weights.names() if not name.startswith("model.layers.")]
     if model.config.tie_word_embeddings:
         outer = [name for name in outer if name != "lm_head.weight"]
+    device = _device_and_dtype(plan.config)[0]  # the lstsq solves run there
+    # write_block_shards' layout, written here so that the outer tensors (embeddings and head: 0.5 GB for
+    # Llama-2-7B, 2 GB for a 128k vocabulary) are freed before the blocks are read, not held until the last one.
+    # Dropped blocks are not written; the ones after them are renumbered.
     kept = plan.kept_blocks
-    blocks = (renumbered(rewrite_block({name: weights.get(name) for name in block_tensor_names(model, block)}, block,
-                                       with_bias=with_bias), block.index, new_index)
-              for new_index, block in enumerate(progress.track(kept, "Writing pruned blocks")))
-    write_block_shards(folder, {name: weights.get(name) for name in outer}, blocks, len(kept))
-
+    writer = ShardWriter(folder, n_shards=len(kept) + 1)
+    writer.add({name: weights.get(name) for name in outer})
+    for new_index, block in enumerate(progress.track(kept, "Writing pruned blocks")):
+        tensors = rewrite_block({name: weights.get(name) for name in block_tensor_names(model, block)}, block,
+                                with_bias=with_bias, device=device)
+        writer.add(renumbered(tensors, block.index, new_index))
+    writer.finish()
 
 ATTENTION_TENSORS = (".self_attn.", ".input_layernorm.")
 
@@ -310,6 +354,7 @@ def provenance(source, config, plan, model_config, new_config, calibration, timi
             "text": calibration.name, "path": calibration.path, "split": calibration.split,
             "windows": stats.n_windows, "seqlen": stats.seqlen, "seed": config.seed,
             "tokens": stats.n_windows * stats.seqlen,
+            "device": str(_device_and_dtype(config)[0]), "compute_dtype": _device_and_dtype(config)[1],
         },
         "sparsity": {
             "ffn_requested": config.sparsity,

@@ -12,11 +12,13 @@ from effideploy.pruning.compensation import least_squares, mean_bias
 from effideploy.pruning.plan import BlockPlan, PrunePlan
 
 
-def rewrite_block(tensors: dict[str, torch.Tensor], block: BlockPlan, with_bias: bool) -> dict[str, torch.Tensor]:
+def rewrite_block(tensors: dict[str, torch.Tensor], block: BlockPlan, with_bias: bool,
+                  device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Rewrite one block's tensors (names relative to the block or absolute; FFN names end in
     ``mlp.{gate,up,down}_proj.{weight,bias}``) and apply the block's compensation. Non-FFN tensors pass through.
     ``with_bias`` adds zero gate/up biases and a down bias where the source had none, because Llama's
-    ``mlp_bias`` is one flag for all three projections."""
+    ``mlp_bias`` is one flag for all three projections. ``device``: where the lstsq solve runs (the result comes
+    back to the tensors' device)."""
     kept = block.kept
     names = {suffix: next((n for n in tensors if n.endswith(suffix)), None)
              for suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
@@ -36,7 +38,8 @@ def rewrite_block(tensors: dict[str, torch.Tensor], block: BlockPlan, with_bias:
     if block.compensation == "bias":
         added = mean_bias(down.float(), block.stats.act_mean, kept)
     elif block.compensation == "lstsq":
-        new_down, added = least_squares(down.float(), block.stats.gram, block.stats.act_mean, kept, block.damp)
+        new_down, added = least_squares(down.float(), block.stats.gram, block.stats.act_mean, kept, block.damp,
+                                      device=device)
         out[names["mlp.down_proj.weight"]] = new_down.to(down.dtype).contiguous()
     if with_bias:
         for projection in ("gate_proj", "up_proj"):

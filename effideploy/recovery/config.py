@@ -54,7 +54,8 @@ class RecoveryConfig:
     distill_weight: float = 0.5
     distill_temperature: float = 1.0
     gradient_checkpointing: bool = True
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # effideploy.device.compute_dtype: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: where the model trains
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,8 +83,12 @@ class RecoveryConfig:
             raise EffideployError("lora_scale must be positive; importance_temperature and max_grad_norm non-negative")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise OptionError("distill_weight", f"must be in [0, 1], got {self.distill_weight}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise OptionError("compute_dtype", f"must be float32 or bfloat16, got {self.compute_dtype!r}", flag="--dtype")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise OptionError("compute_dtype", f"must be auto, float32 or bfloat16, got {self.compute_dtype!r}",
+                              flag="--dtype")
+        from effideploy.device import check_spec
+
+        check_spec(self.device)
         if self.distill_temperature <= 0:
             raise EffideployError(f"the distillation temperature must be positive, got {self.distill_temperature}")
 

@@ -234,6 +234,12 @@ def recover_checkpoint(source: ModelSource | str | Path, output: str | Path, con
     ``input_label`` replaces the input path in the record (for an input that is not kept, see prune_and_recover).
     """
     _require_peft()
+    import dataclasses
+
+    from effideploy.device import compute_dtype, resolve_device
+
+    device = resolve_device(config.device)  # a missing CUDA device is refused before any work
+    config = dataclasses.replace(config, compute_dtype=compute_dtype(device, config.compute_dtype))  # as recorded
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
     teacher_source = None if config.teacher is None else resolve_model(config.teacher)
@@ -242,11 +248,11 @@ def recover_checkpoint(source: ModelSource | str | Path, output: str | Path, con
     text = resolve_text(config.data, "calibration", config.data_dir)
     windows = training_windows(source, text, config)
     with progress.status(f"Loading {source.spec}"):
-        model = load_model(source)
+        model = load_model(source).to(device)
     teacher = None
     if teacher_source is not None:
         with progress.status(f"Loading the teacher {teacher_source.spec}"):
-            teacher = load_teacher(teacher_source, model)
+            teacher = load_teacher(teacher_source, model).to(device)
     plan = plan_ranks(model, source.provenance(), config)
     peft_model = attach_lora(model, plan.ranks, config)
     log = train_lora(peft_model, windows, config, teacher)
@@ -254,7 +260,7 @@ def recover_checkpoint(source: ModelSource | str | Path, output: str | Path, con
         _notice(f"{log.stopped}: training stopped; kept the adapters after {log.steps} updates, the last that "
                 "gave a finite loss")
     del teacher
-    merged = merge_lora(peft_model)
+    merged = merge_lora(peft_model).to("cpu")  # written from host memory
     recovery = recovery_record(plan, log, config, text, teacher_source)
     with atomic_output_dir(target, overwrite=overwrite) as staging:
         with progress.status(f"Writing {target.name}"):

@@ -30,20 +30,20 @@ class TrainLog:
     stopped: str | None = None  # why training stopped early
 
 
-def _autocast(config: RecoveryConfig):
+def _autocast(config: RecoveryConfig, device_type: str = "cpu"):
     if config.compute_dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def training_loss(model, batch: torch.Tensor, teacher, config: RecoveryConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The objective and the plain next-token cross-entropy (for the record) on one micro-batch."""
-    with _autocast(config):
+    with _autocast(config, batch.device.type):
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     cross_entropy = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
     if teacher is None:
         return cross_entropy, cross_entropy.detach()
-    with torch.no_grad(), _autocast(config):
+    with torch.no_grad(), _autocast(config, batch.device.type):
         target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
     t = config.distill_temperature
     kl = F.kl_div(F.log_softmax(logits.flatten(0, 1) / t, -1), F.log_softmax(target.flatten(0, 1) / t, -1),
@@ -76,6 +76,7 @@ def train_lora(peft_model, windows: torch.Tensor, config: RecoveryConfig, teache
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     last_good = [p.detach().clone() for p in params]
+    windows = windows.to(params[0].device)  # token ids: small; the model already sits on its device
     batches = windows.view(-1, config.grad_accum, config.batch_size, windows.shape[-1])
     if config.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

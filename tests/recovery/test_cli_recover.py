@@ -24,7 +24,7 @@ def assert_one_line_error(code, output, fragment):
 @pytest.mark.parametrize("options, fragment", [
     (["--budget", "100"], "cannot give every one of the 4 blocks rank 1"),
     (["--budget", "5000", "--mean-rank", "4"], "either --budget or --mean-rank"),
-    (["--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+    (["--dtype", "float16"], "--dtype must be auto, float32 or bfloat16"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, pruned_dir, calib_file, options, fragment):
     code, output = run_cli("recover", pruned_dir, "--output", tmp_path / "out", "--data", calib_file, *options)

@@ -269,6 +269,10 @@ def check_prunable(config: PruneConfig, model_config, config_dict: dict) -> None
         raise OptionError("align", f"{config.align} is not smaller than the narrowest FFN width {narrowest}: "
                               "nothing could be pruned")
     check_seqlen(config_dict, config.calib_seqlen, "--calib-seqlen")
+    blocks = model_config.num_hidden_layers
+    if config.count is not None and config.count >= blocks:  # the exact limit (first-block rule) comes with the scores
+        raise OptionError("count", f"{config.count} is more than the {blocks - 1} sublayers that can be removed from "
+                                   f"{blocks} blocks")
 
 
 def calibrate_source(source: ModelSource, config: PruneConfig, calibration: TextSpec, *,

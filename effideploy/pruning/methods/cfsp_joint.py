@@ -8,6 +8,7 @@ or blocks are not compensated.
 
 from __future__ import annotations
 
+from effideploy.errors import OptionError
 from effideploy.pruning.calibration import CalibrationStats
 from effideploy.pruning.depth import ModelShape, Structure, joint_structure, require_sublayer_stats
 from effideploy.pruning.methods.cfsp import CFSP
@@ -16,6 +17,11 @@ from effideploy.pruning.methods.cfsp import CFSP
 class CFSPJoint(CFSP):
     structural = True  # removes sublayers; a block whose FFN keeps its full width gets no compensation
     name = "cfsp-joint"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if config.target_params is None and config.target_speedup is None:  # refused before the calibration pass
+            raise OptionError("target_params", "cfsp-joint needs a size target: --target-params or --target-speedup")
 
     def structure(self, scores, stats: CalibrationStats | None, shape: ModelShape, weights) -> Structure:
         stats = require_sublayer_stats(stats, self.name)

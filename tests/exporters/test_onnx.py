@@ -289,7 +289,7 @@ def test_cli_exports_and_prints_path_size_and_parity(copied_graph, tiny_model_di
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--runtime", "tflite"], "unknown runtime 'tflite'; choose one of: onnx, vllm"),
+    (["--runtime", "tflite"], "unknown runtime 'tflite'; choose one of: onnx, vllm, llamacpp"),
     (["--runtime", "onnx", "--tensor-parallel-size", "2"], "--tensor-parallel-size does not apply to --runtime onnx"),
     (["--runtime", "vllm", "--block-size", "32", "--attention-outputs"], "--block-size, --attention-outputs do not apply to --runtime vllm"),
     (["--runtime", "onnx", "--group-size", "32"], "--group-size does not apply to --runtime onnx"),

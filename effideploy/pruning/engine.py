@@ -216,7 +216,9 @@ def prune_checkpoint(
     timings: dict[str, float] = {}
     model_config = build_config(source.config_dict)
     check_prunable(config, model_config, source.config_dict)
-    memory = memory_plan(config, source.config_dict) if stats is None and needs_calibration(config) else None
+    # Refused here, before any work; printed once the calibration text has been read (bad text fails in one line).
+    memory = memory_plan(config, source.config_dict, announce=False) \
+        if stats is None and needs_calibration(config) else None
     weights = SafetensorsWeights(source.path)
     layerwise = LayerwiseModel(model_config, weights)
 
@@ -229,6 +231,8 @@ def prune_checkpoint(
             tick = time.perf_counter()
             windows = calibration_windows(load_tokenizer(source), calibration, config)
             timings["tokenize"] = time.perf_counter() - tick
+            if memory is not None:
+                progress.console.print(memory[2].describe(), highlight=False, soft_wrap=True)
             hessians_dir = gram_dir if config.keep_stats else None
             stats = calibrate(layerwise, config, windows, gram_dir=gram_dir, memory=memory, hessians_dir=hessians_dir)
         elif config.keep_stats and hessians_dir is None:
@@ -282,9 +286,10 @@ def calibrate_source(source: ModelSource, config: PruneConfig, calibration: Text
     and sparsity that shares the calibration options (text, windows, seqlen, seed, dtype). ``gram`` (default:
     whether ``config`` needs it) collects the second moments lstsq compensation reads; ``gram_dir`` spools them
     to disk and must outlive the checkpoints written from these statistics."""
-    device, dtype, plan = memory_plan(config, source.config_dict)
+    device, dtype, plan = memory_plan(config, source.config_dict, announce=False)
     layerwise = LayerwiseModel(build_config(source.config_dict), SafetensorsWeights(source.path))
     windows = calibration_windows(load_tokenizer(source), calibration, config)
+    progress.console.print(plan.describe(), highlight=False, soft_wrap=True)
     with torch.no_grad():
         return collect_stats(layerwise, windows, config.batch_size, dtype,
                              gram=needs_gram(config) if gram is None else gram, gram_dir=gram_dir,

@@ -32,7 +32,7 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.checkpoint.writer import PROVENANCE_FILE, folder_size
 from effideploy.errors import EffideployError
-from effideploy.exporters.base import ExportResult, first_mismatch, folder_files, matching_prefix
+from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.llamacpp_gguf import GGUF_FILE, plan_of, read_gguf_summary, write_gguf
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.io import atomic_output_dir, check_output_dir, write_json

@@ -102,19 +102,11 @@ def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]
                             "sequences": "parity prompts + transformers' greedy continuation, teacher-forced"},
     }
     if kind in HALF_TYPES and mismatch is not None:
-        from effideploy.exporters.vllm_checks import teacher_forced_gaps
+        from effideploy.exporters.vllm_checks import require_near_top_logit
 
         model = _reference_model(source, realigned, realigned_config)
-        gaps = teacher_forced_gaps(model, prompts, tokens)
-        record.update(first_mismatch=mismatch, teacher_forced_max_logit_gap=max(map(max, gaps)),
-                      criterion=f"{kind}: llama.cpp's tokens within {HALF_PRECISION_LOGIT_GAP} of transformers' top logit")
-        for prompt, row in enumerate(gaps):
-            for position, gap in enumerate(row):
-                if gap > HALF_PRECISION_LOGIT_GAP:
-                    raise EffideployError(
-                        f"llama.cpp parity failed ({kind}): prompt {prompt}, generated token {position}: llama.cpp chose "
-                        f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance "
-                        f"{HALF_PRECISION_LOGIT_GAP}); the export was not kept")
+        record.update(require_near_top_logit(model, prompts, tokens, mismatch, runtime="llama.cpp", kind=kind,
+                                             tolerance=HALF_PRECISION_LOGIT_GAP))
     return record
 
 

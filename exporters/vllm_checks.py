@@ -175,16 +175,7 @@ def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | 
         raise EffideployError(f"vLLM parity failed: prompt {prompt}, generated token {position}: vLLM gave {got}, "
                               f"transformers (float32) gave {expected}; the export was not kept")
     if mismatch is not None:
-        gaps = teacher_forced_gaps(model, prompts, tokens)
-        result.update(first_mismatch=mismatch, teacher_forced_max_logit_gap=max(map(max, gaps)),
-                      criterion=f"{dtype}: vLLM's tokens within {HALF_PRECISION_LOGIT_GAP} of transformers' top logit")
-        for prompt, row in enumerate(gaps):
-            for position, gap in enumerate(row):
-                if gap > HALF_PRECISION_LOGIT_GAP:
-                    raise EffideployError(
-                        f"vLLM parity failed ({dtype}): prompt {prompt}, generated token {position}: vLLM chose "
-                        f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance "
-                        f"{HALF_PRECISION_LOGIT_GAP}); the export was not kept")
+        result.update(require_near_top_logit(model, prompts, tokens, mismatch, runtime="vLLM", kind=dtype))
     if kv_cache_dtype:
         # Lossy by design, so recorded rather than required: how many leading tokens survive the 8-bit cache.
         fp8 = runs[kv_cache_dtype]["tokens"]
@@ -319,6 +310,23 @@ def _logits(model, sequences: list[list[int]]) -> list:
 
     with torch.no_grad():
         return [model(input_ids=torch.tensor([s])).logits[0, :-1].float() for s in sequences]
+
+
+def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, kind: str,
+                           tolerance: float = HALF_PRECISION_LOGIT_GAP) -> dict:
+    """Half-precision parity when the greedy tokens differ: every token ``runtime`` chose must be within
+    ``tolerance`` of transformers' top logit, teacher-forced on the same tokens. Returns what the manifest records;
+    raises (the export is not kept) at the first token that is not."""
+    gaps = teacher_forced_gaps(model, prompts, tokens)
+    for prompt, row in enumerate(gaps):
+        for position, gap in enumerate(row):
+            if gap > tolerance:
+                raise EffideployError(
+                    f"{runtime} parity failed ({kind}): prompt {prompt}, generated token {position}: {runtime} chose "
+                    f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance {tolerance}); the "
+                    "export was not kept")
+    return {"first_mismatch": mismatch, "teacher_forced_max_logit_gap": max(map(max, gaps)),
+            "criterion": f"{kind}: {runtime}'s tokens within {tolerance} of transformers' top logit"}
 
 
 def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:

@@ -166,3 +166,19 @@ def check_requests(requests: list[ContinuationRequest]) -> None:
     for index, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise EffideployError(f"request {index}: scoring needs a non-empty context and continuation")
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, *, context: int, context_name: str,
+                  vocab_size: int | None = None) -> None:
+    """The one-line refusals every generating adapter shares: no new tokens, an empty prompt, a prompt that does not
+    fit the engine's context with its new tokens, ids outside the vocabulary."""
+    if max_new_tokens < 1:
+        raise EffideployError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise EffideployError(f"prompt {index} is empty")
+        if len(prompt) + max_new_tokens > context:
+            raise EffideployError(f"prompt {index} ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds "
+                                  f"{context_name} {context}; open the runtime with a larger {context_name}")
+        if vocab_size is not None and (max(prompt) >= vocab_size or min(prompt) < 0):
+            raise EffideployError(f"prompt {index} has token ids outside the vocabulary (0..{vocab_size - 1})")

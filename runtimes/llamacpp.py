@@ -29,7 +29,7 @@ import torch
 
 from effideploy.errors import EffideployError
 from effideploy.exporters.manifest import read_export_manifest
-from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generation, Runtime, TokenScores, check_requests
+from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generation, Runtime, TokenScores, check_prompts, check_requests
 
 INSTALL_HINT = "scripts/setup.sh builds it (pip install llama-cpp-python==0.3.36: a C/C++ build with cmake)"
 DEFAULT_CONTEXT = 2048
@@ -232,18 +232,7 @@ class LlamaCppRuntime(Runtime):
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         self._check_open()
-        if max_new_tokens < 1:
-            raise EffideployError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise EffideployError(f"prompt {index} is empty")
-            if len(prompt) + max_new_tokens > self.n_ctx:
-                raise EffideployError(f"prompt {index} ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds "
-                                      f"n_ctx {self.n_ctx}; open the runtime with a larger n_ctx")
-            if max(prompt) >= self.n_vocab or min(prompt) < 0:
-                raise EffideployError(f"prompt {index} has token ids outside the vocabulary (0..{self.n_vocab - 1})")
-
-    # ------------------------------------------------------------------------------------------ the calls
+        check_prompts(prompts, max_new_tokens, context=self.n_ctx, context_name="n_ctx", vocab_size=self.n_vocab)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Generation:
         """Greedy generation, one prompt at a time (bs1 latency)."""

@@ -29,7 +29,7 @@ import torch
 
 from effideploy.errors import EffideployError
 from effideploy.exporters.manifest import read_export_manifest
-from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generation, Runtime, TokenScores, check_requests
+from effideploy.runtimes.base import Capabilities, ContinuationRequest, Generation, Runtime, TokenScores, check_prompts, check_requests
 
 DEFAULT_KVCACHE_GIB = "1"  # vLLM CPU otherwise sizes its KV cache from a fraction of all memory
 
@@ -145,16 +145,7 @@ class VllmRuntime(Runtime):
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         self._check_open()
-        if max_new_tokens < 1:
-            raise EffideployError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise EffideployError(f"prompt {index} is empty")
-            if len(prompt) + max_new_tokens > self.max_model_len:
-                raise EffideployError(
-                    f"prompt {index} ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds max_model_len "
-                    f"{self.max_model_len}; open the runtime with a larger max_model_len"
-                )
+        check_prompts(prompts, max_new_tokens, context=self.max_model_len, context_name="max_model_len")
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[float], list[list[float]]]:
         """Submit ``prompts`` together and step the engine to completion, stamping every token as it arrives."""

@@ -4,18 +4,32 @@ Every threshold is optional; the ones present are checked for every candidate. A
 measured (e.g. memory with ``--no-memory``) fails: a gate never passes on a number it does not have.
 ``require = "all"`` passes only when every candidate passes; ``"any"`` when at least one does (pick it to ship).
 See ``bench/policies/default.toml`` for the fields.
+
+Where a policy comes from: a name of a policy shipped with the package (``default``: ``bench/policies/default.toml``,
+installed as package data of ``effideploy.bench``) is read through ``importlib.resources``, so ``--policy default``
+works from any folder and from a wheel install, not only from the repository root; anything else is a path. A
+packaged name wins over a file of that exact name in the current folder (``--policy default`` never depends on the
+folder it is run from); such a file is read when given with a folder, e.g. ``$PWD/default``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import stat
 import tomllib
-
-from effideploy.safe_files import read_text
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
 from effideploy.errors import EffideployError
+from effideploy.safe_files import read_text
+
+# The policy `effideploy tune` applies when --policy is left out, and the name `--policy default` reads.
+DEFAULT_POLICY = "default"
+# A policy is a few hundred bytes of TOML; anything this large is a wrong path (a model file, a log), refused
+# before it is read into memory.
+MAX_POLICY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,14 +91,57 @@ class Policy:
         return {"name": self.name, "require": self.require, "thresholds": dict(self.thresholds), "path": self.path}
 
 
+def packaged_policies() -> dict[str, Path]:
+    """The policies shipped with effideploy, by name (file stem): ``{"default": .../policies/default.toml}``."""
+    folder = resources.files("effideploy.bench") / "policies"
+    if not folder.is_dir():  # a broken install: the name then reads as a path and fails as "not found"
+        return {}
+    # Traversable -> Path: package data of an installed wheel or an editable checkout is a real file. A zipped
+    # install would need resources.as_file; effideploy does not support one (it is not zip-safe: it copies files
+    # such as checkpoint/remote/*.py by path).
+    return {entry.name.removesuffix(".toml"): Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".toml") and entry.is_file()}
+
+
+def resolve_policy(spec: str | Path) -> Path:
+    """The file a ``--policy`` value names: a packaged policy's name (``default``) or a path."""
+    text = str(spec)
+    shipped = packaged_policies()
+    if os.sep not in text and text in shipped:
+        return shipped[text]
+    return Path(text).expanduser()
+
+
+def _check_policy_file(path: Path) -> None:
+    """One line naming what is wrong with ``path`` before reading it: a folder or a device (``/dev/zero`` would
+    be read forever, ``/dev/null`` reads as an empty policy) is not "not found"."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        names = ", ".join(sorted(packaged_policies())) or "none installed"
+        raise EffideployError(f"policy file {path} not found (packaged policies: {names})") from None
+    except OSError as exc:
+        raise EffideployError(f"cannot read policy file {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise EffideployError(f"policy file {path} is a folder, not a TOML file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
+                "a pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else
+                "not a regular file")
+        raise EffideployError(f"policy file {path} is {kind}, not a TOML file")
+    if info.st_size > MAX_POLICY_BYTES:
+        raise EffideployError(f"policy file {path} is {info.st_size} bytes; a policy is a small TOML file "
+                              f"(at most {MAX_POLICY_BYTES} bytes)")
+
+
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise EffideployError(f"policy file {path} not found")
+    """The policy a ``--policy`` value names (see :func:`resolve_policy`), or a one-line ``EffideployError``."""
+    path = resolve_policy(path)
+    _check_policy_file(path)
     try:
         data = tomllib.loads(read_text(path, what="policy file"))
     except tomllib.TOMLDecodeError as exc:
-        raise EffideployError(f"policy file {path} is not valid TOML: {exc}") from None
+        raise EffideployError(f"policy file {path} is not valid TOML: {' '.join(str(exc).split())}") from None
     return policy_from_dict(data, str(path))
 
 
@@ -107,7 +164,7 @@ def policy_from_dict(data: dict, where: str = "policy") -> Policy:
             raise EffideployError(f"{where}: threshold {key} must be a finite number, got {value!r}")
         thresholds[key] = float(value)
     if not thresholds:
-        raise EffideployError(f"{where}: no thresholds; add a [thresholds] table (see bench/policies/default.toml)")
+        raise EffideployError(f"{where}: no thresholds; add a [thresholds] table (see the packaged policy: --policy default)")
     return Policy(name=str(data.get("name", Path(where).stem)), require=require, thresholds=thresholds, path=where)
 
 

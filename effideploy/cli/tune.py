@@ -14,7 +14,7 @@ from effideploy.errors import EffideployError
 from effideploy.runtimes import RUNTIMES
 from effideploy.search.search import SearchConfig
 
-DEFAULT_POLICY = "bench/policies/default.toml"
+from effideploy.bench.policy import DEFAULT_POLICY  # "default": the packaged policy, read from any folder
 
 
 def _values(text: str, option: str, convert) -> tuple:

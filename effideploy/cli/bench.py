@@ -82,7 +82,7 @@ def bench(
     model: str = typer.Option(default_of(BenchConfig, "dense"), help="Dense baseline (as for prune --model)."),
     runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help="torch | onnx | vllm | llamacpp (onnx/vllm/llamacpp export checkpoints under out/exports when needed)."),
     output: Path = typer.Option(Path(DEFAULT_BENCH_OUTPUT), help="Report folder (report.md, report.json, PNG plots)."),
-    policy: Optional[Path] = typer.Option(None, help="Policy TOML (bench/policies/default.toml): exit 1 when it fails."),
+    policy: Optional[Path] = typer.Option(None, help="Policy TOML file, or default (the packaged bench/policies/default.toml): exit 1 when it fails."),
     prompt_tokens: int = typer.Option(default_of(BenchConfig, "prompt_tokens"), help="Tokens per latency prompt (WikiText-2 test windows)."),
     new_tokens: int = typer.Option(default_of(BenchConfig, "new_tokens"), help="Greedy tokens generated per prompt."),
     prompts: int = typer.Option(default_of(BenchConfig, "prompts"), help="Prompts per latency repeat."),

@@ -29,7 +29,7 @@ def run(
     method: str = typer.Option(default_of(PruneConfig, "method"), help="Pruning method (as for prune --method)."),
     runtime: str = typer.Option(default_of(BenchConfig, "runtime"), help=" | ".join(RUNTIMES.names())),
     output: Path = typer.Option(Path("out/run"), help="Folder for the checkpoints, exports and report/."),
-    policy: Optional[Path] = typer.Option(None, help="Policy TOML: exit 1 when it fails."),
+    policy: Optional[Path] = typer.Option(None, help="Policy TOML file, or default (the packaged policy): exit 1 when it fails."),
     quick: bool = typer.Option(False, help=f"A smoke run: {QUICK_PRUNE['calib_samples']}x{QUICK_PRUNE['calib_seqlen']} calibration, {QUICK_BENCH['ppl_windows']} perplexity windows, {QUICK_BENCH['mc_limit']} examples per task, fewer repeats."),
     calib_samples: Optional[int] = typer.Option(None, help=f"Calibration windows (default {default_of(PruneConfig, 'calib_samples')}; --quick {QUICK_PRUNE['calib_samples']})."),
     calib_seqlen: Optional[int] = typer.Option(None, help=f"Tokens per calibration window (default {default_of(PruneConfig, 'calib_seqlen')}; --quick {QUICK_PRUNE['calib_seqlen']})."),

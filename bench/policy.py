@@ -17,13 +17,17 @@ from __future__ import annotations
 import math
 import os
 import stat
-import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 from effideploy.errors import EffideployError
 from effideploy.safe_files import read_text
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (requires-python): the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 # The policy `effideploy tune` applies when --policy is left out, and the name `--policy default` reads.
 DEFAULT_POLICY = "default"

@@ -64,11 +64,13 @@ def tune(
 ) -> None:
     """Recipe search: prune once, screen every recipe, fit a speed cost model, bench the promising ones, recommend."""
     from effideploy.bench.policy import load_policy
-    from effideploy.io import check_output_dir
-    from effideploy.search.report import write_search_report
+    from effideploy.search.feasibility import check_recipes
+    from effideploy.search.report import verdict_lines, write_search_report
     from effideploy.search.search import run_search
     from effideploy.search.space import FfnSparsity, KvBudget, SearchSpace, WeightQuantization
+    from effideploy.search.workspace import check_workspace, guarded
 
+    # Everything that can be refused is refused here, before any work and before anything is written.
     RUNTIMES.target(runtime)
     loaded = load_policy(policy)
     for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize")]:
@@ -76,8 +78,8 @@ def tune(
     space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
                          WeightQuantization(values=_values(quantize, "--quantize", str)),
                          KvBudget(values=_values(kv, "--kv", str))))
-    inputs = [p for p in (model, policy, data_dir, *(task or [])) if p is not None and Path(str(p)).expanduser().exists()]
-    check_output_dir(output / "report", overwrite=True, inputs=inputs)
+    check_recipes(space.recipes(), runtime)
+    check_workspace(output, [model, policy, data_dir, *(task or [])])
     set_threads(threads)
     config = SearchConfig(model=model, runtime=runtime, output=str(output), space=space, calib_samples=calib_samples,
                           calib_seqlen=calib_seqlen, screen_windows=screen_windows, screen_seqlen=screen_seqlen,
@@ -86,10 +88,9 @@ def tune(
                           tasks=tuple(str(t) for t in task or ()), memory=memory, threads=threads,
                           data_dir=str(data_dir) if data_dir else None, lm_eval_tasks=tuple(lm_eval_task or ()),
                           lm_eval_limit=None if lm_eval_limit < 0 else lm_eval_limit, overwrite=overwrite)
-    result = run_search(config, loaded)
-    target = write_search_report(result, output / "report")
-    from effideploy.search.report import verdict_lines
-
+    with guarded(output):  # Ctrl-C names what stays in the output folder; a failure before any result leaves none
+        result = run_search(config, loaded)
+        target = write_search_report(result, output / "report")
     echo(f"[bold]tune[/] {len(result.records)} recipes, {result.seconds['total']:.0f} s -> {target}/report.md")
     for line in verdict_lines(result)[:2]:
         echo(line.replace("**", ""))

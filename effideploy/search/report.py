@@ -1,10 +1,10 @@
-"""The search's report folder: report.md (the verdict first), search.json, the final bench's own report under
-bench/, and the recommended artifact linked as ``recommended`` beside it."""
+"""The search's report folder: report.md (the verdict first), search.json, reproduce.sh, the final bench's own
+report under bench/; and the recommended artifact linked as ``recommended`` in the search's output folder (only
+when that link is effideploy's to make: ``workspace.plan_link``)."""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from effideploy.io import atomic_output_dir, write_json
@@ -28,23 +28,31 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_search_report(result, output: Path) -> Path:
+    """``output``: the report folder, ``report/`` inside the search's output folder (where the link goes)."""
     from effideploy.bench.report import write_report
+    from effideploy.search.recommend import reproduce_script
+    from effideploy.search.workspace import apply_link, plan_link
 
     output = Path(output).expanduser()
+    # Decided first so that the report says what the folder will hold; applied last, inside the staging block,
+    # so that a link that cannot be made discards the report instead of contradicting it.
+    result.link = plan_link(output.parent, result.artifact)
     with atomic_output_dir(output, overwrite=True) as staging:
         write_json(staging / "search.json", {"schema_version": SEARCH_SCHEMA_VERSION, **result.to_dict()})
         (staging / "report.md").write_text(markdown(result))
         if result.reproduce:
-            (staging / "reproduce.sh").write_text("#!/usr/bin/env bash\n# Rebuild the recommended recipe.\nset -euo pipefail\n"
-                                                  + "\n".join(result.reproduce) + "\n")
+            (staging / "reproduce.sh").write_text(reproduce_script(result.reproduce))
         write_report(result.bench_report, staging / "bench", overwrite=True)
-    link = output.parent / "recommended"
-    if link.is_symlink() or link.exists():
-        if link.is_symlink():
-            link.unlink()
-    if result.artifact and not link.exists():
-        os.symlink(os.path.relpath(result.artifact, link.parent), link)
+        apply_link(output.parent, result.link)
     return output.resolve()
+
+
+def _link_text(link: dict | None) -> str:
+    if not link:
+        return "not linked"
+    if link["linked"]:
+        return f"linked as `{link['path']}`"
+    return f"not linked: {link['reason']}"
 
 
 def verdict_lines(result) -> list[str]:
@@ -59,8 +67,8 @@ def verdict_lines(result) -> list[str]:
                  f"{_f(m.get('perplexity'))} ({_pct(m.get('perplexity_increase'))}), KL to dense "
                  f"{_f(m.get('kl_divergence'), 4)} nats, loyalty {_f(m.get('loyalty'), 3)}, OP {_f(m.get('op'), 3)}, "
                  f"size {_pct(-(m.get('size_reduction') or 0))}.",
-                 f"Artifact: `{result.artifact}` (linked as `recommended` beside the report); rebuild it with "
-                 "`reproduce.sh`:", "", "```"] + result.reproduce + ["```"]
+                 f"Artifact: `{result.artifact}` ({_link_text(result.link)}); rebuild it with `reproduce.sh`:",
+                 "", "```"] + result.reproduce + ["```"]
     else:
         b = result.binding or {}
         lines = [f"**Verdict: no recipe passes policy `{policy['name']}`** on {result.config['runtime']}."]

@@ -2,6 +2,10 @@
 speed cost model to a few real measurements on the target runtime, bench the promising recipes for real, and pick
 the fastest one that passes the policy.
 
+Before any work every recipe is checked against the runtime's own declarations (feasibility.py) and the output
+folder against the output policy (workspace.py); which recipes are timed, benched and recommended is selection.py,
+the shipped artifact and its rebuild commands recommend.py.
+
 Stages (each shows progress; a second run reuses checkpoints, exports and screen results):
 1. prune: one calibration pass, one checkpoint per FFN sparsity (reused when the same options made it);
 2. screen: perplexity, KL and top-k agreement to dense of every recipe on a few held-out windows (screen.py);
@@ -15,7 +19,6 @@ Stages (each shows progress; a second run reuses checkpoints, exports and screen
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,15 +26,18 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.errors import EffideployError, OptionError
 from effideploy.search.cost import CostModel, Features, recipe_features
+from effideploy.search.feasibility import check_recipes, check_shapes
+from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
 from effideploy.search.stages import prune_all, screen_all
+from effideploy.search.selection import (binding_thresholds, calibration_recipes, candidate_spec,
+                                         family_comparisons, mark_fronts, predicted_failures, shortlist)
 from effideploy.search.space import Recipe, SearchSpace
+from effideploy.search.workspace import check_workspace, open_workspace
 
 # Tasks the dense SmolLM2-135M is competent on (>= 3 standard errors above chance; docs/search.md): the search's
 # multiple-choice axis. Tasks not present in the data folders are skipped.
 DEFAULT_TASKS = ("hindu_knowledge",)
-# The screen is a few windows: a recipe passes it when within this relative slack of each threshold.
-SCREEN_SLACK = 0.15
 
 
 @dataclass(frozen=True)
@@ -116,114 +122,14 @@ class SearchResult:
     lm_eval: dict = field(default_factory=dict)
     reproduce: list[str] = field(default_factory=list)
     artifact: str | None = None
+    link: dict | None = None  # the ``recommended`` link: made, or why not (workspace.plan_link)
 
     def to_dict(self) -> dict:
         return {"config": self.config, "policy": self.policy, "recipes": [r.to_dict() for r in self.records],
                 "cost_model": self.cost_model, "cost_check": self.cost_check, "recommended": self.recommended,
                 "binding": self.binding, "comparisons": self.comparisons, "seconds": self.seconds,
-                "notes": self.notes, "lm_eval": self.lm_eval, "reproduce": self.reproduce, "artifact": self.artifact}
-
-
-# ------------------------------------------------------------------------------------------------ the stages
-
-# Policy threshold -> how the screen and the cost model estimate it before anything is benched.
-def screen_value(record: RecipeRecord, threshold: str) -> float | None:
-    s, p = record.screen, record.predicted
-    return {
-        "max_perplexity_increase": s.perplexity_increase if s else None,
-        "max_perplexity": s.perplexity if s else None,
-        "min_loyalty": s.top1_agreement if s else None,
-        "min_op": (s.perplexity_dense / s.perplexity) if s else None,  # the WikiText-2 part of OP
-        "max_kl_divergence": s.kl if s else None,
-        "min_top_k_agreement": s.top_k_agreement if s else None,
-        "min_decode_speedup": p.get("decode_speedup"),
-        "min_ttft_speedup": p.get("ttft_speedup"),
-        "max_peak_memory_mb": p.get("peak_memory_mb"),
-        "min_size_reduction": p.get("size_reduction"),
-    }.get(threshold)
-
-
-def violation(value: float | None, limit: float, direction: str) -> float:
-    """How far a value is on the wrong side of its limit, relative to the limit (0: passes; inf: unknown)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return math.inf
-    scale = abs(limit) or 1.0
-    return max(0.0, (value - limit) / scale) if direction == "max" else max(0.0, (limit - value) / scale)
-
-
-def predicted_failures(record: RecipeRecord, policy, slack: float = SCREEN_SLACK) -> dict[str, float]:
-    """Thresholds the screen/cost model predict the recipe fails by more than ``slack`` (estimable ones only)."""
-    from effideploy.bench.policy import THRESHOLDS
-
-    out = {}
-    for name, limit in policy.thresholds.items():
-        value = screen_value(record, name)
-        if value is None:
-            continue
-        gap = violation(value, limit, THRESHOLDS[name].direction)
-        if gap > slack:
-            out[name] = gap
-    return out
-
-
-def calibration_recipes(records: list[RecipeRecord]) -> list[RecipeRecord]:
-    """Cost-model points: each quantization-only recipe and the most pruned float recipe (the dense model is
-    always measured); together they span the bytes and FLOPs the space reaches."""
-    chosen = [r for r in records if r.recipe.sparsity == 0 and r.recipe.quantize and r.recipe.kv is None]
-    pruned = [r for r in records if r.recipe.sparsity > 0 and not r.recipe.quantize and r.recipe.kv is None]
-    if pruned:
-        chosen.append(max(pruned, key=lambda r: r.recipe.sparsity))
-    if not chosen:  # a space of KV budgets only: time the first recipe
-        chosen = records[:1]
-    return chosen
-
-
-def candidate_spec(record: RecipeRecord):
-    from effideploy.bench.config import CandidateSpec
-
-    return CandidateSpec(model=None if record.recipe.sparsity == 0 else record.checkpoint,
-                         quantize=record.recipe.quantize, compression=record.recipe.kv, label=record.label)
-
-
-def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeRecord]:
-    """Predicted to pass, fastest predicted decode first (``size`` of them), plus the fastest predicted-passing
-    recipe of each family (quantization only, pruning only) for the report's comparison; when none is predicted
-    to pass, the ``size`` recipes closest to passing, so the verdict still rests on measurements."""
-    speed = lambda r: r.predicted.get("decode_speedup") or 0.0
-    passing = sorted([r for r in records if not r.screen_failed], key=speed, reverse=True)
-    chosen = passing[:size]
-    # A family's representative is its fastest recipe predicted to pass without the slack when there is one: a
-    # borderline one (e.g. int4 at +36% perplexity against a 35% limit) may fail for real and leave the family
-    # without a passing benched recipe to compare with.
-    strict = [r for r in passing if not predicted_failures(r, policy, slack=0.0)]
-    for family in ("quantization", "pruning"):
-        best = next((r for r in strict + passing if r.recipe.family == family), None)
-        if best is not None and best not in chosen:
-            chosen.append(best)
-    if not chosen:
-        chosen = sorted(records, key=lambda r: (max(predicted_failures(r, policy).values(), default=0.0), -speed(r)))[:size]
-    return chosen
-
-
-def binding_thresholds(records: list[RecipeRecord], policy) -> dict | None:
-    """When nothing passes: the benched candidate closest to passing (smallest worst relative violation) and the
-    thresholds it fails, with how many benched candidates fail each."""
-    from effideploy.bench.policy import THRESHOLDS
-
-    benched = [r for r in records if r.failed is not None]
-    if not benched or any(not r.failed for r in benched):
-        return None
-    def worst(r):
-        return max(violation((r.measured or {}).get(THRESHOLDS[n].metric), policy.thresholds[n], THRESHOLDS[n].direction)
-                   for n in r.failed)
-    closest = min(benched, key=worst)
-    counts = {}
-    for record in benched:
-        for name in record.failed:
-            counts[name] = counts.get(name, 0) + 1
-    return {"closest": closest.label, "thresholds": closest.failed,
-            "values": {n: (closest.measured or {}).get(THRESHOLDS[n].metric) for n in closest.failed},
-            "limits": {n: policy.thresholds[n] for n in closest.failed}, "failing_counts": counts}
+                "notes": self.notes, "lm_eval": self.lm_eval, "reproduce": self.reproduce, "artifact": self.artifact,
+                "link": self.link}
 
 
 # ------------------------------------------------------------------------------------------------ the whole search
@@ -239,14 +145,10 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     started, seconds, notes = time.perf_counter(), {}, []
     RUNTIMES.target(config.runtime)  # an unknown runtime fails first
-    runtime_class = RUNTIMES.get(config.runtime)
-    formats = runtime_class.capabilities.weight_formats
-    for lever in config.space.levers:
-        if lever.name == "quantize":
-            refused = [v for v in lever.values if v is not None and v not in formats]
-            if refused:
-                raise OptionError("quantize", f"the {config.runtime} runtime does not serve {', '.join(refused)} "
-                                              f"weights (it serves: {', '.join(formats)})")
+    recipes = config.space.recipes()
+    if not recipes:
+        raise EffideployError("the search space holds no recipe besides the dense model")
+    check_recipes(recipes, config.runtime)  # every recipe servable, before any work
     lm_eval = None
     if config.lm_eval_tasks:
         from effideploy.eval.lm_eval_adapter import check_lm_eval
@@ -255,15 +157,16 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     source = resolve_model(config.model)
     if source.is_pruned_checkpoint:
         raise EffideployError(f"{source.path} is a pruned checkpoint; the search starts from the dense model")
+    check_shapes(config, source.config_dict)
     text = resolve_text("wikitext2", "calibration", config.data_dir)
     tasks = config.tasks or _default_tasks(config.data_dir)
-    recipes = config.space.recipes()
-    if not recipes:
-        raise EffideployError("the search space holds no recipe besides the dense model")
+    # What was resolved too: an alias or hub id names a cached folder, the default data a folder beside the checkout.
+    check_workspace(config.output, [source.path, config.data_dir, text.path, *config.tasks, *tasks])
     progress.console.print(f"[bold]tune[/] {config.model} on {config.runtime}: {len(recipes)} recipes "
                            f"({', '.join(f'{k}={v}' for k, v in config.space.to_dict().items())})", highlight=False)
 
-    # 1. prune
+    # 1. prune (the first write: the output folder is created and marked here)
+    open_workspace(config.output)
     folders, seconds["prune"] = prune_all(config, source, sorted({r.sparsity for r in recipes}), text)
     configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
     features = lambda r: recipe_features(r, configs[r.sparsity], config.prompt_tokens, config.new_tokens)
@@ -342,7 +245,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                    "decode_predicted": r.predicted["decode_speedup"], "decode_measured": r.measured["decode_speedup"],
                    "ttft_predicted": r.predicted["ttft_speedup"], "ttft_measured": r.measured["ttft_speedup"]}
                   for r in records if r.measured is not None]
-    _mark_fronts(records, models["dense"].memory)
+    mark_fronts(records, models["dense"].memory)
     if report.comparisons and report.comparisons[0].excluded_tasks:
         notes.append("tasks left out of OP/OG (dense not above chance): "
                      + "; ".join(f"{k}: {v}" for k, v in report.comparisons[0].excluded_tasks.items()))
@@ -350,10 +253,10 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                           cost_model=cost.to_dict(), cost_check=cost_check,
                           recommended=best.label if best else None,
                           binding=None if best else binding_thresholds(records, policy),
-                          comparisons=_family_comparisons(records, best), bench_report=report, seconds=seconds,
+                          comparisons=family_comparisons(records, best), bench_report=report, seconds=seconds,
                           notes=notes)
     if best is not None:
-        result.artifact = str(models[best.label].artifact)
+        result.artifact = str(recommended_artifact(config, best, models[best.label].artifact))
         result.reproduce = reproduce_commands(config, best)
     if lm_eval is not None:
         tick = time.perf_counter()
@@ -376,60 +279,3 @@ def _default_tasks(data_dir) -> list[str]:
 
     found = find_tasks((), data_dir)
     return [str(p) for p in found if p.parent.name in DEFAULT_TASKS] or [str(p) for p in found]
-
-
-def _mark_fronts(records: list[RecipeRecord], dense_memory) -> None:
-    """Pareto fronts of screened quality (dense PPL / recipe PPL) against decode speedup, TTFT speedup and memory
-    (dense peak / recipe peak), each recipe at its measured value where benched, else its predicted one."""
-    from effideploy.bench.metrics import pareto_front
-
-    dense_peak = (dense_memory or {}).get("peak_rss_mb")
-    for axis in ("decode_speedup", "ttft_speedup", "memory"):
-        points = []
-        for r in records:
-            quality = r.screen.perplexity_dense / r.screen.perplexity if r.screen else float("nan")
-            source = r.measured if r.measured and r.measured.get("run") == "final" else r.predicted
-            if axis == "memory":
-                peak = (source or {}).get("peak_memory_mb") or r.predicted.get("peak_memory_mb")
-                x = dense_peak / peak if dense_peak and peak else float("nan")
-            else:
-                x = (r.measured or {}).get(axis) if r.measured else r.predicted.get(axis)
-            points.append((float("nan") if x is None else x, quality))
-        for record, flag in zip(records, pareto_front(points)):
-            record.on_front[axis] = flag
-
-
-def _family_comparisons(records: list[RecipeRecord], best: RecipeRecord | None) -> dict:
-    """The recommended recipe against the fastest passing benched recipe of each family."""
-    out = {}
-    benched = [r for r in records if r.failed == []]
-    for family in ("quantization", "pruning"):
-        rival = max((r for r in benched if r.recipe.family == family), key=lambda r: r.measured["decode_speedup"],
-                    default=None)
-        if rival is None:
-            out[family] = {"best": None}
-            continue
-        out[family] = {"best": rival.label, "decode_speedup": rival.measured["decode_speedup"],
-                       "perplexity_increase": rival.measured.get("perplexity_increase")}
-        if best is not None:
-            out[family]["recommended_over_best"] = best.measured["decode_speedup"] / rival.measured["decode_speedup"]
-    return out
-
-
-def reproduce_commands(config: SearchConfig, record: RecipeRecord) -> list[str]:
-    """The commands that rebuild the recommended artifact with the plain CLI."""
-    recipe, commands = record.recipe, []
-    model = config.model
-    if recipe.sparsity > 0:
-        commands.append(f"effideploy prune --model {model} --method cfsp --sparsity {recipe.sparsity:g} "
-                        f"--calib-samples {config.calib_samples} --calib-seqlen {config.calib_seqlen} "
-                        "--output out/recommended-checkpoint")
-        model = "out/recommended-checkpoint"
-    from effideploy.runtimes import RUNTIMES
-
-    if RUNTIMES.get(config.runtime).capabilities.exporter:
-        commands.append(f"effideploy export {model} --runtime {config.runtime}"
-                        + (f" --quantize {recipe.quantize}" if recipe.quantize else "") + " --output out/recommended")
-    if recipe.kv:
-        commands.append(f"# serve with token compression {recipe.kv} (effideploy bench --token-compression {recipe.kv})")
-    return commands

@@ -8,7 +8,8 @@ from effideploy.bench.policy import policy_from_dict
 from effideploy.errors import EffideployError
 from effideploy.search.cost import CostModel, Features
 from effideploy.search.screen import ScreenResult
-from effideploy.search.search import RecipeRecord, binding_thresholds, shortlist
+from effideploy.search.search import RecipeRecord
+from effideploy.search.selection import binding_thresholds, shortlist
 from effideploy.search.space import FfnSparsity, KvBudget, Recipe, SearchSpace, WeightQuantization
 
 
@@ -53,7 +54,7 @@ def record(label, sparsity, quantize, decode, ppl_increase, measured=None, faile
 
 
 def test_shortlist_takes_the_fastest_predicted_passes_and_the_best_of_each_family():
-    from effideploy.search.search import predicted_failures
+    from effideploy.search.selection import predicted_failures
 
     policy = policy_from_dict({"thresholds": {"max_perplexity_increase": 0.3, "min_decode_speedup": 1.5}})
     records = [record("q8", 0, "int8", 2.7, 0.01), record("q4", 0, "int4", 3.2, 0.9),

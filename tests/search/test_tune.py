@@ -1,6 +1,9 @@
 """The recipe search end to end on a tiny model (PyTorch runtime: no export), and its parts on hand-made inputs."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ TINY = ["--runtime", "torch", "--sparsities", "0,0.25,0.5", "--quantize", "none"
         "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
         "--shortlist", "2", "--repeats", "2", "--ppl-windows", "2", "--ppl-seqlen", "64", "--prompt-tokens", "24",
         "--new-tokens", "4", "--mc-limit", "5", "--no-memory", "--threads", "1", "--data-dir", str(DATA)]
+
+
+# A model folder named to break an unquoted shell command, or to run one: reproduce.sh must pass it as one argument.
+HOSTILE = "tiny model $(touch PWNED) `touch PWNED` 'q\" ; touch PWNED"
 
 
 def policy(tmp_path, name, **thresholds):
@@ -28,18 +35,20 @@ def run(capsys, *args):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, tiny_model_dir, tiny_task_dir):
-    """One search under an easy policy; the impossible-policy test reuses its checkpoints and screen."""
+    """One search under an easy policy, of a model in a hostile-named folder; the later tests reuse its checkpoints
+    and screen."""
     tmp = tmp_path_factory.mktemp("tune")
+    model = Path(shutil.copytree(tiny_model_dir, tmp / HOSTILE))
     easy = policy(tmp, "easy", max_perplexity_increase=100.0, min_decode_speedup=0.01, max_kl_divergence=50.0)
     out = tmp / "search"
     with pytest.raises(SystemExit) as exit_info:
-        main(["tune", "--model", str(tiny_model_dir), "--policy", str(easy), "--output", str(out),
+        main(["tune", "--model", str(model), "--policy", str(easy), "--output", str(out),
               "--task", str(tiny_task_dir), *TINY])
-    return exit_info.value.code, out
+    return exit_info.value.code, out, model, easy
 
 
 def test_search_recommends_a_recipe_that_passes_an_easy_policy(searched):
-    code, out = searched
+    code, out, _, _ = searched
     assert code == 0
     data = json.loads((out / "report" / "search.json").read_text())
     labels = {r["label"] for r in data["recipes"]}
@@ -63,22 +72,58 @@ def test_search_recommends_a_recipe_that_passes_an_easy_policy(searched):
     assert report.splitlines()[2].startswith(f"**Verdict: ship `{data['recommended']}`**")
     assert "## Cost model" in report and "decode predicted" in report
     assert (out / "report" / "bench" / "report.json").is_file()
-    assert (out / "recommended").exists() and (out / "screen.json").is_file()
+    assert (out / "screen.json").is_file() and (out / ".effideploy-output").is_file()
+    # the link is inside the output, effideploy's, and points at the artifact, which lies inside the output too
+    # (on torch a dense recipe's artifact is the input model itself: then nothing is linked, and the report says so)
+    artifact = Path(data["artifact"]).resolve()
+    inside = out.resolve() in artifact.parents
+    assert data["link"]["linked"] == inside and (out / "recommended").is_symlink() == inside
+    if inside:
+        assert (out / "recommended").resolve() == artifact
+        assert f"linked as `{out.resolve() / 'recommended'}`" in report
+    else:
+        assert "not linked: the artifact" in report
 
 
-def test_an_impossible_policy_exits_1_naming_the_binding_threshold(searched, tmp_path, tiny_model_dir, tiny_task_dir,
-                                                                   capsys):
-    _, out = searched
+def test_reproduce_sh_passes_the_hostile_model_path_as_one_argument(searched, tmp_path):
+    from tests.search.test_tune_outputs import assert_no_pwned, run_script
+
+    _, out, model, _ = searched
+    calls = run_script(out / "report" / "reproduce.sh", tmp_path)
+    assert calls and all(call[0] in ("prune", "export", "bench") for call in calls)
+    assert [call[call.index("--model") + 1] for call in calls if "--model" in call][:1] == [str(model)]
+    assert_no_pwned(tmp_path, model.parent, Path.cwd())
+
+
+def test_an_impossible_policy_exits_1_naming_the_binding_threshold(searched, tmp_path, tiny_task_dir, capsys):
+    _, out, model, _ = searched
     impossible = policy(tmp_path, "impossible", max_perplexity_increase=100.0, min_decode_speedup=100.0)
-    code, captured = run(capsys, "tune", "--model", tiny_model_dir, "--policy", impossible, "--output", out,
+    code, captured = run(capsys, "tune", "--model", model, "--policy", impossible, "--output", out,
                          "--task", tiny_task_dir, *TINY)
     assert code == 1
     said = " ".join(captured.err.split())  # progress and verdict go to stderr (rich wraps lines)
     assert "no recipe passes policy `impossible`" in said and "Binding threshold(s): min_decode_speedup" in said
     data = json.loads((out / "report" / "search.json").read_text())
     assert data["recommended"] is None and data["binding"]["thresholds"] == ["min_decode_speedup"]
-    assert not (out / "recommended").exists()
+    assert not os.path.lexists(out / "recommended")  # effideploy's stale link is gone with the recommendation
     assert "reusing" in said  # the second run reused the checkpoints
+
+
+def test_a_users_folder_named_recommended_is_left_alone_and_the_report_says_so(searched, tiny_task_dir, capsys):
+    from tests.search.test_tune_outputs import snapshot
+
+    _, out, model, easy = searched
+    mine = out / "recommended"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    code, _ = run(capsys, "tune", "--model", model, "--policy", easy, "--output", out, "--task", tiny_task_dir, *TINY)
+    assert code == 0 and snapshot(mine) == before
+    data = json.loads((out / "report" / "search.json").read_text())
+    assert data["link"]["linked"] is False and "is a folder effideploy did not make" in data["link"]["reason"]
+    report = " ".join((out / "report" / "report.md").read_text().split())
+    assert "not linked: " in report and "linked as" not in report
+    shutil.rmtree(mine)
 
 
 def test_a_quantization_the_runtime_cannot_serve_is_one_line(tmp_path, tiny_model_dir, capsys):

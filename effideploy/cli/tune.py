@@ -39,9 +39,9 @@ def tune(
     model: str = typer.Option(default_of(SearchConfig, "model"), help="Dense model (default: the embedded SmolLM2-135M)."),
     runtime: str = typer.Option(default_of(SearchConfig, "runtime"), help=" | ".join(RUNTIMES.names())),
     policy: Path = typer.Option(Path(DEFAULT_POLICY), help="Policy TOML the recommended recipe must pass."),
-    output: Path = typer.Option(Path(default_of(SearchConfig, "output")), help="Folder for checkpoints, exports, screen cache and report/."),
+    output: Path = typer.Option(Path(default_of(SearchConfig, "output")), help="Folder for checkpoints, exports, screen cache, report/ and the recommended link: new, or one effideploy wrote; never an input's folder or inside one."),
     sparsities: str = typer.Option("0,0.1,0.2,0.3", help="FFN sparsities (CFSP; 0 = keep the FFN), comma-separated."),
-    quantize: str = typer.Option("none,int8,int4", help="Weight schemes (none = float), comma-separated."),
+    quantize: Optional[str] = typer.Option(None, help="Weight schemes (none = float), comma-separated (default: none,int8,int4, less what the runtime does not serve)."),
     kv: str = typer.Option("none", help="KV budgets: token-compression specs (e.g. snapkv:0.5) or none, comma-separated."),
     calib_samples: int = typer.Option(default_of(SearchConfig, "calib_samples"), help="Calibration windows (one pass for every sparsity)."),
     calib_seqlen: int = typer.Option(default_of(SearchConfig, "calib_seqlen"), help="Tokens per calibration window."),
@@ -64,7 +64,7 @@ def tune(
 ) -> None:
     """Recipe search: prune once, screen every recipe, fit a speed cost model, bench the promising ones, recommend."""
     from effideploy.bench.policy import load_policy
-    from effideploy.search.feasibility import check_recipes
+    from effideploy.search.feasibility import check_recipes, servable_default
     from effideploy.search.report import verdict_lines, write_search_report
     from effideploy.search.search import run_search
     from effideploy.search.space import FfnSparsity, KvBudget, SearchSpace, WeightQuantization
@@ -75,9 +75,14 @@ def tune(
     loaded = load_policy(policy)
     for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize")]:
         check_option_text(value, option)
+    if quantize is None:
+        schemes, left_out = servable_default(WeightQuantization().values, runtime)
+        for reason in left_out:
+            echo(f"note: the default --quantize leaves out {reason}")
+    else:
+        schemes = _values(quantize, "--quantize", str)
     space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
-                         WeightQuantization(values=_values(quantize, "--quantize", str)),
-                         KvBudget(values=_values(kv, "--kv", str))))
+                         WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
     check_recipes(space.recipes(), runtime)
     check_workspace(output, [model, policy, data_dir, *(task or [])])
     set_threads(threads)

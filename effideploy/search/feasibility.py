@@ -47,6 +47,21 @@ def check_recipes(recipes: list[Recipe], runtime: str) -> None:
                 raise OptionError("kv", f"{recipe.kv} cannot run on the {runtime} runtime: {exc}") from None
 
 
+def servable_default(values: tuple, runtime: str) -> tuple[tuple, list[str]]:
+    """The default weight schemes less those ``runtime`` cannot serve (a default must not make a run fail; a scheme
+    the user names is refused by :func:`check_recipes` instead), and why each was left out."""
+    from effideploy.search.space import Recipe
+
+    kept, left_out = [], []
+    for value in values:
+        try:
+            check_recipes([Recipe(quantize=value)] if value is not None else [], runtime)
+            kept.append(value)
+        except OptionError as exc:
+            left_out.append(exc.problem)
+    return tuple(kept), left_out
+
+
 def check_shapes(config: SearchConfig, config_dict: dict) -> None:
     """Every sequence length the search uses fits the dense model (pruning keeps the position embeddings)."""
     from effideploy.models.resolve import check_seqlen

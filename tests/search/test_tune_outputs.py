@@ -198,6 +198,18 @@ def test_an_infeasible_recipe_is_refused_in_one_line_before_any_work(tmp_path, t
     assert snapshot(tmp_path) == before and not (tmp_path / "s").exists()
 
 
+def test_the_default_weight_schemes_leave_out_what_the_runtime_cannot_serve():
+    from effideploy.search.feasibility import servable_default
+    from effideploy.search.space import WeightQuantization
+
+    default = WeightQuantization().values
+    assert servable_default(default, "onnx") == (default, [])
+    kept, left_out = servable_default(default, "torch")  # torch reads checkpoints as they are: float weights only
+    assert kept == (None,) and len(left_out) == 2 and all("torch runtime does not serve" in r for r in left_out)
+    kept, left_out = servable_default(default, "llamacpp")  # GGUF types: int8 (q8_0), no int4 alias
+    assert kept == (None, "int8") and left_out[0].startswith("int4: the llamacpp runtime does not serve")
+
+
 # -------------------------------------------------------------------------------------------------- Ctrl-C
 
 def test_an_interrupt_before_any_result_leaves_nothing_and_says_so(tmp_path, capsys):

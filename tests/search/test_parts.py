@@ -84,3 +84,18 @@ def test_binding_threshold_is_the_closest_candidates_failure():
         "min_decode_speedup": 1, "max_perplexity_increase": 1}
     a.failed = []
     assert binding_thresholds([a, b], policy) is None
+
+
+def test_the_screen_windows_are_held_apart_from_the_bench_perplexity_windows():
+    import torch
+
+    from effideploy.search.search import SearchConfig
+    from effideploy.search.stages import screen_windows
+
+    ids = torch.arange(5000)  # each token is its own position
+    config = SearchConfig(screen_windows=16, screen_seqlen=64, ppl_windows=4, ppl_seqlen=1024)
+    windows = screen_windows(ids, config)
+    assert windows.shape == (16, 64) and int(windows.min()) >= 4 * 1024  # never a token the bench scores
+    assert int(screen_windows(ids, SearchConfig(screen_windows=16, screen_seqlen=64, ppl_windows=0)).min()) < 4096
+    with pytest.raises(EffideployError, match="fewer than one screen window"):
+        screen_windows(ids, SearchConfig(screen_windows=1, screen_seqlen=1000, ppl_windows=4, ppl_seqlen=1024))

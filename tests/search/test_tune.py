@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from effideploy.cli import main
 from tests.conftest import DATA
@@ -143,22 +142,3 @@ def test_lm_eval_task_without_lm_eval_is_one_line(tmp_path, tiny_model_dir, caps
                          "--lm-eval-task", "hellaswag", *TINY)
     assert code == 2 and "lm-evaluation-harness" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
-
-
-def test_fake_quantization_matches_the_matmulnbits_rounding():
-    from effideploy.exporters.onnx_quant import dequantize_matmul_nbits
-    from effideploy.search.screen import quantize_dequantize
-
-    torch.manual_seed(0)
-    weight = torch.randn(8, 64)
-    for bits in (8, 4):
-        out = quantize_dequantize(weight, bits, 32)
-        blocks = weight.reshape(8, 2, 32)
-        signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
-        scale = signed_max / -(2 ** (bits - 1))
-        q = torch.clamp(torch.round(blocks / scale) + 2 ** (bits - 1), 0, 2 ** bits - 1)
-        # the kernel's dequantization of those codes ([N, blocks, block] codes, per-block scales, implied zero point)
-        packed = q.to(torch.uint8).numpy() if bits == 8 else (q[..., 0::2] + 16 * q[..., 1::2]).to(torch.uint8).numpy()
-        expected = dequantize_matmul_nbits(packed, scale.numpy(), None, K=64, N=8, bits=bits, block_size=32)
-        assert torch.allclose(out, torch.from_numpy(expected).T, atol=1e-6)
-        assert (out - weight).abs().max() <= scale.abs().max() / 2 + 1e-6  # round to nearest

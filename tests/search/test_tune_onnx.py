@@ -73,3 +73,48 @@ def test_a_winning_kv_budget_on_the_dense_model_ships_as_an_export_inside_the_ou
     calls = run_script(out / "report" / "reproduce.sh", tmp_path / "run")
     assert calls == [["export", str(tiny_model_dir), "--runtime", "onnx", "--token-compression", "streamingllm:0.5",
                       "--output", "out/recommended"]]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("in_features", [64, 80])  # whole blocks, and a last block MatMulNBits pads
+def test_the_screens_fake_quantization_is_what_onnx_runtime_computes(tmp_path, bits, in_features):
+    """The screen's quantize_dequantize against ONNX Runtime itself: a MatMul quantized by ORT's own
+    MatMulNBitsQuantizer with the exporter's settings, run by ORT's MatMulNBits kernel on the identity, gives the
+    weights as the kernel sees them."""
+    import logging
+
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from effideploy.exporters.onnx_quant import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+    from effideploy.search.screen import quantize_dequantize
+
+    root = logging.getLogger()  # importing ORT's quantizer reconfigures the root logger (see onnx_quant)
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    root.handlers[:], root.level = handlers, level
+
+    torch.manual_seed(bits + in_features)
+    weight = torch.randn(8, in_features)  # [out, in], as a Linear holds it
+    weight[0, 3], weight[5, 40] = 9.0, -7.5  # outliers: a block's scale comes from its signed absmax
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [in_features, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [in_features, 8])],
+        [numpy_helper.from_array(weight.T.contiguous().numpy(), "w")])  # ONNX MatMul: [K, N]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=DEFAULT_BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits))
+    quantizer.process()
+    quantized = quantizer.model.model
+    assert [n.op_type for n in quantized.graph.node] == ["MatMulNBits"]
+    path = tmp_path / "q.onnx"
+    onnx.save(quantized, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    kernel = session.run(None, {"x": np.eye(in_features, dtype=np.float32)})[0].T  # [out, in]
+    ours = quantize_dequantize(weight, bits, DEFAULT_BLOCK_SIZE).numpy()
+    assert not np.allclose(ours, weight.numpy(), atol=1e-3)  # it does quantize
+    np.testing.assert_allclose(ours, kernel, rtol=1e-5, atol=1e-5 * float(np.abs(kernel).max()))

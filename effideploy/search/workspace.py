@@ -101,8 +101,8 @@ def _interrupted(target: Path) -> int:
 
     kept = results_in(target) if target.is_dir() else []
     if kept:
-        message = (f"error: interrupted; the report was not written; {target} keeps what finished, for the next run "
-                   f"to reuse: {', '.join(kept)}")
+        message = (f"error: interrupted before this run's report was written; {target} keeps what is there, for "
+                   f"the next run to reuse: {', '.join(kept)}")
     else:
         message = "error: interrupted; nothing was written"
     print(message, file=sys.stderr)

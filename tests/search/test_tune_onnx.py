@@ -49,6 +49,11 @@ def test_onnx_search_with_quantization(tmp_path, tiny_model_dir, tiny_task_dir):
     record = benched["dense+int8"]
     assert record["screen"]["perplexity_increase"] == pytest.approx(record["measured"]["perplexity_increase"], abs=0.05)
     assert data["comparisons"]["quantization"]["best"] == "dense+int8"
+    # the shipped artifact is the very export the bench measured (reused, not exported again), linked inside
+    bench = json.loads((out / "report" / "bench" / "report.json").read_text())
+    measured = {m["label"]: m for m in bench["models"]}[data["recommended"]]
+    assert Path(data["artifact"]).resolve() == Path(measured["artifact"]).resolve()
+    assert (out / "recommended").resolve() == Path(data["artifact"]).resolve()
     assert "## Against the alternatives" in (out / "report" / "report.md").read_text()
 
 

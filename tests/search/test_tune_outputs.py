@@ -170,6 +170,24 @@ def test_tune_output_obeys_the_output_policy_before_any_work(tmp_path, tiny_mode
     assert snapshot(tmp_path) == before
 
 
+def test_a_search_folder_of_an_earlier_version_is_reused_and_still_held_to_the_policy(tmp_path):
+    from effideploy.errors import EffideployError
+    from effideploy.search.workspace import check_workspace
+
+    legacy = tmp_path / "search"  # what tune wrote before the folder itself carried the marker
+    (legacy / "report").mkdir(parents=True)
+    (legacy / "report" / OUTPUT_MARKER).write_text("")
+    (legacy / "report" / "search.json").write_text("{}")
+    (legacy / "model").mkdir()
+    assert check_workspace(legacy, [tmp_path / "elsewhere"]) == legacy.resolve()
+    with pytest.raises(EffideployError, match="overlaps the input"):
+        check_workspace(legacy, [legacy / "model"])
+    assert open_workspace(legacy) == legacy.resolve() and (legacy / OUTPUT_MARKER).is_file()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(EffideployError, match="not written by effideploy"):
+        check_workspace(tmp_path / "mine")
+
+
 # ------------------------------------------------------------------------------ feasibility, before any work
 
 @pytest.mark.parametrize("runtime, options, fragment", [
@@ -258,7 +276,7 @@ def test_ctrl_c_during_the_cost_model_says_what_stays_where(tmp_path, tiny_model
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert process.returncode == 130 and len(errors) == 1, err
     assert "nothing was written" not in errors[0]
-    assert errors[0].startswith(f"error: interrupted; the report was not written; {out.resolve()} keeps what finished")
+    assert errors[0].startswith(f"error: interrupted before this run's report was written; {out.resolve()} keeps")
     kept = errors[0].split("for the next run to reuse: ", 1)[1].split(", ")
     # the message names exactly what is there: the finished checkpoints and the screen cache
     assert kept == sorted(p.name for p in out.iterdir() if not p.name.startswith("."))

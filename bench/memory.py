@@ -28,7 +28,7 @@ from effideploy.errors import EffideployError
 
 SAMPLE_SECONDS = 0.02
 MIN_SAMPLES = 3
-MB = 1024 * 1024
+MB = 1024 * 1024  # the *_mb fields are MiB (2**20 bytes); reports label them MiB
 
 
 def measure_peak_memory(runtime: str, path: str, prompt: list[int], new_tokens: int, *, compression: str | None = None,

@@ -63,7 +63,7 @@ THRESHOLDS = {
                                         "tokens/s candidate / dense at the largest batch size"),
     "max_p99_latency_ms": Threshold("p99_latency_ms", "max", "ms", "p99 end-to-end request latency"),
     "max_p99_tpot_ms": Threshold("p99_tpot_ms", "max", "ms", "p99 time per output token"),
-    "max_peak_memory_mb": Threshold("peak_memory_mb", "max", "MB", "peak RSS of the process tree"),
+    "max_peak_memory_mb": Threshold("peak_memory_mb", "max", "MiB", "peak RSS of the process tree, MiB (2**20 bytes)"),
     "min_size_reduction": Threshold("size_reduction", "min", "fraction",
                                     "share of stored weight bytes removed, 1 - candidate / dense (pruning and "
                                     "quantization both count)"),

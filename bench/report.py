@@ -167,8 +167,9 @@ def _memory_section(report: BenchReport) -> list[str]:
                      _mb(weights.stored_bytes if weights else None), _mb(weights.bytes_per_token if weights else None),
                      _mb(size.artifact_bytes if size else None),
                      _f(mem.get("peak_rss_mb"), 0), _f(mem.get("model_rss_mb"), 0), _f(mem.get("gpu_peak_allocated_mb"), 0)])
-    out.append(_table(["model", "parameters (M)", "weights", "weights stored (MB)", "weights read per token (MB)",
-                       "artifact (MB)", "peak RSS (MB)", "model RSS (MB)", "GPU peak (MB)"], rows))
+    # MiB (2**20 bytes) throughout: what bench/memory.py measures (its *_mb fields are MiB, named before this note)
+    out.append(_table(["model", "parameters (M)", "weights", "weights stored (MiB)", "weights read per token (MiB)",
+                       "artifact (MiB)", "peak RSS (MiB)", "model RSS (MiB)", "GPU peak (MiB)"], rows))
     out += ["", "Peak RSS: a fresh process per model opens it on the runtime and generates once; the peak is the larger "
             "of the process's own high-water mark (VmHWM) and its process tree's RSS sampled every 20 ms. "
             "Model RSS is that peak minus the process's RSS after importing the runtime, before loading the model."]

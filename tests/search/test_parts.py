@@ -34,7 +34,10 @@ def test_cost_model_recovers_a_linear_cost_and_predicts_speedups():
     dense, int8, pruned = features(500e6, 1e10), features(140e6, 0, 1e10), features(350e6, 7e9)
     model = CostModel().fit([(label, f, tpot(f.decode_bytes), ttft(f.prefill_flops_float, f.prefill_flops_quant))
                              for label, f in (("dense", dense), ("int8", int8), ("pruned", pruned))])
-    assert model.decode.residual_pct == pytest.approx(0, abs=1e-6)
+    # decode: 2 coefficients over 3 distinct points, a real residual (zero on this exact line); TTFT: 3 over 3,
+    # an exact fit by construction, so no residual is claimed
+    assert model.decode.degrees_of_freedom == 1 and model.decode.residual_pct == pytest.approx(0, abs=1e-6)
+    assert model.ttft.degrees_of_freedom == 0 and model.ttft.residual_pct is None
     unseen = features(100e6, 0, 7e9)
     speed = model.speedups(dense, unseen)
     assert speed["decode_speedup"] == pytest.approx(tpot(500e6) / tpot(100e6))

@@ -13,7 +13,8 @@ from effideploy.exporters.vllm_checks import (PARITY_NEW_TOKENS, QUANTIZED_DECID
                                               _logits, parity_prompts, vllm_scores)
 
 
-def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: str | None = None) -> dict:
+def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: str | None = None,
+                           int8_gemm: str | None = None, require: bool = True) -> dict:
     """Tolerance-based parity of a quantized export (``effideploy.exporters.vllm_quant``).
 
     Sequences: the parity prompts, each continued by 16 greedy tokens of the reference. Reference: the export's own
@@ -23,7 +24,9 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
     machine's oneDNN runs (exact with VNNI, int16-saturating on AVX2: ``runtimes/vllm_kernels``). vLLM scores the same sequences teacher-forced; its argmax must equal
     the reference's at >= QUANTIZED_TOP1_AGREEMENT of the positions. Recorded beside it: the largest difference
     between vLLM's and the reference's log-probability of the scored tokens, and (informational) top-1 agreement
-    and logit error of the quantized model against the unquantized source."""
+    and logit error of the quantized model against the unquantized source. ``int8_gemm`` overrides the probed GEMM
+    arithmetic (``vllm_kernels.INT8_EXACT`` / ``INT8_SATURATING``) and ``require=False`` returns a failing record
+    instead of raising: for the evidence script that compares the two (benchmarks/scripts/vllm_int8_kernel.py)."""
     import torch
 
     from effideploy.models.build import load_model, load_tokenizer
@@ -32,7 +35,7 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
     prompts, text = parity_prompts(load_tokenizer(folder))
     tick = time.perf_counter()
     with progress.status("Parity: the fake-quantized reference in transformers"):
-        model, scheme = fake_quant_reference(folder)
+        model, scheme = fake_quant_reference(folder, int8_gemm)
         generated = TorchRuntime(model=model).generate(prompts, PARITY_NEW_TOKENS).tokens
         sequences = [prompt + tokens for prompt, tokens in zip(prompts, generated)]
         reference = _logits(model, sequences)
@@ -69,7 +72,7 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
         "text": text, "dtype": dtype, "positions": positions, "decided_positions": total,
         "top1_agreement_all_positions": agree_all / positions,
         "reference": f"transformers {__import__('transformers').__version__} (float32) on the dequantized stored weights"
-                     + (f", int8 per-token activations, {_int8_gemm()} int8 GEMM"
+                     + (f", int8 per-token activations, {int8_gemm or _int8_gemm()} int8 GEMM"
                         if scheme.input_activations is not None else ""),
         "top1_agreement": agreement, "top1_tolerance": QUANTIZED_TOP1_AGREEMENT,
         "max_abs_logprob_diff": logprob_gap,
@@ -84,7 +87,7 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
         "tensor_parallel_size_checked": 1,
         "seconds": {"transformers": transformers_seconds, "vllm": vllm_seconds, "vllm_engine_start": run["start_seconds"]},
     }
-    if agreement < QUANTIZED_TOP1_AGREEMENT:
+    if require and agreement < QUANTIZED_TOP1_AGREEMENT:
         raise EffideployError(
             f"vLLM parity failed for the quantized export: teacher-forced top-1 agreement with the fake-quant reference "
             f"{agreement:.1%} < {QUANTIZED_TOP1_AGREEMENT:.0%} on {total} decided positions ({agree_all}/{positions} "
@@ -92,7 +95,7 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
     return result
 
 
-def fake_quant_reference(folder: Path):
+def fake_quant_reference(folder: Path, int8_gemm: str | None = None):
     """The export in transformers, float32: stored weights dequantized by compressed-tensors, and (w8a8) each
     quantized Linear's input fake-quantized per token. Returns the model and the compressed-tensors scheme."""
     from compressed_tensors.quantization import QuantizationConfig
@@ -124,7 +127,7 @@ def fake_quant_reference(folder: Path):
 
         # The GEMM this machine's vLLM runs: exact int8 with VNNI, int16-saturating pair sums on AVX2 (see
         # runtimes/vllm_kernels.py); the reference computes the same integers from the stored codes.
-        saturating = probe().int8_mm == INT8_SATURATING
+        saturating = (int8_gemm or probe().int8_mm) == INT8_SATURATING
         for name, module in model.named_modules():
             if name in quantized:
                 module.forward = _W8A8Forward(module, weights.get(name + ".weight"), weights.get(name + ".weight_scale"),

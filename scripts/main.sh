@@ -22,4 +22,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-exec effideploy tune --runtime onnx --threads 1 --policy bench/policies/default.toml --output out/search "$@"
+exec effideploy tune --runtime onnx --threads 1 --policy default --output out/search "$@"

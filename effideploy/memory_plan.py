@@ -43,6 +43,10 @@ CUDA_HOST_EXTRA = 0.5 * GB
 # Fraction of a device's free memory a plan may use (fragmentation, cuBLAS workspaces).
 DEVICE_HEADROOM = 0.9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# The largest file a POSIX file system can address (off_t is signed 64-bit). Weights larger than this exist in no
+# file, and the plan's float arithmetic would overflow on the config's numbers long before (10^200 is a valid
+# JSON integer).
+MAX_FILE_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,20 @@ class Shapes:
         except (KeyError, TypeError, ValueError) as exc:
             raise EffideployError(f"config.json lacks the shapes the memory plan needs ({exc})") from None
 
+    def __post_init__(self) -> None:
+        if min(self.hidden, self.ffn, self.layers, self.heads, self.kv_heads, self.head_dim, self.vocab) < 1:
+            raise EffideployError("config.json's shapes must be positive integers for the memory plan")
+        if self.weight_bytes > MAX_FILE_BYTES:
+            raise EffideployError(
+                f"config.json describes more than 2^63 bytes of weights, more than any file can hold "
+                f"({_digits(self.layers)} layers, hidden {_digits(self.hidden)}, FFN {_digits(self.ffn)}, vocabulary "
+                f"{_digits(self.vocab)}); its sizes are wrong")
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of stored weights the shapes describe (every block at the widest FFN: an upper bound)."""
+        return self.stored_bytes * (self.layers * self.block_parameters + self.outer_parameters)
+
     @property
     def block_parameters(self) -> int:
         q_o = 2 * self.hidden * self.heads * self.head_dim
@@ -89,6 +107,11 @@ class Shapes:
     def largest_tensor(self) -> int:
         """Elements of the largest single tensor read from disk (the embedding table, or an FFN matrix)."""
         return max(self.vocab * self.hidden, self.hidden * self.ffn)
+
+
+def _digits(value: int) -> str:
+    """An integer for a message, however large (str() of a 5000-digit int raises)."""
+    return str(value) if value < 10**12 else f"~2^{value.bit_length() - 1}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Rich progress bars for every step that takes more than a second, silent when not on a terminal or in tests."""
+"""Rich progress bars for every step that takes more than a second, silent when not on a terminal or in tests.
+
+One switch for all of them: ``EFFIDEPLOY_PROGRESS=0`` (or stderr not a terminal) silences effideploy's bars and,
+through :func:`quiet_libraries`, those the libraries it calls draw themselves (transformers, huggingface_hub, and
+plain tqdm, which transformers' GGUF reader uses directly)."""
 
 from __future__ import annotations
 
@@ -83,6 +87,37 @@ class Bar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While inside: no library progress bar when effideploy's own are off. tqdm reads its ``TQDM_DISABLE``
+    environment variable only when it is first imported, so its constructor is wrapped instead, and restored."""
+    if enabled():
+        yield
+        return
+    from tqdm import std
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - transformers depends on it
+        pass
+    descriptor = vars(std.tqdm)["__init__"]  # restored as it was (tqdm defines it as a partialmethod)
+    original = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = descriptor
 
 
 @contextlib.contextmanager

@@ -44,7 +44,11 @@ def export(
     from effideploy.exporters import EXPORTERS
 
     exporter = EXPORTERS.get(runtime)  # an unknown runtime fails here, before any work
-    check_option_text(token_compression, "--token-compression")
+    # An empty text option would pass as "given" and mean each exporter's default (--quantize "": f16 on llama.cpp,
+    # no quantization elsewhere), which is not what anyone typing it meant.
+    for value, flag in ((token_compression, "--token-compression"), (quantize, "--quantize"), (dtype, "--dtype"),
+                        (quant_method, "--quant-method"), (kv_cache_dtype, "--kv-cache-dtype")):
+        check_option_text(value, flag)
     options: dict = {"overwrite": overwrite, "token_compression": token_compression}
     if dtype is not None:  # each exporter has its own default (vLLM w4a16: bfloat16)
         options["dtype"] = dtype

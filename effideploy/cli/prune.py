@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from effideploy.cli.app import DEFAULT_PRUNED, app, check_output_against_inputs, default_of, echo, set_threads
+from effideploy.errors import EffideployError
 from effideploy.pruning.config import PruneConfig
 from effideploy.pruning.methods import METHODS
 from effideploy.recovery.config import RecoveryConfig
@@ -68,12 +69,12 @@ def prune(
     from effideploy.pruning import prune_checkpoint
 
     set_threads(threads)
+    check_size_options(method, count=count, target_params=target_params, target_speedup=target_speedup)
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
                          calib_dtype=calib_dtype, keep_stats=keep_stats, count=count, target_params=target_params,
                          target_speedup=target_speedup, device=device, max_memory_gb=max_memory)
-    METHODS.target(method)
     if recover and getattr(METHODS.get(method), "structural", False):
         from effideploy.errors import OptionError
 
@@ -88,8 +89,9 @@ def prune(
                                   data=recover_data or calib, data_dir=str(data_dir) if data_dir else None,
                                   teacher=recover_teacher, seed=seed, device=device)
     check_output_against_inputs(output, overwrite, model, calib, data_dir, recover_data, recover_teacher)
-    source = resolve_model(model, allow_pickle=allow_pickle)
+    # the text first: naming it is cheap, while resolving a .gguf or pickled model converts it
     text = resolve_text(calib, "calibration", str(data_dir) if data_dir else None)
+    source = resolve_model(model, allow_pickle=allow_pickle)
     if recovery is None:
         target, plan = prune_checkpoint(source, config, output, calibration=text, overwrite=overwrite)
     else:
@@ -116,3 +118,39 @@ def prune(
         from effideploy.cli.recover import report_recovery
 
         report_recovery(recovered)
+
+
+SIZE_FLAGS = {"count": "--count", "target_params": "--target-params", "target_speedup": "--target-speedup"}
+
+
+def size_options(method: str) -> tuple[str, ...]:
+    """The size options ``method`` reads: the ranked removals (drop-blocks and its subclass drop-attention) a count
+    or a size target, the other structural method (cfsp-joint) a size target, the width methods none (they remove
+    FFN channels by --sparsity)."""
+    from effideploy.pruning.methods.drop_blocks import DropBlocks
+
+    cls = METHODS.get(method)  # an unknown method fails here, naming the known ones
+    if not getattr(cls, "structural", False):
+        return ()
+    return tuple(SIZE_FLAGS) if issubclass(cls, DropBlocks) else ("target_params", "target_speedup")
+
+
+def check_size_options(method: str, **given) -> None:
+    """Before any work: a size option the method would ignore (``--method cfsp --count 1`` pruned by --sparsity),
+    several at once, or none where the method needs one, each refused in one line naming the real flags."""
+    accepted = size_options(method)
+    named = [name for name, value in given.items() if value is not None]
+    for name in named:
+        if name not in accepted:
+            users = [other for other in METHODS.names() if name in size_options(other)]
+            raise EffideployError(f"{SIZE_FLAGS[name]} does not apply to --method {method}"
+                                  + (" (it prunes FFN channels by --sparsity)" if not accepted else "")
+                                  + f"; {SIZE_FLAGS[name]} is for {', '.join(users)}")
+    flags = ", ".join(SIZE_FLAGS[name] for name in accepted[:-1]) + f" or {SIZE_FLAGS[accepted[-1]]}" \
+        if accepted else ""
+    if len(named) > 1:
+        raise EffideployError(f"{' and '.join(SIZE_FLAGS[name] for name in named)} were given together; {method} "
+                              f"takes one of {flags}")
+    if accepted and not named:
+        need = "how much to remove" if "count" in accepted else "a size target"
+        raise EffideployError(f"{method} needs {need}: give {flags}")

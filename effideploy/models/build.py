@@ -18,8 +18,8 @@ from effideploy.models.resolve import ModelSource, check_architecture
 _IGNORED_KEYS = ("auto_map", "transformers_version", "model_type", "_name_or_path", "quantization_config")
 
 
-def build_config(config_dict: dict) -> PretrainedConfig:
-    check_architecture(config_dict, "config")
+def build_config(config_dict: dict, where: str = "config.json") -> PretrainedConfig:
+    check_architecture(config_dict, where)
     values = {key: value for key, value in config_dict.items() if key not in _IGNORED_KEYS}
     try:
         if config_dict["model_type"] == "nemotron-nas":
@@ -28,7 +28,7 @@ def build_config(config_dict: dict) -> PretrainedConfig:
             config = LlamaConfig(**values)
     except Exception as exc:  # noqa: BLE001 - transformers' field validation of the user's config.json
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise EffideployError(f"config.json is not a valid {config_dict['model_type']} config: {reason[:300]}") from None
+        raise EffideployError(f"{where} is not a valid {config_dict['model_type']} config: {reason[:300]}") from None
     config._attn_implementation = "sdpa"
     return config
 

@@ -103,6 +103,12 @@ def read_config_dict(folder: Path) -> dict:
         raise EffideployError(f"{folder} is not a model folder: config.json is missing")
     config_dict = read_json(config_path, what="model config")
     validate_config_dict(config_dict, str(config_path))
+    if config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
+        from effideploy.models.build import build_config
+
+        # transformers validates many more fields than the ones checked above (pad_token_id, rope parameters,
+        # ...): built here, its refusal is this reader's one line, and whatever this reader accepts builds later.
+        build_config(config_dict, where=str(config_path))
     return config_dict
 
 
@@ -192,24 +198,47 @@ def _from_folder(folder: Path, spec: str, *, origin: str = "local", allow_pickle
             f"{folder} has only pickled weights ({pickled[0]}), which can run arbitrary code when loaded; "
             "convert them to safetensors or pass --allow-pickle if you trust this model"
         )
+    _check_config_fits_files(folder, config_dict, [folder / name for name in pickled])
     converted = _cached(folder, "pickle", lambda staging: _convert_pickled(folder, staging))
     return ModelSource(spec=spec, path=converted, config_dict=read_config_dict(converted), origin="converted-pickle")
 
 
+def _check_config_fits_files(folder: Path, config_dict: dict, files: list[Path]) -> None:
+    """Pickled weights have no header to check shapes against before the conversion builds the model from
+    config.json; the one bound available is their size: every parameter takes at least a byte."""
+    from effideploy.memory_plan import Shapes
+
+    if config_dict.get("model_type") != "llama":  # a pruned config's block_configs list bounds its layers itself
+        return
+    shapes = Shapes.from_config(config_dict)  # refuses sizes beyond any file
+    parameters = shapes.layers * shapes.block_parameters + shapes.outer_parameters
+    size = sum(file.stat().st_size for file in files)
+    if parameters > size:
+        raise EffideployError(f"{folder}/config.json describes {parameters} parameters, but its weight files hold "
+                              f"{size} bytes; its sizes are wrong")
+
+
 def _from_gguf(path: Path, spec: str) -> ModelSource:
-    converted = _cached(path, "gguf", lambda staging: _convert_gguf(path, staging))
+    from effideploy.models.gguf_header import read_gguf_header
+
+    # Validated before the conversion: transformers reports a damaged GGUF as "not a valid JSON file", and builds
+    # the model from the metadata's sizes before it reads a tensor.
+    converted = _cached(path, "gguf", lambda staging: _convert_gguf(path, staging), check=lambda: read_gguf_header(path))
     config_dict = read_config_dict(converted)
     check_architecture(config_dict, str(path))
     return ModelSource(spec=spec, path=converted, config_dict=config_dict, origin="gguf")
 
 
-def _cached(source: Path, kind: str, build) -> Path:
-    """A conversion of ``source`` under the cache, keyed by its path, size and modification time."""
+def _cached(source: Path, kind: str, build, check=None) -> Path:
+    """A conversion of ``source`` under the cache, keyed by its path, size and modification time; ``check`` runs
+    before anything is written (a refused source leaves no cache folder)."""
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{source.stem}-{kind}-{key}"
     if (target / "config.json").exists():
         return target
+    if check is not None:
+        check()
     from effideploy import progress
 
     with progress.status(f"Converting {source.name} to safetensors (once; cached in {target.parent})"):
@@ -222,10 +251,13 @@ def _convert_gguf(path: Path, staging: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+    from effideploy import progress
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        with progress.quiet_libraries():  # transformers' GGUF reader draws its own tqdm bars
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file, not our bug
         raise EffideployError(f"cannot read GGUF file {path}: {exc}") from None
     config_dict = model.config.to_dict()

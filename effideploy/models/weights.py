@@ -188,11 +188,43 @@ def expected_shapes(config) -> dict[str, list[int]]:
     return shapes
 
 
+def layer_indices(names) -> set[int]:
+    """The block indices ``model.layers.N.`` that tensor names carry."""
+    indices = set()
+    for name in names:
+        if name.startswith("model.layers."):
+            index = name[len("model.layers."):].split(".", 1)[0]
+            if index.isdigit():
+                indices.add(int(index))
+    return indices
+
+
+def check_layer_count(folder: Path, config_dict: dict, names) -> None:
+    """config.json's ``num_hidden_layers`` against the blocks the weight headers hold, before anything is built
+    per layer: a 700-byte config saying 10^9 layers would otherwise grow lists, dicts and modules until the kernel
+    kills the process. Every block of a dense Llama has tensors; a pruned (nemotron-nas) block may have none (both
+    sublayers no-op), but its ``block_configs`` list has one entry per layer, so the config's own size bounds it."""
+    layers = config_dict["num_hidden_layers"]
+    present = layer_indices(names)
+    beyond = sorted(index for index in present if index >= layers)
+    if beyond:
+        raise EffideployError(f"{folder}: the weights hold block {beyond[-1]}, but config.json says num_hidden_layers "
+                              f"{layers}")
+    if config_dict.get("model_type") == "llama" and len(present) != layers:
+        missing = next(index for index in range(layers) if index not in present)
+        raise EffideployError(f"{folder}: config.json says num_hidden_layers {layers}, but the weights hold "
+                              f"{len(present)} blocks (block {missing} is missing)")
+
+
 def check_weights_match_config(folder: str | Path, config_dict: dict) -> None:
-    """Every tensor the config implies is present with the shape it implies (headers only; no weights read)."""
+    """Every tensor the config implies is present with the shape it implies (headers only; no weights read). The
+    layer count is checked first and every size then against the headers, which read_header checked against the file
+    size, so nothing larger than the files is ever planned or allocated from config.json's numbers."""
     from effideploy.models.build import build_config
 
     folder = Path(folder)
+    weights = SafetensorsWeights(folder)
+    check_layer_count(folder, config_dict, weights.names())
     try:
         config = build_config(config_dict)
         expected = expected_shapes(config)
@@ -200,7 +232,6 @@ def check_weights_match_config(folder: str | Path, config_dict: dict) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own config validation: the user's config.json
         raise EffideployError(f"{folder}/config.json is not a valid model config: {str(exc).splitlines()[0]}") from None
-    weights = SafetensorsWeights(folder)
     for name, shape in expected.items():
         if name not in weights:
             raise EffideployError(f"{folder}: tensor {name} is missing from the weights, but config.json implies it")

@@ -108,8 +108,10 @@ def ranked_removal(config, shape: ModelShape, importance: list[float], *, part: 
     """ShortGPT's rule: remove the ``count`` least important (smallest angular distance) blocks or attention
     sublayers, or as many as a size target needs; never a layout vLLM mishandles (the first block's attention)."""
     if config.count is None and config.target_params is None and config.target_speedup is None:
-        raise OptionError("count", f"{method} needs how much to remove: --count, --target-params or --target-speedup")
+        # not an OptionError: no one option is wrong, and "--count drop-blocks needs ..." reads as nonsense
+        raise EffideployError(f"{method} needs how much to remove: give --count, --target-params or --target-speedup")
     n_blocks = len(shape.full_widths)
+    what = "blocks" if part == "block" else "attention sublayers"
     structure = Structure(widths=list(shape.full_widths))
     order = sorted(range(n_blocks), key=lambda i: (importance[i], i))
     chosen = structure.dropped if part == "block" else structure.no_attention
@@ -123,12 +125,12 @@ def ranked_removal(config, shape: ModelShape, importance: list[float], *, part: 
                 len(structure.dropped) == n_blocks:
             chosen.discard(index)
     if config.count is not None and len(chosen) < config.count:
-        raise OptionError("count", f"{config.count} is more than the {len(chosen)} {part} sublayers that can be "
-                                   f"removed from {n_blocks} blocks")
+        raise OptionError("count", f"{config.count} is more than the {len(chosen)} {what} {method} can remove from "
+                                   f"{n_blocks} blocks")
     if config.count is None and not target_reached(shape, config, structure):
         removed = removed_parameters(shape, structure)[0] / shape.total
         flag = "target_params" if config.target_params is not None else "target_speedup"
-        raise OptionError(flag, f"cannot be reached by {method}: removing every allowed {part} removes "
+        raise OptionError(flag, f"cannot be reached by {method}: the {len(chosen)} {what} it can remove hold "
                                 f"{removed:.3f} of the parameters")
     return structure
 
@@ -142,7 +144,7 @@ def joint_structure(config, shape: ModelShape, scores: list[torch.Tensor], stats
     from effideploy.pruning.allocation import cfsp_block_weights, proportional_widths
 
     if config.target_params is None and config.target_speedup is None:
-        raise OptionError("target_params", "cfsp-joint needs a size target: --target-params or --target-speedup")
+        raise EffideployError("cfsp-joint needs a size target: give --target-params or --target-speedup")
     n_blocks = len(shape.full_widths)
     full = list(shape.full_widths)
     block_weights = cfsp_block_weights(stats.angular, config.a)

@@ -30,7 +30,10 @@ def test_a_bare_method_and_budget_section_is_read():
 
 def test_every_registered_method_parses():
     for name in METHODS.names():
-        parse_spec(f"{name}:fp8" if name == "kv-dtype" else f"{name}:0.5")
+        spec = parse_spec(f"{name}:fp8" if name == "kv-dtype" else f"{name}:0.5")
+        assert spec.method == name
+        assert (spec.budget, dict(spec.options)) == ((1.0, {"dtype": "fp8"}) if name == "kv-dtype" else (0.5, {}))
+        assert parse_spec(str(spec)) == spec
 
 
 @pytest.mark.parametrize("text, message", [

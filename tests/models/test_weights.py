@@ -48,3 +48,38 @@ def test_not_safetensors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EffideployError, match="holds no .safetensors"):
         SafetensorsWeights(tmp_path / "empty")
+
+
+def _llama_dict(**overrides):
+    values = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 4, "intermediate_size": 8,
+              "num_attention_heads": 1, "vocab_size": 6}
+    values.update(overrides)
+    return values
+
+
+def test_the_layer_count_is_checked_against_the_headers_before_anything_per_layer(tmp_path):
+    from effideploy.models.weights import check_layer_count
+
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.input_layernorm.weight"]
+    check_layer_count(tmp_path, _llama_dict(), names)
+    # 10^100 layers: refused at once (the check walks the tensors present, never range(num_hidden_layers))
+    with pytest.raises(EffideployError, match="says num_hidden_layers 10{100}, but the weights hold 2 blocks "
+                                              r"\(block 2 is missing\)"):
+        check_layer_count(tmp_path, _llama_dict(num_hidden_layers=10**100), names)
+    with pytest.raises(EffideployError, match="the weights hold block 1, but config.json says num_hidden_layers 1"):
+        check_layer_count(tmp_path, _llama_dict(num_hidden_layers=1), names)
+    with pytest.raises(EffideployError, match=r"block 0 is missing"):
+        check_layer_count(tmp_path, _llama_dict(), names[2:])
+    # a pruned checkpoint's block may have no tensors at all (both sublayers no-op): fewer blocks present is fine
+    check_layer_count(tmp_path, _llama_dict(model_type="nemotron-nas", num_hidden_layers=3), names)
+
+
+def test_the_memory_plan_refuses_sizes_no_file_can_hold():
+    from effideploy.memory_plan import MAX_FILE_BYTES, Shapes
+
+    shapes = Shapes.from_config(_llama_dict(num_hidden_layers=10**9, hidden_size=4096, intermediate_size=11008,
+                                            num_attention_heads=32, vocab_size=32000))
+    assert shapes.weight_bytes < MAX_FILE_BYTES  # large, but a file could hold it: the plan decides
+    for field, value in (("num_hidden_layers", 10**18), ("hidden_size", 10**200), ("vocab_size", 2**70)):
+        with pytest.raises(EffideployError, match="more than 2\\^63 bytes of weights, more than any file can hold"):
+            Shapes.from_config(_llama_dict(**{field: value}))

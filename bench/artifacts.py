@@ -82,7 +82,8 @@ def export_for(exporter: str, spec: str, root, label: str | None = None, **optio
 
 
 def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spec: str,
-                  compression: str | None = None, quantize: str | None = None) -> ModelResult:
+                  compression: str | None = None, quantize: str | None = None,
+                  export_options: tuple = ()) -> ModelResult:
     """Resolve ``spec`` for the runtime: a runtime without an exporter reads checkpoints directly; one with an
     exporter takes an export as it is, or exports a checkpoint under ``config.export_root`` (export_or_reuse). A
     compression candidate shares the dense model's export unless its method needs other export options."""
@@ -112,6 +113,7 @@ def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spe
     options = runtime_class.export_options(compression)
     if quantize is not None:
         options["quantize"] = quantize
+        options.update(dict(export_options))
     base = DENSE_LABEL if kind == "compression" else label
     suffix = "".join(f"-{k}={v}" for k, v in options.items()).replace(":", "_")
     target, record = export_or_reuse(exporter, source, Path(config.export_root), base + suffix, options)

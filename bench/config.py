@@ -21,12 +21,14 @@ QUICK_BENCH = {"ppl_windows": 4, "mc_limit": 20, "repeats": 3, "new_tokens": 16,
 class CandidateSpec:
     """A model to compare with the dense one: a checkpoint or export (``model``; None: the dense model itself),
     optionally with token compression (``compression="snapkv:0.2"``) or exported with quantized weights
-    (``quantize="int8"``, a scheme of the runtime's exporter)."""
+    (``quantize="int8"``, a scheme of the runtime's exporter). ``export_options``: further exporter options the
+    scheme implies, as (name, value) pairs (e.g. ``(("group_size", 64),)`` for vLLM's w4a16)."""
 
     model: str | None = None
     compression: str | None = None
     label: str | None = None
     quantize: str | None = None
+    export_options: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
         label = candidate_label(spec, taken)
         kind = "compression" if spec.model is None and spec.compression else "checkpoint"
         models.append(prepare_model(config, runtime_class, label, kind, spec.model or config.dense, spec.compression,
-                                    spec.quantize))
+                                    spec.quantize, spec.export_options))
     for model in models:
         describe_model(model)
     phases["export" if runtime_class.capabilities.exporter else "prepare"] = time.perf_counter() - tick

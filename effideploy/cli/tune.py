@@ -65,7 +65,7 @@ def tune(
 ) -> None:
     """Recipe search: prune once, screen every recipe, fit a speed cost model, bench the promising ones, recommend."""
     from effideploy.bench.policy import load_policy
-    from effideploy.search.feasibility import check_recipes, servable_default
+    from effideploy.search.feasibility import check_recipes, resolve_space, servable_default
     from effideploy.search.report import verdict_lines, write_search_report
     from effideploy.search.search import run_search
     from effideploy.search.space import FfnSparsity, KvBudget, SearchSpace, WeightQuantization
@@ -84,6 +84,7 @@ def tune(
         schemes = _values(quantize, "--quantize", str)
     space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
                          WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
+    space = resolve_space(space, runtime)  # int8 / int4 named as this runtime's exporter names them
     check_recipes(space.recipes(), runtime)
     if lm_eval_include:
         from effideploy.eval.lm_eval_adapter import use_include_paths

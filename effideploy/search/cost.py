@@ -2,9 +2,12 @@
 predictions for every recipe that was only screened.
 
 Decode on a CPU is memory-bound: time per output token ~ a + b x (bytes one decode step reads: the matmul weights
-as stored, with their scales, plus the KV cache it attends over). Prefill is compute-bound, and an int8/int4
-MatMulNBits graph computes in int8: TTFT ~ a + b_float x (FLOPs on float weights) + b_quant x (FLOPs on quantized
-weights). Peak memory ~ a + b x stored weight bytes. Speedups are ratios of two predictions (dense / recipe), which
+as stored, with their scales, plus the KV cache it attends over). Prefill is compute-bound, and quantized matmuls
+compute in integers (MatMulNBits at accuracy level 4, vLLM's W8A8, llama.cpp's quantized dot products): TTFT ~ a +
+b_float x (FLOPs on float weights and attention) + b_quant x (FLOPs on quantized weights). Peak memory ~ a + b x
+stored weight bytes. What each tensor costs is the runtime's own weight scheme's answer
+(``effideploy.quantization.schemes``: per tensor, bytes as stored and whether it computes in integers), so the same
+recipe is costed as ONNX Runtime, vLLM or llama.cpp stores it. Speedups are ratios of two predictions (dense / recipe), which
 transfer between runs better than absolute times on a loaded machine; the report checks each prediction against
 the measurement of every recipe that was then benched.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from effideploy.search.space import BYTES_PER_WEIGHT, Recipe
+from effideploy.search.space import Recipe
 
 
 @dataclass(frozen=True)
@@ -29,28 +32,39 @@ class Features:
         return asdict(self)
 
 
-def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_tokens: int) -> Features:
-    from effideploy.bench.metrics import matmul_parameters, prefill_flops
+def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_tokens: int, scheme,
+                    tensors=None) -> Features:
+    """``scheme``: the recipe's weight scheme (``effideploy.quantization.schemes``; the exporter's float one for
+    float weights); ``tensors``: the model's matrices (``model_tensors(config_dict)``, computed when not given)."""
     from effideploy.compression.spec import parse_spec
     from effideploy.models.build import build_config, count_parameters
+    from effideploy.quantization.schemes import model_tensors
 
     config = build_config(config_dict)
     counts = count_parameters(config)
-    matmul = matmul_parameters(counts)
+    tensors = model_tensors(config_dict) if tensors is None else tensors
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kept = prompt_tokens
     if recipe.kv is not None:
         ratio = getattr(parse_spec(recipe.kv), "ratio", None)
         kept = prompt_tokens * ratio if isinstance(ratio, float) and 0 < ratio <= 1 else prompt_tokens
     kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4 * (kept + new_tokens / 2)
-    per_weight = BYTES_PER_WEIGHT[recipe.quantize]
-    flops = prefill_flops(matmul, config.num_hidden_layers * config.num_attention_heads * head_dim, prompt_tokens)
-    embedding_bytes = counts["embedding"] * 4  # the Gather keeps the float table
-    return Features(decode_bytes=matmul * per_weight + kv_bytes,
-                    prefill_flops_float=0.0 if recipe.quantize else flops,
-                    prefill_flops_quant=flops if recipe.quantize else 0.0,
-                    stored_bytes=embedding_bytes + (counts["total"] - counts["embedding"]) * per_weight
-                    + (counts["embedding"] * per_weight if recipe.quantize and not counts["lm_head"] else 0.0))
+    attention_width = config.num_hidden_layers * config.num_attention_heads * head_dim
+    read = stored = quant_params = float_params = 0.0
+    for tensor in tensors:
+        storage = scheme.storage(tensor)
+        if tensor.role != "embedding":  # a decode step multiplies every projection and the head (the embedding
+            read += storage.bytes       # lookup reads one row); prefill FLOPs split by how each matmul computes
+            quant_params, float_params = ((quant_params + tensor.parameters, float_params) if storage.quantized
+                                          else (quant_params, float_params + tensor.parameters))
+        if tensor.role != "lm_head" or not tensor.tied or storage.separate:  # a tied head is the embedding's bytes
+            stored += storage.bytes
+    stored += counts["norms"] * 4.0  # norms stay float (a few KB)
+    return Features(decode_bytes=read + kv_bytes,
+                    prefill_flops_float=2.0 * float_params * prompt_tokens
+                    + 2.0 * attention_width * prompt_tokens * prompt_tokens,
+                    prefill_flops_quant=2.0 * quant_params * prompt_tokens,
+                    stored_bytes=stored)
 
 
 @dataclass

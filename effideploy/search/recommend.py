@@ -33,8 +33,8 @@ def export_options(config: SearchConfig, record: RecipeRecord) -> dict | None:
         return None
     recipe = record.recipe
     options = dict(runtime_class.export_options(recipe.kv))
-    if recipe.quantize is not None:
-        options["quantize"] = recipe.quantize
+    if recipe.quantize is not None:  # what the runtime's scheme implies (e.g. vLLM w4a16's group size)
+        options.update(record.scheme.export_options() if record.scheme is not None else {"quantize": recipe.quantize})
     if recipe.kv is not None:
         options.setdefault("token_compression", recipe.kv)
     return options

@@ -2,9 +2,10 @@
 
 Per recipe: perplexity, the mean KL divergence KL(dense || candidate) of the next-token distributions, top-1
 agreement (the next-token part of loyalty) and top-k agreement (mean overlap of the two top-k sets). Weight
-quantization is applied as fake quantization (:func:`fake_quantize_`: ONNX Runtime's MatMulNBits round-to-nearest,
-blocks of 32 along the input dimension, symmetric, the largest-magnitude weight of a block mapped to the lowest
-code), so no export is needed to screen a quantized recipe. A KV-budget recipe is scored the way the bench scores
+quantization is applied as fake quantization by the runtime's own weight scheme
+(``effideploy.quantization.schemes.apply_scheme``: MatMulNBits blocks on ONNX Runtime, compressed-tensors W8A8 with
+per-token int8 activations or W4A16 groups on vLLM, llama.cpp's GGUF types), so no export is needed to screen a
+quantized recipe. A KV-budget recipe is scored the way the bench scores
 token compression: the first half of each window prefilled and compressed, the second half teacher-forced; the
 runtime gives the NLL and argmax of those tokens, not full distributions, so its KL and top-k are not screened.
 The dense log-probabilities are kept in fp16 (windows x tokens x vocab x 2 bytes: 4 x 511 x 49152 x 2 = 200 MB on
@@ -40,38 +41,6 @@ class ScreenResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "perplexity_increase": self.perplexity_increase}
-
-
-@torch.no_grad()
-def fake_quantize_(model, scheme: str, block_size: int = 32):
-    """Round every Linear weight (the output head included, untied from the embedding first, as the export does)
-    to ``scheme`` in blocks of ``block_size`` input channels and back to float, in place."""
-    bits = {"int8": 8, "int4": 4}.get(scheme)
-    if bits is None:
-        raise ValueError(f"fake quantization knows int8 and int4, got {scheme!r}")
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is embedding.weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = quantize_dequantize(module.weight.data, bits, block_size)
-    return model
-
-
-def quantize_dequantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    """[out, in] weight -> the same shape after symmetric blockwise RTN (MLAS's symmetric MatMulNBits rounding:
-    scale = signed absmax / -2^(bits-1), zero point 2^(bits-1), codes clamped to [0, 2^bits - 1])."""
-    out_features, in_features = weight.shape
-    pad = (-in_features) % block_size
-    w = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(out_features, -1, block_size)
-    index = w.abs().argmax(-1, keepdim=True)
-    signed_max = w.gather(-1, index)
-    zero = 2 ** (bits - 1)
-    scale = signed_max / -zero
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
-    return ((q - zero) * scale).reshape(out_features, -1)[:, :in_features].to(weight.dtype)
 
 
 class Screener:

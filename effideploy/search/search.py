@@ -26,7 +26,7 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.errors import EffideployError, OptionError
 from effideploy.search.cost import CostModel, Features, recipe_features
-from effideploy.search.feasibility import check_recipes, check_shapes
+from effideploy.search.feasibility import check_recipes, check_shapes, fits_model, resolve_space
 from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
 from effideploy.search.stages import prune_all, screen_all
@@ -86,6 +86,7 @@ class RecipeRecord:
     recipe: Recipe
     checkpoint: str
     features: Features
+    scheme: object = None  # the WeightScheme its runtime's exporter stores it with, fitted to its checkpoint
     screen: ScreenResult | None = None
     screen_failed: list[str] = field(default_factory=list)
     predicted: dict = field(default_factory=dict)
@@ -101,6 +102,8 @@ class RecipeRecord:
     def to_dict(self) -> dict:
         return {"label": self.label, "recipe": asdict(self.recipe), "family": self.recipe.family,
                 "checkpoint": self.checkpoint, "features": self.features.to_dict(),
+                "scheme": None if self.scheme is None else {"name": self.scheme.name,
+                                                            "export_options": self.scheme.export_options()},
                 "screen": None if self.screen is None else self.screen.to_dict(), "screen_failed": self.screen_failed,
                 "predicted": self.predicted, "stage": self.stage, "measured": self.measured, "failed": self.failed,
                 "on_front": self.on_front}
@@ -145,7 +148,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     started, seconds, notes = time.perf_counter(), {}, []
     RUNTIMES.target(config.runtime)  # an unknown runtime fails first
-    recipes = config.space.recipes()
+    recipes = resolve_space(config.space, config.runtime).recipes()  # int8 -> this runtime's own scheme
     if not recipes:
         raise EffideployError("the search space holds no recipe besides the dense model")
     check_recipes(recipes, config.runtime)  # every recipe servable, before any work
@@ -158,6 +161,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     if source.is_pruned_checkpoint:
         raise EffideployError(f"{source.path} is a pruned checkpoint; the search starts from the dense model")
     check_shapes(config, source.config_dict)
+    fits_model(recipes, config.runtime, source.config_dict)  # e.g. no w4a16 group divides the dense shapes
     text = resolve_text("wikitext2", "calibration", config.data_dir)
     tasks = config.tasks or _default_tasks(config.data_dir)
     # What was resolved too: an alias or hub id names a cached folder, the default data a folder beside the checkout.
@@ -169,10 +173,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     open_workspace(config.output)
     folders, seconds["prune"] = prune_all(config, source, sorted({r.sparsity for r in recipes}), text)
     configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
-    features = lambda r: recipe_features(r, configs[r.sparsity], config.prompt_tokens, config.new_tokens)
-    dense_features = features(Recipe())
-    records = [RecipeRecord(recipe=r, checkpoint=str(folders[r.sparsity]), features=features(r)) for r in recipes]
-    dense_record = RecipeRecord(recipe=Recipe(), checkpoint=str(folders[0.0]), features=dense_features)
+    records, dense_record = _records(config, recipes, folders, configs, notes)
+    dense_features = dense_record.features
 
     # 2. screen
     progress.console.print(f"screen: {len(records) + 1} models x {config.screen_windows} windows of "
@@ -270,6 +272,31 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
         seconds["lm-eval"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
     return result
+
+
+def _records(config: SearchConfig, recipes: list[Recipe], folders: dict, configs: dict, notes: list[str]):
+    """A record per recipe with its weight scheme fitted to its checkpoint's shapes and its cost-model features; a
+    pruned checkpoint the scheme cannot hold (e.g. FFN widths no w4a16 group divides) is left out with a note."""
+    from effideploy.quantization.schemes import fitted_scheme, model_tensors
+
+    tensors = {s: model_tensors(c) for s, c in configs.items()}
+    records, dense_record = [], None
+    for recipe in [Recipe()] + recipes:
+        try:
+            scheme = fitted_scheme(config.runtime, recipe.quantize, configs[recipe.sparsity])
+        except EffideployError as exc:
+            notes.append(f"{recipe.label} left out: {exc}")
+            continue
+        record = RecipeRecord(recipe=recipe, checkpoint=str(folders[recipe.sparsity]), scheme=scheme,
+                              features=recipe_features(recipe, configs[recipe.sparsity], config.prompt_tokens,
+                                                       config.new_tokens, scheme, tensors[recipe.sparsity]))
+        if recipe == Recipe():
+            dense_record = record
+        else:
+            records.append(record)
+    if not records:
+        raise EffideployError("no recipe of the space can be exported for these checkpoints: " + "; ".join(notes))
+    return records, dense_record
 
 
 def _default_tasks(data_dir) -> list[str]:

@@ -69,8 +69,11 @@ def calibration_recipes(records: list[RecipeRecord]) -> list[RecipeRecord]:
 def candidate_spec(record: RecipeRecord):
     from effideploy.bench.config import CandidateSpec
 
+    options = dict(record.scheme.export_options()) if record.scheme is not None else {}
+    quantize = options.pop("quantize", record.recipe.quantize)
     return CandidateSpec(model=None if record.recipe.sparsity == 0 else record.checkpoint,
-                         quantize=record.recipe.quantize, compression=record.recipe.kv, label=record.label)
+                         quantize=quantize, compression=record.recipe.kv, label=record.label,
+                         export_options=tuple(sorted(options.items())))
 
 
 def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeRecord]:

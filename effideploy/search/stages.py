@@ -76,16 +76,22 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
     from effideploy.data.text import load_text, resolve_text, tokenize_text
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
-    from effideploy.search.screen import Screener, fake_quantize_
+    from effideploy.quantization.schemes import apply_scheme
+    from effideploy.search.screen import Screener
 
     tick = time.perf_counter()
     cache_path = Path(config.output).expanduser() / SCREEN_CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() and not config.overwrite else {}
-    settings = {"windows": config.screen_windows, "seqlen": config.screen_seqlen, "after": bench_tokens(config)}
+    # the reference is the dense model as the runtime stores float weights (float32, or llama.cpp's f16), as the
+    # bench's dense model is
+    dense_record = next((r for r in records if r.recipe == type(r.recipe)()), records[0])
+    settings = {"windows": config.screen_windows, "seqlen": config.screen_seqlen, "after": bench_tokens(config),
+                "reference": dense_record.scheme.key()}
     keys = {}
     for record in records:
         keys[record.label] = json.dumps({"checkpoint": content_fingerprint(Path(record.checkpoint)),
-                                         "recipe": asdict(record.recipe), **settings}, sort_keys=True)
+                                         "recipe": asdict(record.recipe), "scheme": record.scheme.key(),
+                                         **settings}, sort_keys=True)
     todo = [r for r in records if keys[r.label] not in cache]
     for record in records:
         if record not in todo:
@@ -95,9 +101,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
         ids = tokenize_text(tokenizer, load_text(resolve_text("wikitext2", "test", config.data_dir)))
         windows = screen_windows(ids, config)
         with torch.no_grad():
-            dense_path = next(r.checkpoint for r in records if r.recipe.sparsity == 0) if any(
-                r.recipe.sparsity == 0 for r in records) else None
-            dense = load_model(resolve_model(dense_path or config.model))
+            dense = apply_scheme(load_model(resolve_model(dense_record.checkpoint)), dense_record.scheme)
             screener = Screener(dense, windows)
             del dense
             by_checkpoint: dict[str, list[RecipeRecord]] = {}
@@ -106,7 +110,8 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
             for checkpoint, group in by_checkpoint.items():
                 base = load_model(resolve_model(checkpoint))
                 for record in group:
-                    model = fake_quantize_(copy.deepcopy(base), record.recipe.quantize) if record.recipe.quantize \
+                    # each tensor rounded as the runtime's exporter stores it (W8A8: activations per token too)
+                    model = apply_scheme(copy.deepcopy(base), record.scheme) if record.scheme.changes_weights \
                         else base
                     record.screen = screener.screen(model, record.recipe.kv, record.label)
                     cache[keys[record.label]] = record.screen.to_dict()

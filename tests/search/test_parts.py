@@ -19,8 +19,11 @@ def test_space_is_the_product_of_the_levers_without_the_dense_model():
     assert [r.family for r in space.recipes()] == ["quantization", "pruning", "pruning+quantization"]
     with pytest.raises(EffideployError, match="sparsities"):
         FfnSparsity(values=(1.5,))
+    # a scheme is a name the runtime's exporter declares: checked against that runtime, before any work
+    from effideploy.search.feasibility import resolve_space
+
     with pytest.raises(EffideployError, match="unknown scheme 'int3'"):
-        WeightQuantization(values=("int3",))
+        resolve_space(SearchSpace((WeightQuantization(values=("int3",)),)), "onnx")
 
 
 def features(decode_bytes, flops_float=0.0, flops_quant=0.0, stored=1.0):

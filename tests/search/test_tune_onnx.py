@@ -95,7 +95,7 @@ def test_the_screens_fake_quantization_is_what_onnx_runtime_computes(tmp_path, b
     from onnx import TensorProto, helper, numpy_helper
 
     from effideploy.exporters.onnx_quant import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
-    from effideploy.search.screen import quantize_dequantize
+    from effideploy.exporters.onnx_schemes import quantize_dequantize
 
     root = logging.getLogger()  # importing ORT's quantizer reconfigures the root logger (see onnx_quant)
     handlers, level = list(root.handlers), root.level

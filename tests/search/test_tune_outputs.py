@@ -224,8 +224,8 @@ def test_the_default_weight_schemes_leave_out_what_the_runtime_cannot_serve():
     assert servable_default(default, "onnx") == (default, [])
     kept, left_out = servable_default(default, "torch")  # torch reads checkpoints as they are: float weights only
     assert kept == (None,) and len(left_out) == 2 and all("torch runtime does not serve" in r for r in left_out)
-    kept, left_out = servable_default(default, "llamacpp")  # GGUF types: int8 (q8_0), no int4 alias
-    assert kept == (None, "int8") and left_out[0].startswith("int4: the llamacpp runtime does not serve")
+    kept, left_out = servable_default(default, "llamacpp")  # the generic names as llama.cpp's exporter names them
+    assert kept == (None, "q8_0", "q4_k_m") and left_out == []
 
 
 # -------------------------------------------------------------------------------------------------- Ctrl-C

@@ -42,6 +42,11 @@ class GgufType(WeightScheme):
     def quantizes(self) -> bool:
         return self.name not in ("f16", "f32", "bf16")
 
+    @property
+    def ffn_multiple(self) -> int:
+        # down_proj's rows are the FFN width: q8_0 blocks of 32, k-quants super-blocks of 256 (else a fallback type)
+        return 1 if not self.quantizes else (BLOCK_ROW if self.name in ("q8_0", "q4_0", "q5_0") else K_ROW)
+
     def tensor_type(self, tensor: WeightTensor) -> str:
         """The GGML type llama.cpp gives this tensor under this file type."""
         width = tensor.shape[1]

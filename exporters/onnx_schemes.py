@@ -24,6 +24,10 @@ class MatMulNBits(WeightScheme):
     block_size: int = BLOCK_SIZE
 
     @property
+    def ffn_multiple(self) -> int:
+        return self.block_size  # down_proj's input in whole blocks: no padded last block per row
+
+    @property
     def quantizes(self) -> bool:
         return True
 

@@ -81,6 +81,12 @@ class W4A16(WeightScheme):
     def quantizes(self) -> bool:
         return True
 
+    @property
+    def ffn_multiple(self) -> int:
+        # the CPU kernel's 32 and a group that divides the width (fitted() picks the largest of 128/64/32 that fits
+        # every input; widths in multiples of 64 let SmolLM2-shaped models keep group 64)
+        return 64
+
     def storage(self, tensor: WeightTensor) -> Storage:
         if tensor.role != "projection":
             return Storage("bfloat16", tensor.parameters * 2.0)

@@ -30,6 +30,11 @@ def prune(
     calib_seqlen: int = typer.Option(default_of(PruneConfig, "calib_seqlen"), help="Tokens per calibration window."),
     seed: int = typer.Option(default_of(PruneConfig, "seed"), help="Seed of the calibration window sampling."),
     align: int = typer.Option(default_of(PruneConfig, "align"), help="Round every block's kept width to a multiple of this."),
+    runtime: Optional[str] = typer.Option(None, help="Align the kept widths to what this runtime's kernels need for "
+                                          "--quantize (onnx: its block; llamacpp: 32 for q8_0, 256 for k-quants; vllm "
+                                          "w4a16: 64), combined with --align."),
+    quantize: Optional[str] = typer.Option(None, help="With --runtime: the weight scheme the checkpoint will be "
+                                           "exported with (int8 / int4 or the runtime's own name, e.g. q4_k_m)."),
     a: float = typer.Option(default_of(PruneConfig, "a"), help="CFSP: temperature of the per-block budget."),
     b: float = typer.Option(default_of(PruneConfig, "b"), help="CFSP: activation exponent inside the weight term."),
     c: float = typer.Option(default_of(PruneConfig, "c"), help="CFSP: activation exponent outside the weight terms."),
@@ -70,6 +75,7 @@ def prune(
 
     set_threads(threads)
     check_size_options(method, count=count, target_params=target_params, target_speedup=target_speedup)
+    align = runtime_align(align, runtime, quantize)
     config = PruneConfig(method=method, sparsity=sparsity, align=align, a=a, b=b, c=c, compensation=compensation, damp=damp,
                          gram_stride=gram_stride,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size,
@@ -154,3 +160,22 @@ def check_size_options(method: str, **given) -> None:
     if accepted and not named:
         need = "how much to remove" if "count" in accepted else "a size target"
         raise EffideployError(f"{method} needs {need}: give {flags}")
+
+
+def runtime_align(align: int, runtime: str | None, quantize: str | None) -> int:
+    """``--align`` combined with what ``--runtime``'s scheme ``--quantize`` stores without a fallback (its
+    ``ffn_multiple``): kernels want whole blocks, and a width that is not leaves llama.cpp's down projections in F16."""
+    import math
+
+    from effideploy.errors import OptionError
+
+    if runtime is None:
+        if quantize is not None:
+            raise OptionError("quantize", "needs --runtime: the width a scheme needs depends on the runtime's kernels")
+        return align
+    from effideploy.quantization.schemes import declaration
+
+    scheme = declaration(runtime).resolve(quantize)
+    if isinstance(align, int) and align >= 1:
+        return math.lcm(align, scheme.ffn_multiple)
+    return align  # PruneConfig refuses it with its own message

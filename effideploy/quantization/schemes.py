@@ -88,6 +88,12 @@ class WeightScheme:
         """A replacement forward for a Linear whose inputs the runtime quantizes (None: weights only)."""
         return None
 
+    @property
+    def ffn_multiple(self) -> int:
+        """What every pruned FFN width should be a multiple of for this scheme to store it on its fast path, with
+        no fallback (``prune --runtime R --quantize Q`` aligns to it); 1 for float storage."""
+        return 1
+
     def fitted(self, tensors: list[WeightTensor]) -> "WeightScheme":
         """This scheme for a model with these tensors (e.g. a group size that divides them), or a one-line
         EffideployError when the exporter cannot write them."""

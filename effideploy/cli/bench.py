@@ -100,6 +100,10 @@ def bench(
     device: Optional[str] = typer.Option(default_of(BenchConfig, "device"), help="auto | cpu | cuda | cuda:N for the runtime (torch: CUDA when available; onnx: the CUDA execution provider with onnxruntime-gpu; vllm: where its build runs)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder."),
+    serve: bool = typer.Option(False, "--serve", help="Bench under load instead: each model behind the runtime's own server (vllm, llamacpp) on 127.0.0.1, driven by GuideLLM at the policy's [serve] load and SLO (docs/serve.md)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Serving bench of a server you run: the dense model's OpenAI-compatible URL (implies --serve; candidates via --candidate-endpoint)."),
+    candidate_endpoint: Optional[List[str]] = typer.Option(None, "--candidate-endpoint", help="A candidate's OpenAI-compatible URL (repeatable; with --endpoint)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer folder for the serving bench's prompts (default: the dense model's)."),
 ) -> None:
     """Dense vs candidates on one runtime: latency, throughput, memory, size, accuracy, OP/OG/OL/OE, Pareto front."""
     from effideploy.bench.config import CandidateSpec
@@ -111,6 +115,10 @@ def bench(
 
     RUNTIMES.target(runtime)
     loaded_policy = load_policy(policy) if policy is not None else None  # a bad policy fails before measuring
+    if serve or endpoint or candidate_endpoint:
+        serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output, policy,
+                    loaded_policy, overwrite)
+        return
     for spec in token_compression or []:
         check_option_text(spec, "--token-compression")
     for path in candidate or []:
@@ -133,3 +141,58 @@ def bench(
         quantize=tuple(quantize or ()), memory=memory, threads=threads, device=device, data_dir=str(data_dir) if data_dir else None,
     )
     finish(run_bench(config), output, policy, loaded_policy, overwrite)
+
+
+def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output: Path,
+                policy_path, policy, overwrite: bool) -> None:
+    """``bench --serve`` / ``--endpoint``: the serving bench (bench/serve.py); exit 1 naming the binding objective."""
+    from effideploy.bench.config import CandidateSpec
+    from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder
+    from effideploy.bench.serve_policy import ServeSLO
+    from effideploy.bench.serve_report import write_serve_report
+    from effideploy.io import check_output_dir
+
+    if candidate_endpoint and not endpoint:
+        raise EffideployError("--candidate-endpoint needs --endpoint (the dense model's server)")
+    if endpoint and (candidate or quantize):
+        raise EffideployError("--endpoint benches servers you run: give candidates as --candidate-endpoint URL, "
+                              "not --candidate / --quantize")
+    if policy is not None and policy.serve is None:
+        raise EffideployError(f"policy {policy_path} has no [serve] table: the serving bench checks only [serve] "
+                              "(see docs/serve.md)")
+    for url in [endpoint, *(candidate_endpoint or [])]:
+        if url is not None and not str(url).startswith(("http://", "https://")):
+            raise EffideployError(f"--endpoint / --candidate-endpoint must be an http(s) URL, got {url!r}")
+    inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer] if p is not None]
+    check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
+    slo = policy.serve if policy is not None else ServeSLO()
+    if endpoint:
+        models = [ServedModel("dense", "dense", endpoint)]
+        models += [ServedModel(f"candidate-{i}" if len(candidate_endpoint) > 1 else "candidate", "candidate", url)
+                   for i, url in enumerate(candidate_endpoint or [], 1)]
+    else:
+        specs = [CandidateSpec(model=path) for path in candidate or []]
+        if not specs and not quantize:
+            specs = [CandidateSpec(model=default_candidate(runtime))]
+        models = prepare_served(runtime, model, specs, quantize or [], "out/exports")
+    folder = str(tokenizer) if tokenizer is not None else tokenizer_folder(model if endpoint else models[0].spec)
+    work = work_folder(output)
+    section = run_serve(runtime, models, slo, tokenizer=folder, work=work, endpoints=bool(endpoint))
+    if policy is not None:
+        section["policy"] = sign_off(policy, models, section["summaries"])
+    target = write_serve_report(section, output, work, overwrite=overwrite)
+    discard(work)
+    echo(f"[bold]bench --serve[/] {len(models) - 1} candidate(s), {section['seconds']:.0f} s -> {target}/report.md")
+    for served in models:
+        summary = section["summaries"][served.label]
+        best = summary["max_load_meeting_slo"]
+        echo(f"  {served.label}: highest {slo.kind} meeting the SLO {'none' if best is None else f'{best:g}'}, "
+             f"goodput at {slo.target_level:g}: {summary['goodput_at_target'] or 0:.2f} req/s")
+    if policy is None:
+        return
+    verdict = section["policy"]
+    if verdict["passed"]:
+        echo("[bold green]serving policy passed[/]")
+        return
+    echo(f"[bold red]serving policy failed[/]: {'; '.join(verdict['binding'])} (see {target}/report.md)")
+    raise typer.Exit(1)

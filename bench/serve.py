@@ -1,0 +1,172 @@
+"""``effideploy bench --serve``: dense and candidates each behind the runtime's own server, under a swept load.
+
+For each model in turn (never two servers at once: they would share the cores and the numbers would measure the
+contention): start its server on loopback (bench/serve_servers.py), drive it with GuideLLM through every load level
+of the policy's ``[serve]`` table (bench/serve_load.py), record, stop it. With ``endpoints`` the servers are the
+user's (any OpenAI-compatible URL: a vLLM deployment on a cluster, say) and nothing is started. Then the SLO
+analysis: which load levels meet the SLO, the highest one, goodput at the target load, candidate against dense,
+and the sign-off checks (bench/serve_policy.py says what each objective means).
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from effideploy import progress
+from effideploy.bench.serve_load import P99_OF, run_load
+from effideploy.bench.serve_policy import ServeSLO
+from effideploy.errors import EffideployError
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class ServedModel:
+    label: str
+    kind: str  # "dense" | "candidate"
+    spec: str  # what the user named: a checkpoint, an export or a URL
+    export: str | None = None  # the export the bench served (None for an endpoint)
+    url: str | None = None
+    served_model: str | None = None
+    levels: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def tokenizer_folder(spec: str) -> str:
+    """A local folder with the model's tokenizer for GuideLLM's synthetic prompts: the checkpoint, or an export's
+    source checkpoint (a GGUF export keeps no tokenizer files)."""
+    from effideploy.exporters.manifest import read_export_manifest
+    from effideploy.models.resolve import resolve_model
+
+    path = Path(spec).expanduser()
+    manifest = read_export_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+            return str(path)
+        return str(Path(manifest["source"]["path"]))
+    return str(resolve_model(spec).path)
+
+
+def meets(level: dict, slo: ServeSLO) -> tuple[bool, list[str]]:
+    """Whether one load level meets the SLO, and the objectives it misses (the binding ones)."""
+    missed = []
+    for name, limit in slo.objectives().items():
+        value = level[P99_OF[name]]["p99"]
+        if value is None or value > limit:
+            missed.append(name)
+    total = level["requests"]["successful"] + level["requests"]["failed"]
+    if total == 0 or level["requests"]["failed"] / total > slo.max_failed_rate:
+        missed.append("max_failed_rate")
+    return not missed, missed
+
+
+def analyse(model: ServedModel, slo: ServeSLO) -> dict:
+    for level in model.levels:
+        level["meets_slo"], level["missed"] = meets(level, slo)
+    passing = [level["load"] for level in model.levels if level["meets_slo"]]
+    target = next((level for level in model.levels if level["load"] == slo.target_level), None)
+    return {"max_load_meeting_slo": max(passing) if passing else None,
+            "target": target, "goodput_at_target": None if target is None else target["goodput"]}
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> dict:
+    """One check per candidate and objective at the target load, the ratios to dense, each verdict, the overall."""
+    slo: ServeSLO = policy.serve
+    dense = summaries[models[0].label]
+    checks = []
+    for model in models[1:]:
+        summary = summaries[model.label]
+        target = summary["target"] or {}
+        values = {name: (target.get(P99_OF[name]) or {}).get("p99") for name in slo.objectives()}
+        limits = dict(slo.objectives())
+        total = (target.get("requests") or {}).get("successful", 0) + (target.get("requests") or {}).get("failed", 0)
+        values["max_failed_rate"] = (target["requests"]["failed"] / total) if total else None
+        limits["max_failed_rate"] = slo.max_failed_rate
+        summary["goodput_ratio"] = _ratio(summary["goodput_at_target"], dense["goodput_at_target"])
+        summary["load_ratio"] = _ratio(summary["max_load_meeting_slo"], dense["max_load_meeting_slo"])
+        for name in ("min_goodput_ratio", "min_load_ratio"):
+            if getattr(slo, name) is not None:
+                values[name] = summary["goodput_ratio" if name == "min_goodput_ratio" else "load_ratio"]
+                limits[name] = getattr(slo, name)
+        for name, limit in limits.items():
+            value = values[name]
+            ok = value is not None and (value >= limit if name.startswith("min_") else value <= limit)
+            checks.append({"candidate": model.label, "objective": name, "limit": limit, "value": value,
+                           "load": slo.target_level, "passed": ok})
+    verdict: dict[str, bool] = {}
+    for check in checks:
+        verdict[check["candidate"]] = verdict.get(check["candidate"], True) and check["passed"]
+    passed = bool(verdict) and (all(verdict.values()) if policy.require == "all" else any(verdict.values()))
+    return {"name": policy.name, "require": policy.require, "path": policy.path, "slo": slo.to_dict(),
+            "checks": checks, "candidates": verdict, "passed": passed,
+            "binding": [f"{c['candidate']}: {c['objective']}" for c in checks if not c["passed"]]}
+
+
+def run_serve(runtime: str, models: list[ServedModel], slo: ServeSLO, *, tokenizer: str, work: Path,
+              endpoints: bool = False, max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> dict:
+    """Serve (or reach) every model in turn and load it; the report's ``serve`` section without the policy."""
+    from effideploy.bench.serve_servers import endpoint, serving
+
+    started = time.perf_counter()
+    for model in models:
+        tick = time.perf_counter()
+        with progress.status(f"Serving {model.label} and loading it with GuideLLM ({slo.kind} "
+                             f"{', '.join(f'{v:g}' for v in slo.levels)})"):
+            if endpoints:
+                server = endpoint(model.spec)
+                model.url, model.served_model = server.url, server.model
+                model.levels = run_load(server, slo, tokenizer, work, model.label)
+            else:
+                with serving(runtime, Path(model.export), model.label, work, max_model_len=max_model_len) as server:
+                    model.url, model.served_model = server.url, server.model
+                    model.levels = run_load(server, slo, tokenizer, work, model.label)
+        model.seconds = time.perf_counter() - tick
+    summaries = {model.label: analyse(model, slo) for model in models}
+    return {"runtime": None if endpoints else runtime, "endpoints": endpoints, "slo": slo.to_dict(),
+            "tokenizer": tokenizer, "models": [vars(model) for model in models], "summaries": summaries,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": time.perf_counter() - started}
+
+
+def prepare_served(runtime: str, dense: str, candidates, quantize, export_root: str) -> list[ServedModel]:
+    """Dense and candidates as exports for ``runtime`` (export-or-reuse, as the in-process bench)."""
+    from effideploy.bench.artifacts import candidate_label, prepare_model
+    from effideploy.bench.config import DENSE_LABEL, BenchConfig, expanded_candidates
+    from effideploy.runtimes import RUNTIMES
+
+    if runtime not in ("vllm", "llamacpp"):
+        raise EffideployError(f"--serve needs a runtime with an OpenAI-compatible server (vllm or llamacpp), "
+                              f"not {runtime!r}")
+    config = BenchConfig(runtime=runtime, dense=dense, candidates=tuple(candidates), quantize=tuple(quantize),
+                         export_root=export_root)
+    runtime_class = RUNTIMES.get(runtime)
+    taken = {DENSE_LABEL}
+    prepared = [(DENSE_LABEL, "dense", dense, prepare_model(config, runtime_class, DENSE_LABEL, "dense", dense))]
+    for spec in expanded_candidates(config):
+        if spec.compression:
+            raise EffideployError("--serve benches checkpoints and exports; token compression is not served")
+        label = candidate_label(spec, taken)
+        prepared.append((label, "candidate", spec.model or dense,
+                         prepare_model(config, runtime_class, label, "checkpoint", spec.model or dense, None,
+                                       spec.quantize, spec.export_options)))
+    return [ServedModel(label, kind, spec, export=str(result.artifact)) for label, kind, spec, result in prepared]
+
+
+def work_folder(output: Path) -> Path:
+    """Server logs and GuideLLM's raw reports while the run lasts (kept on failure: the errors name them)."""
+    parent = Path(output).expanduser().resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".serve-work-", dir=parent))
+
+
+def discard(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)

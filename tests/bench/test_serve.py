@@ -1,0 +1,208 @@
+"""``effideploy bench --serve`` / ``--endpoint``: the runtime's own server on loopback, GuideLLM's bounded load, the
+[serve] SLO's verdict (a passing one and a failing one naming its binding objective), and no process left behind
+(after a run, after Ctrl-C, after a server the test started itself)."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from effideploy.bench.policy import policy_from_dict
+from effideploy.bench.serve import ServedModel, analyse, sign_off
+from effideploy.bench.serve_policy import serve_from_dict
+from effideploy.errors import EffideployError
+from tests.test_cli import run_cli
+
+LOAD = "concurrency = [1, 2]\nprompt_tokens = 24\noutput_tokens = 6\nmax_requests = 4\nmax_seconds = 20\n"
+PASS = '[serve]\n' + LOAD + "ttft_p99_ms = 120000\ntpot_p99_ms = 60000\nmin_goodput_ratio = 0.01\n"
+FAIL = '[serve]\n' + LOAD + "ttft_p99_ms = 0.001\ntpot_p99_ms = 60000\n"  # no server answers in a microsecond
+
+
+def _policy(folder, name, text):
+    path = folder / f"{name}.toml"
+    path.write_text(f'name = "{name}"\n' + text)
+    return path
+
+
+def _survivors(marker) -> list[str]:
+    """Processes whose command line names ``marker`` (the test's tmp folder: servers and GuideLLM do)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(str(marker) in part for part in proc.info["cmdline"] or []):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'])[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _assert_none_survive(marker):
+    deadline = time.monotonic() + 15
+    while _survivors(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _survivors(marker), _survivors(marker)
+    assert not psutil.Process().children(recursive=True)
+
+
+# ----------------------------------------------------------------------------------------- policy and analysis
+
+def test_serve_table_is_read_and_checked():
+    policy = policy_from_dict({"serve": {"concurrency": [1, 4], "ttft_p99_ms": 500, "tpot_p99_ms": 50}})
+    assert policy.serve.levels == (1.0, 4.0) and policy.serve.target_level == 4.0 and not policy.thresholds
+    assert policy.to_dict()["serve"]["ttft_p99_ms"] == 500
+    assert "serve" not in policy_from_dict({"thresholds": {"min_op": 0.9}}).to_dict()  # old reports unchanged
+    for raw, fragment in [({"rate": [1], "concurrency": [2], "ttft_p99_ms": 1}, "both concurrency and rate"),
+                          ({"concurrency": [1]}, "names no objective"),
+                          ({"concurrency": [1], "ttft_p99_ms": 1, "slo": 2}, "unknown [serve] key(s) slo"),
+                          ({"concurrency": [1.5], "ttft_p99_ms": 1}, "must be an integer"),
+                          ({"concurrency": [1, 2], "ttft_p99_ms": 1, "target": 3}, "target 3 is not one of"),
+                          ({"concurrency": [1], "ttft_p99_ms": -1}, "must be positive")]:
+        with pytest.raises(EffideployError) as caught:
+            serve_from_dict(raw)
+        assert fragment in str(caught.value)
+
+
+def _level(load, ttft, itl, goodput, failed=0):
+    def stats(v):
+        return {"mean": v, "p50": v, "p90": v, "p99": v}
+    return {"load": load, "kind": "concurrency", "requests": {"successful": 10 - failed, "failed": failed,
+                                                              "incomplete": 0, "total": 10},
+            "ttft_ms": stats(ttft), "itl_ms": stats(itl), "tpot_ms": stats(itl), "e2el_ms": stats(ttft + 10 * itl),
+            "requests_per_second": goodput, "output_tokens_per_second": 10 * goodput, "goodput": goodput}
+
+
+def test_goodput_and_highest_load_meeting_the_slo_name_the_binding_objective():
+    policy = policy_from_dict({"serve": {"concurrency": [1, 2, 4], "ttft_p99_ms": 100, "tpot_p99_ms": 20,
+                                         "min_goodput_ratio": 0.8, "min_load_ratio": 1.0}})
+    dense = ServedModel("dense", "dense", "d", levels=[_level(1, 10, 5, 1.0), _level(2, 50, 10, 2.0), _level(4, 90, 15, 3.5)])
+    good = ServedModel("good", "candidate", "g", levels=[_level(1, 8, 4, 1.1), _level(2, 40, 8, 2.1), _level(4, 70, 12, 3.9)])
+    slow = ServedModel("slow", "candidate", "s", levels=[_level(1, 20, 8, 1.0), _level(2, 80, 25, 1.0), _level(4, 300, 30, 0.5, failed=2)])
+    models = [dense, good, slow]
+    summaries = {m.label: analyse(m, policy.serve) for m in models}
+    assert summaries["dense"]["max_load_meeting_slo"] == 4 and summaries["slow"]["max_load_meeting_slo"] == 1
+    assert slow.levels[1]["missed"] == ["tpot_p99_ms"]
+    assert slow.levels[2]["missed"] == ["ttft_p99_ms", "tpot_p99_ms", "max_failed_rate"]
+    section = sign_off(policy, models, summaries)
+    assert section["candidates"] == {"good": True, "slow": False} and not section["passed"]
+    assert summaries["good"]["goodput_ratio"] == pytest.approx(3.9 / 3.5)
+    assert summaries["slow"]["load_ratio"] == pytest.approx(0.25)
+    assert "slow: ttft_p99_ms" in section["binding"] and "slow: min_load_ratio" in section["binding"]
+    assert not any(b.startswith("good") for b in section["binding"])
+
+
+# ------------------------------------------------------------------------------------------- real servers
+
+def _llamacpp_ready():
+    from effideploy.bench.serve_load import guidellm_unavailable
+    from effideploy.runtimes.llamacpp import llamacpp_unavailable
+
+    return llamacpp_unavailable() or guidellm_unavailable()
+
+
+@pytest.mark.serving
+@pytest.mark.llamacpp
+@pytest.mark.skipif(_llamacpp_ready() is not None, reason=str(_llamacpp_ready()))
+def test_llamacpp_serve_bench_fails_a_strict_slo_passes_a_loose_one_and_leaves_nothing(tmp_path, tiny_model_dir,
+                                                                                      tiny_pruned_dir):
+    fail = _policy(tmp_path, "strict", FAIL)
+    code, out, err = run_cli("bench", "--runtime", "llamacpp", "--serve", "--model", tiny_model_dir, "--candidate",
+                             tiny_pruned_dir, "--policy", fail, "--output", tmp_path / "report", cwd=tmp_path)
+    assert code == 1, out + err
+    assert "cfsp-0.5: ttft_p99_ms" in " ".join((out + err).split())  # the binding objective, named
+    payload = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert payload["kind"] == "serve" and [m["label"] for m in payload["models"]] == ["dense", "cfsp-0.5"]
+    for model in payload["models"]:
+        assert [level["load"] for level in model["levels"]] == [1.0, 2.0]
+        for level in model["levels"]:
+            assert level["requests"]["failed"] == 0 and level["requests"]["successful"] >= 1
+            assert level["ttft_ms"]["p99"] > 0 and level["itl_ms"]["p50"] is not None and level["requests_per_second"] > 0
+    assert (tmp_path / "report" / "latency_vs_load.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "raw" / "guidellm-dense.json").is_file()
+    assert "cfsp-0.5" in (tmp_path / "report" / "report.md").read_text()
+    assert not list(tmp_path.glob(".serve-work-*"))
+    # the same measurements judged by a loose SLO pass (its p99 objectives: goodput is GuideLLM's count under the
+    # objectives of the run, here the strict ones, so a goodput ratio is judged in a run of its own: the next test)
+    loose = policy_from_dict({"serve": serve_from_dict_text(PASS.replace("min_goodput_ratio = 0.01\n", ""))}, "loose")
+    models = [ServedModel(**m) for m in payload["models"]]
+    summaries = {m.label: analyse(m, loose.serve) for m in models}
+    verdict = sign_off(loose, models, summaries)
+    assert verdict["passed"], verdict["checks"]
+    assert summaries["cfsp-0.5"]["max_load_meeting_slo"] == 2.0 and summaries["dense"]["max_load_meeting_slo"] == 2.0
+    assert summaries["cfsp-0.5"]["load_ratio"] == 1.0
+    _assert_none_survive(tmp_path)
+
+
+def serve_from_dict_text(text):
+    import tomllib
+
+    return tomllib.loads(text)["serve"]
+
+
+@pytest.mark.serving
+@pytest.mark.llamacpp
+@pytest.mark.skipif(_llamacpp_ready() is not None, reason=str(_llamacpp_ready()))
+def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(tmp_path, tiny_model_dir):
+    from effideploy.bench.serve_servers import free_port, server_command, stop, wait_ready
+    from effideploy.exporters import EXPORTERS
+    from effideploy.models.resolve import resolve_model
+
+    export = tmp_path / "gguf"
+    EXPORTERS.get("llamacpp")(resolve_model(tiny_model_dir), export, overwrite=True, verify=False)
+    port = free_port()
+    server = subprocess.Popen(server_command("llamacpp", export, port, "tiny", 512), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, None, 120)
+        url = f"http://127.0.0.1:{port}/v1"
+        code, out, err = run_cli("bench", "--endpoint", url, "--candidate-endpoint", url, "--tokenizer", tiny_model_dir,
+                                 "--policy", _policy(tmp_path, "loose", PASS), "--output", tmp_path / "report")
+        assert code == 0, out + err
+        assert "serving policy passed" in out + err
+        payload = json.loads((tmp_path / "report" / "report.json").read_text())
+        assert payload["endpoints"] and payload["models"][1]["served_model"] == "tiny"
+        assert payload["policy"]["passed"] and payload["summaries"]["candidate"]["goodput_ratio"] > 0
+    finally:
+        stop(server)
+    # Ctrl-C while the bench's own server is up: the server's process group goes with the bench
+    env = {**os.environ, "EFFIDEPLOY_PROGRESS": "0"}
+    bench = subprocess.Popen([sys.executable, "-m", "effideploy", "bench", "--runtime", "llamacpp", "--serve", "--model",
+                              str(export), "--candidate", str(export), "--output", str(tmp_path / "interrupted")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("llama_cpp.server" in s for s in _survivors(export)):
+            assert bench.poll() is None and time.monotonic() < deadline, bench.stdout.read().decode()[-2000:]
+            time.sleep(0.3)
+        bench.send_signal(signal.SIGINT)
+        bench.wait(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode != 0 and not (tmp_path / "interrupted").exists()
+    _assert_none_survive(tmp_path)
+
+
+@pytest.mark.serving
+@pytest.mark.vllm
+def test_vllm_serve_bench_of_a_model_against_itself(tmp_path, tiny_model_dir):
+    pytest.importorskip("vllm")
+    from effideploy.bench.serve_load import guidellm_unavailable
+
+    if guidellm_unavailable():
+        pytest.skip(guidellm_unavailable())
+    code, out, err = run_cli("bench", "--runtime", "vllm", "--serve", "--model", tiny_model_dir, "--candidate",
+                             tiny_model_dir, "--policy", _policy(tmp_path, "loose", PASS.replace("[1, 2]", "[2]")),
+                             "--output", tmp_path / "report", cwd=tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert code == 0, out + err
+    payload = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert payload["runtime"] == "vllm" and payload["policy"]["passed"]
+    for model in payload["models"]:
+        (level,) = model["levels"]
+        assert level["requests"]["failed"] == 0 and level["ttft_ms"]["p99"] > 0 and level["goodput"] > 0
+    _assert_none_survive(tmp_path)

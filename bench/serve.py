@@ -126,7 +126,8 @@ def run_serve(runtime: str, models: list[ServedModel], slo: ServeSLO, *, tokeniz
                 model.url, model.served_model = server.url, server.model
                 model.levels = run_load(server, slo, tokenizer, work, model.label)
             else:
-                with serving(runtime, Path(model.export), model.label, work, max_model_len=max_model_len) as server:
+                context = min(max_model_len, positions(Path(model.export)) or max_model_len)
+                with serving(runtime, Path(model.export), model.label, work, max_model_len=context) as server:
                     model.url, model.served_model = server.url, server.model
                     model.levels = run_load(server, slo, tokenizer, work, model.label)
         model.seconds = time.perf_counter() - tick
@@ -159,6 +160,19 @@ def prepare_served(runtime: str, dense: str, candidates, quantize, export_root: 
                          prepare_model(config, runtime_class, label, "checkpoint", spec.model or dense, None,
                                        spec.quantize, spec.export_options)))
     return [ServedModel(label, kind, spec, export=str(result.artifact)) for label, kind, spec, result in prepared]
+
+
+def positions(export: Path) -> int | None:
+    """The model's position limit (vLLM refuses a --max-model-len above it): from the export's config.json or its
+    source checkpoint's (a GGUF export keeps none)."""
+    from effideploy.exporters.manifest import read_export_manifest
+    from effideploy.models.resolve import read_config_dict
+
+    manifest = read_export_manifest(export) or {}
+    for folder in (export, Path((manifest.get("source") or {}).get("path", ""))):
+        if (folder / "config.json").is_file():
+            return read_config_dict(folder).get("max_position_embeddings")
+    return None
 
 
 def work_folder(output: Path) -> Path:

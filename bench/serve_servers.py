@@ -96,7 +96,9 @@ def wait_ready(url: str, process: subprocess.Popen | None, log: Path | None, tim
     while True:
         if process is not None and process.poll() is not None:
             tail = log.read_text(errors="replace")[-1500:] if log and log.is_file() else ""
-            last = [line for line in tail.splitlines() if line.strip()][-1:] or ["(no output)"]
+            lines = [line.strip() for line in tail.splitlines() if line.strip()]
+            # vLLM ends with a pydantic link; the line naming the error is the one to quote
+            last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or ["(no output)"]
             raise EffideployError(f"the server exited with code {process.returncode} before answering: {last[0]} "
                                   f"(log: {log})")
         try:

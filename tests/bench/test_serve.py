@@ -96,6 +96,21 @@ def test_goodput_and_highest_load_meeting_the_slo_name_the_binding_objective():
     assert not any(b.startswith("good") for b in section["binding"])
 
 
+def test_serve_input_errors_are_exit_2(tmp_path, tiny_model_dir):
+    from tests.test_cli import assert_one_line_error
+
+    out = tmp_path / "report"
+    code, _, err = run_cli("bench", "--candidate-endpoint", "http://127.0.0.1:9/v1", "--output", out)
+    assert_one_line_error(code, err, "--candidate-endpoint needs --endpoint")
+    code, _, err = run_cli("bench", "--serve", "--runtime", "torch", "--model", tiny_model_dir, "--candidate",
+                           tiny_model_dir, "--output", out)
+    assert_one_line_error(code, err, "--serve needs a runtime with an OpenAI-compatible server")
+    thresholds_only = _policy(tmp_path, "plain", "[thresholds]\nmin_op = 0.9\n")
+    code, _, err = run_cli("bench", "--endpoint", "http://127.0.0.1:9/v1", "--policy", thresholds_only, "--output", out)
+    assert_one_line_error(code, err, "has no [serve] table")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------- real servers
 
 def _llamacpp_ready():

@@ -38,7 +38,7 @@ def snapshot(*folders: Path) -> dict[str, str]:
     state = {}
     for folder in folders:
         folder = Path(folder)
-        if not folder.exists():
+        if not os.path.lexists(folder):  # a dangling link is recorded as a link below, not as absent
             state[str(folder)] = "absent"
             continue
         for path in sorted([folder, *folder.rglob("*")]):

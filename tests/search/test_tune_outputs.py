@@ -20,23 +20,9 @@ from effideploy.search.search import RecipeRecord, SearchConfig
 from effideploy.search.space import Recipe
 from effideploy.search.workspace import LINK_NAME, LINK_RECORD, apply_link, guarded, open_workspace, plan_link
 from tests.search.test_tune import HOSTILE, TINY, policy, run
+from tests.test_safety import snapshot
 
 
-def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file, folder and link under ``folders`` -> its content hash, "dir", or the link's target text."""
-    import hashlib
-
-    state = {}
-    for folder in map(Path, folders):
-        for path in sorted([folder, *folder.rglob("*")]) if os.path.lexists(folder) else []:
-            if path.is_symlink():
-                state[str(path)] = "link:" + os.readlink(path)
-            elif path.is_dir():
-                state[str(path)] = "dir"
-            else:
-                state[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        state.setdefault(str(folder), "absent")
-    return state
 
 
 # ------------------------------------------------------------------------------------------------ reproduce.sh

@@ -99,10 +99,12 @@ class Runtime:
         return {}
 
     @classmethod
-    def check_weights(cls, scheme: str) -> None:
+    def check_here(cls, *, scheme: str | None = None, compression=None) -> None:
         """A one-line EffideployError when this machine's build of the runtime has no kernel for weights ``scheme``
-        (one of ``capabilities.weight_formats``); the declaration says what the runtime serves anywhere, this what
-        it serves here. Runtimes whose kernels do not vary by machine accept everything they declare."""
+        (one of ``capabilities.weight_formats``) or for the token compression ``compression`` (a spec that
+        ``check_compression`` accepted): the declarations say what the runtime serves anywhere, this what it serves
+        here (an export for another machine is not judged by it). Runtimes whose kernels do not vary by machine
+        accept everything they declare."""
 
     @classmethod
     def context_options(cls, tokens: int) -> dict:

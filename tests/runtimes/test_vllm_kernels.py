@@ -160,7 +160,7 @@ def test_tune_leaves_out_and_refuses_what_the_machine_cannot_serve(monkeypatch):
 
     monkeypatch.setattr(vllm_kernels, "probe", lambda use_cache=True: AVX2_MACHINE)
     kept, notes = servable_default((None, "int8", "int4"), "vllm")
-    assert kept == (None, "int8")
+    assert kept == (None, "w8a8")  # the search's int8 is vLLM's W8A8
     assert len(notes) == 1 and "int4" in notes[0] and "kernel unavailable on this machine" in notes[0]
     check_recipes([Recipe(quantize="int8"), Recipe(sparsity=0.2, quantize="w8a8")], "vllm")
     for recipe, fragment in [(Recipe(quantize="int4"), "cpu_gemm_wna16"), (Recipe(kv="kv-dtype:fp8"), "AVX-512 or AMX")]:

@@ -130,7 +130,7 @@ def fake_quant_reference(folder: Path, int8_gemm: str | None = None):
         saturating = (int8_gemm or probe().int8_mm) == INT8_SATURATING
         for name, module in model.named_modules():
             if name in quantized:
-                module.forward = _W8A8Forward(module, weights.get(name + ".weight"), weights.get(name + ".weight_scale"),
+                module.forward = W8A8Forward(module, weights.get(name + ".weight"), weights.get(name + ".weight_scale"),
                                               saturating)
     return model, scheme
 
@@ -141,7 +141,7 @@ def _int8_gemm() -> str:
     return probe().int8_mm
 
 
-class _W8A8Forward:
+class W8A8Forward:
     """A quantized Linear as vLLM's CPU W8A8 computes it: per-token int8 activations times the stored int8 codes,
     in the integer arithmetic of this machine's oneDNN path, scaled back (activation scale x channel scale)."""
 

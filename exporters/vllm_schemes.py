@@ -6,7 +6,7 @@ them.
   projection's input per token to int8 at run time and multiplies codes in oneDNN's integer arithmetic (exact with
   VNNI, int16-saturating on AVX2: ``runtimes/vllm_kernels``); the screen reproduces both: the weights are rounded by
   compressed-tensors itself (``vllm_quant.quantize_linear``, the exporter's own call) and each projection's forward
-  is the parity reference's (``vllm_quant_checks._W8A8Forward``) on those codes.
+  is the parity reference's (``vllm_quant_checks.W8A8Forward``) on those codes.
 * ``w4a16`` (generic ``int4``): int4 codes in groups of ``group_size`` input columns with bfloat16 scales, served in
   bfloat16; ``fitted`` picks the largest of 128 / 64 / 32 that divides every projection's input and keeps vLLM's
   CPU kernel's multiples of 32 (SmolLM2's hidden 576 takes 64), or refuses the model in one line. The screen rounds
@@ -62,13 +62,13 @@ class W8A8(WeightScheme):
             return None
         import torch
 
-        from effideploy.exporters.vllm_quant_checks import _W8A8Forward
+        from effideploy.exporters.vllm_quant_checks import W8A8Forward
         from effideploy.runtimes.vllm_kernels import INT8_SATURATING, probe
 
         # the codes of the weight before rounding (apply_scheme asks before it rounds), as the exporter stores them
         _, local = _compressed(module.weight.data, "w8a8", None, "float32")
         saturating = probe().int8_mm == INT8_SATURATING  # what this machine's oneDNN computes
-        return _W8A8Forward(module, local["weight"].to(torch.int8), local["weight_scale"], saturating)
+        return W8A8Forward(module, local["weight"].to(torch.int8), local["weight_scale"], saturating)
 
 
 @dataclass(frozen=True)

@@ -100,17 +100,25 @@ def quantize_per_token(x):
     return torch.clamp(torch.round(x / scale), -128, 127), scale
 
 
-def _cache_key() -> str:
+@lru_cache(maxsize=1)
+def _machine() -> str:
+    """What does not change within a process: the vLLM version, the architecture and the CPU flags (read once:
+    the version lookup scans every installed distribution)."""
+    import platform
+
     from effideploy.exporters.vllm_checks import vllm_version
 
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    import platform
+    return "\n".join([vllm_version() or "", platform.machine(), flags])
 
-    parts = [vllm_version() or "", platform.machine(), flags, os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-             os.environ.get("DNNL_MAX_CPU_ISA", ""), os.environ.get("CUDA_VISIBLE_DEVICES", "")]
+
+def _cache_key() -> str:
+    # the ISA settings are read on every call: they may change between engines of one process (the tests do)
+    parts = [_machine(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""), os.environ.get("DNNL_MAX_CPU_ISA", ""),
+             os.environ.get("CUDA_VISIBLE_DEVICES", "")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

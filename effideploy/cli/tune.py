@@ -1,4 +1,4 @@
-"""``effideploy tune``: the recipe search. The fastest recipe (FFN sparsity x weight quantization x KV budget) that
+"""``effideploy tune``: the recipe search. The fastest recipe (FFN sparsity or depth x weight quantization x KV budget) that
 passes a policy on one runtime, with the evidence; exit 0 with a recommendation, 1 when none passes (the binding
 threshold named), 2 on an error."""
 
@@ -41,6 +41,7 @@ def tune(
     policy: Path = typer.Option(Path(DEFAULT_POLICY), help="Policy TOML the recommended recipe must pass."),
     output: Path = typer.Option(Path(default_of(SearchConfig, "output")), help="Folder for checkpoints, exports, screen cache, report/ and the recommended link: new, or one effideploy wrote; never an input's folder or inside one."),
     sparsities: str = typer.Option("0,0.1,0.2,0.3", help="FFN sparsities (CFSP; 0 = keep the FFN), comma-separated."),
+    depth: Optional[str] = typer.Option(None, help="Depth: METHOD:AMOUNT with METHOD drop-blocks | drop-attention | cfsp-joint and AMOUNT a fraction of the parameters (or, for drop-*, a number of sublayers), or none; comma-separated (default: none,drop-attention:0.05). Not combined with --sparsities (one pruning method per checkpoint)."),
     quantize: Optional[str] = typer.Option(None, help="Weight schemes (none = float), comma-separated (default: none,int8,int4, less what the runtime does not serve)."),
     kv: str = typer.Option("none", help="KV budgets: token-compression specs (e.g. snapkv:0.5) or none, comma-separated."),
     calib_samples: int = typer.Option(default_of(SearchConfig, "calib_samples"), help="Calibration windows (one pass for every sparsity)."),
@@ -68,21 +69,23 @@ def tune(
     from effideploy.search.feasibility import check_recipes, resolve_space, servable_default
     from effideploy.search.report import verdict_lines, write_search_report
     from effideploy.search.search import run_search
-    from effideploy.search.space import FfnSparsity, KvBudget, SearchSpace, WeightQuantization
+    from effideploy.search.space import Depth, FfnSparsity, KvBudget, SearchSpace, WeightQuantization
     from effideploy.search.workspace import check_workspace, guarded
 
     # Everything that can be refused is refused here, before any work and before anything is written.
     RUNTIMES.target(runtime)
     loaded = load_policy(policy)
-    for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize")]:
+    for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize"),
+                          (depth, "--depth")]:
         check_option_text(value, option)
     if quantize is None:
-        schemes, left_out = servable_default(WeightQuantization().values, runtime)
+        schemes, left_out = servable_default(WeightQuantization(), runtime)
         for reason in left_out:
             echo(f"note: the default --quantize leaves out {reason}")
     else:
         schemes = _values(quantize, "--quantize", str)
-    space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)),
+    depths = Depth.default_values if depth is None else _values(depth, "--depth", str)
+    space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)), Depth(values=depths),
                          WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
     space = resolve_space(space, runtime)  # int8 / int4 named as this runtime's exporter names them
     check_recipes(space.recipes(), runtime)

@@ -15,8 +15,20 @@ the measurement of every recipe that was then benched.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from effideploy.search.space import Recipe
+if TYPE_CHECKING:
+    from effideploy.search.space import Recipe
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    """What the levers may change before the features are computed (``Lever.cost_inputs``); the structure comes
+    from the checkpoint's config and the weights' bytes from the recipe's scheme."""
+
+    prompt_tokens: int
+    new_tokens: int
+    kv_prompt_tokens: float  # prompt tokens whose KV entries a decode step attends over
 
 
 @dataclass(frozen=True)
@@ -36,20 +48,20 @@ def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_t
                     tensors=None) -> Features:
     """``scheme``: the recipe's weight scheme (``effideploy.quantization.schemes``; the exporter's float one for
     float weights); ``tensors``: the model's matrices (``model_tensors(config_dict)``, computed when not given)."""
-    from effideploy.compression.spec import parse_spec
-    from effideploy.models.build import build_config, count_parameters
+    from effideploy.models.build import attention_layers, build_config, count_parameters
     from effideploy.quantization.schemes import model_tensors
 
     config = build_config(config_dict)
     counts = count_parameters(config)
     tensors = model_tensors(config_dict) if tensors is None else tensors
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kept = prompt_tokens
-    if recipe.kv is not None:
-        ratio = getattr(parse_spec(recipe.kv), "ratio", None)
-        kept = prompt_tokens * ratio if isinstance(ratio, float) and 0 < ratio <= 1 else prompt_tokens
-    kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4 * (kept + new_tokens / 2)
-    attention_width = config.num_hidden_layers * config.num_attention_heads * head_dim
+    inputs = CostInputs(prompt_tokens, new_tokens, float(prompt_tokens))
+    for lever, value in recipe.settings():
+        inputs = lever.cost_inputs(value, inputs)
+    # only blocks with attention hold a KV cache and attend (a no-op attention has neither)
+    kv_layers = len(attention_layers(config))
+    kv_bytes = kv_layers * 2 * config.num_key_value_heads * head_dim * 4 * (inputs.kv_prompt_tokens + new_tokens / 2)
+    attention_width = kv_layers * config.num_attention_heads * head_dim
     read = stored = quant_params = float_params = 0.0
     for tensor in tensors:
         storage = scheme.storage(tensor)

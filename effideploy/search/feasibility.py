@@ -3,7 +3,8 @@
 A search calibrates, prunes, screens and exports before it benches; a recipe the runtime cannot serve must be
 refused before all that (one ``error:`` line, nothing written), not found out at the final bench, and never screened
 and put on a Pareto front. Nothing here keeps its own list of what a runtime runs: each rule asks the declaration
-the bench itself obeys, so the search refuses exactly what the bench would refuse later:
+the bench itself obeys, so the search refuses exactly what the bench would refuse later. Each rule lives in its
+lever (``Lever.check_runtime``, ``Lever.check_model``):
 
 * weights: the scheme the runtime's exporter declares under that name (``effideploy.quantization.schemes``: the
   generic int8 / int4 mapped onto it, shapes it cannot hold refused by ``fits_model``), ``Capabilities.exporter`` and ``Capabilities.weight_formats`` (the rule of
@@ -12,14 +13,15 @@ the bench itself obeys, so the search refuses exactly what the bench would refus
 * KV budget / token compression: ``Runtime.check_compression`` with the export facts ``Runtime.export_options``
   gives (what ``effideploy.bench.runner.run_bench`` checks, and what each exporter refuses);
 * shapes: every sequence the search feeds the model fits its position embeddings
-  (``effideploy.models.resolve.check_seqlen``, the rule prune, eval and recover apply).
+  (``effideploy.models.resolve.check_seqlen``, the rule prune, eval and recover apply);
+* depth: a parameter target the method can reach on the dense model (the first block keeps its attention).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from effideploy.errors import EffideployError, OptionError
+from effideploy.errors import OptionError
 
 if TYPE_CHECKING:
     from effideploy.search.search import SearchConfig
@@ -27,86 +29,50 @@ if TYPE_CHECKING:
 
 
 def check_recipes(recipes: list[Recipe], runtime: str) -> None:
-    """Refuse (one line) the first recipe whose weights or KV budget ``runtime`` cannot serve."""
+    """Refuse (one line) the first lever value of a recipe that ``runtime`` cannot serve (``Lever.check_runtime``:
+    weights, KV budget; each value checked once)."""
     from effideploy.runtimes import RUNTIMES
 
     runtime_class = RUNTIMES.get(runtime)  # an unknown runtime or a missing package: one line
-    capabilities = runtime_class.capabilities
     checked: set = set()
     for recipe in recipes:
-        if recipe.quantize is not None and recipe.quantize not in checked:
-            checked.add(recipe.quantize)
-            name = recipe.quantize
-            if capabilities.exporter is not None:
-                from effideploy.quantization.schemes import declaration
-
-                name = declaration(runtime).resolve(recipe.quantize).name  # unknown: one line naming the schemes
-            if capabilities.exporter is None or name not in capabilities.weight_formats:
-                served = [f for f in capabilities.weight_formats if f not in ("float32", "float16", "bfloat16")]
-                raise OptionError("quantize", f"{recipe.quantize}: the {runtime} runtime does not serve these weights"
-                                  + (f" (it serves: {', '.join(served)})" if served else
-                                     " (it runs checkpoints as they are: float weights only)"))
-            try:
-                runtime_class.check_here(scheme=name)  # declared, but is there a kernel on this machine?
-            except EffideployError as exc:
-                raise OptionError("quantize", f"{recipe.quantize} cannot run on the {runtime} runtime here: {exc}") from None
-        if recipe.kv is not None and ("kv", recipe.kv) not in checked:
-            checked.add(("kv", recipe.kv))
-            try:
-                runtime_class.check_compression(recipe.kv, **runtime_class.export_options(recipe.kv))
-                runtime_class.check_here(compression=recipe.kv)  # e.g. an fp8 KV cache without AVX-512
-            except EffideployError as exc:
-                raise OptionError("kv", f"{recipe.kv} cannot run on the {runtime} runtime: {exc}") from None
+        for lever, value in recipe.used():
+            if (lever.name, value) not in checked:
+                checked.add((lever.name, value))
+                lever.check_runtime(value, runtime_class, runtime)
 
 
 def resolve_space(space, runtime: str):
-    """``space`` with its weight schemes named as ``runtime``'s exporter names them (int8 -> w8a8 on vLLM, q8_0 on
-    llama.cpp; unknown names refused in one line); unchanged for a runtime without an exporter (check_recipes then
-    refuses any quantized value)."""
-    from dataclasses import replace
-
-    from effideploy.quantization.schemes import resolve_values
-    from effideploy.runtimes import RUNTIMES
-    from effideploy.search.space import WeightQuantization
-
-    if RUNTIMES.get(runtime).capabilities.exporter is None:
-        return space
-    return replace(space, levers=tuple(replace(lever, values=resolve_values(lever.values, runtime))
-                                       if isinstance(lever, WeightQuantization) else lever for lever in space.levers))
+    """``space`` with its values named as ``runtime`` names them (int8 -> w8a8 on vLLM, q8_0 on llama.cpp; unknown
+    names refused in one line)."""
+    return space.for_runtime(runtime)
 
 
 def fits_model(recipes: list[Recipe], runtime: str, config_dict: dict) -> None:
-    """Refuse (one line, before any work) a scheme the exporter cannot write for the dense model's shapes."""
-    from effideploy.quantization.schemes import fitted_scheme
+    """Refuse (one line, before any work) a lever value the dense model's shapes cannot take (``Lever.check_model``:
+    a scheme the exporter cannot write for them, a depth target the method cannot reach)."""
+    checked: set = set()
+    for recipe in recipes:
+        for lever, value in recipe.used():
+            if (lever.name, value) not in checked:
+                checked.add((lever.name, value))
+                lever.check_model(value, runtime, config_dict)
 
-    for name in sorted({r.quantize for r in recipes if r.quantize is not None}):
-        try:
-            fitted_scheme(runtime, name, config_dict)
-        except EffideployError as exc:
-            raise OptionError("quantize", f"{name} on the {runtime} runtime: {exc}") from None
 
-
-def servable_default(values: tuple, runtime: str) -> tuple[tuple, list[str]]:
-    """The default weight schemes less those ``runtime`` cannot serve (a default must not make a run fail; a scheme
+def servable_default(lever, runtime: str) -> tuple[tuple, list[str]]:
+    """``lever``'s default values less those ``runtime`` cannot serve (a default must not make a run fail; a value
     the user names is refused by :func:`check_recipes` instead), and why each was left out."""
-    from effideploy.search.space import Recipe
+    from effideploy.runtimes import RUNTIMES
 
-    from effideploy.quantization.schemes import resolve_values
-
+    runtime_class = RUNTIMES.get(runtime)
     kept, left_out = [], []
-    for value in resolve_values(values, runtime) if _exports(runtime) else values:
+    for value in lever.for_runtime(runtime).values:
         try:
-            check_recipes([Recipe(quantize=value)] if value is not None else [], runtime)
+            lever.check_runtime(value, runtime_class, runtime)
             kept.append(value)
         except OptionError as exc:
             left_out.append(exc.problem)
     return tuple(kept), left_out
-
-
-def _exports(runtime: str) -> bool:
-    from effideploy.runtimes import RUNTIMES
-
-    return RUNTIMES.get(runtime).capabilities.exporter is not None
 
 
 def check_shapes(config: SearchConfig, config_dict: dict) -> None:

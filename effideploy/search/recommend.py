@@ -31,12 +31,9 @@ def export_options(config: SearchConfig, record: RecipeRecord) -> dict | None:
     runtime_class = RUNTIMES.get(config.runtime)
     if runtime_class.capabilities.exporter is None:
         return None
-    recipe = record.recipe
-    options = dict(runtime_class.export_options(recipe.kv))
-    if recipe.quantize is not None:  # what the runtime's scheme implies (e.g. vLLM w4a16's group size)
-        options.update(record.scheme.export_options() if record.scheme is not None else {"quantize": recipe.quantize})
-    if recipe.kv is not None:
-        options.setdefault("token_compression", recipe.kv)
+    options = {}
+    for lever, value in record.recipe.settings():  # e.g. the scheme's quantize and group size, the KV method
+        options.update(lever.export_options(value, runtime_class, record))
     return options
 
 
@@ -49,7 +46,7 @@ def recommended_artifact(config: SearchConfig, record: RecipeRecord, measured_ar
     options = export_options(config, record)
     if options is None:
         return Path(measured_artifact)
-    source = resolve_model(record.checkpoint if record.recipe.sparsity > 0 else config.model)
+    source = resolve_model(record.checkpoint if record.recipe.structural else config.model)
     exporter = RUNTIMES.get(config.runtime).capabilities.exporter
     root = Path(config.output).expanduser() / "exports"
     return export_or_reuse(exporter, source, root, "recommended", options)[0]
@@ -70,8 +67,8 @@ def _flags(options: dict) -> list[str]:
 def reproduce_argv(config: SearchConfig, record: RecipeRecord) -> list[list[str]]:
     """The commands that rebuild the recommended artifact, as argument lists."""
     recipe, commands, model = record.recipe, [], config.model
-    if recipe.sparsity > 0:
-        commands.append(["effideploy", "prune", "--model", model, "--method", "cfsp", "--sparsity", f"{recipe.sparsity:g}",
+    for lever, value in recipe.structure.used():  # one structural lever at most (Lever.conflicts)
+        commands.append(["effideploy", "prune", "--model", model, *lever.prune_flags(value),
                          "--calib-samples", str(config.calib_samples), "--calib-seqlen", str(config.calib_seqlen)]
                         + (["--data-dir", config.data_dir] if config.data_dir else []) + ["--output", REBUILT_CHECKPOINT])
         model = REBUILT_CHECKPOINT
@@ -79,19 +76,20 @@ def reproduce_argv(config: SearchConfig, record: RecipeRecord) -> list[list[str]
     if options is not None:
         commands.append(["effideploy", "export", model, "--runtime", config.runtime, *_flags(options),
                          "--output", REBUILT_EXPORT])
-    elif recipe.kv is not None and recipe.sparsity == 0:
+    elif recipe.compression is not None and not recipe.structural:
         # Nothing to build: the runtime reads the model as it is and applies the KV budget when it runs it; this
         # command runs and measures exactly that.
         commands.append(["effideploy", "bench", "--runtime", config.runtime, "--model", model,
-                         "--token-compression", recipe.kv])
+                         "--token-compression", recipe.compression])
     return commands
 
 
 def reproduce_commands(config: SearchConfig, record: RecipeRecord) -> list[str]:
     """:func:`reproduce_argv`, each command quoted by the one rule (``shlex.join``)."""
     lines = [shlex.join(argv) for argv in reproduce_argv(config, record)]
-    if record.recipe.kv is not None and export_options(config, record) is None and record.recipe.sparsity > 0:
-        lines.append("# " + shlex.join(["the", config.runtime, "runtime applies token compression", record.recipe.kv,
+    recipe = record.recipe
+    if recipe.compression is not None and export_options(config, record) is None and recipe.structural:
+        lines.append("# " + shlex.join(["the", config.runtime, "runtime applies token compression", recipe.compression,
                                         "to", REBUILT_CHECKPOINT, "when it runs it"]))
     return lines
 

@@ -8,8 +8,10 @@ import math
 from pathlib import Path
 
 from effideploy.io import atomic_output_dir, write_json
+from effideploy.search.levers import FAMILY_TEXT
 
-SEARCH_SCHEMA_VERSION = 1
+# 2: a recipe is {lever: value} for every lever (ffn_sparsity, depth, quantize, kv), no longer three fixed fields
+SEARCH_SCHEMA_VERSION = 2
 
 
 def _f(value, digits: int = 2, suffix: str = "") -> str:
@@ -86,8 +88,7 @@ def markdown(result) -> str:
     comparisons = result.comparisons
     if comparisons:
         out += ["", "## Against the alternatives", ""]
-        for family, label in (("quantization", "quantization only (the dense model quantized)"),
-                              ("pruning", "pruning only (float weights)")):
+        for family, label in FAMILY_TEXT.items():
             c = comparisons.get(family) or {}
             if not c.get("best"):
                 out.append(f"- {label}: no benched recipe of this kind passes the policy.")
@@ -98,8 +99,8 @@ def markdown(result) -> str:
                 ratio = c["recommended_over_best"]
                 line += (f"; the recommended recipe decodes {_f(ratio)}x as fast" if c["best"] != result.recommended
                          else "; it is the recommended recipe")
-                if c["best"] != result.recommended and ratio < 1.05 and family == "quantization":
-                    line += " (pruning adds little at this policy)"
+                if c["best"] != result.recommended and ratio < 1.05:
+                    line += f" (the levers it adds to {family} add little at this policy)"
             out.append(line + ".")
     out += ["", "## Recipes tried", "",
             "Screen: PyTorch on held-out WikiText-2 windows (fake-quantized weights for quantized recipes). Predicted: "

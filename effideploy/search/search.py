@@ -7,7 +7,8 @@ folder against the output policy (workspace.py); which recipes are timed, benche
 the shipped artifact and its rebuild commands recommend.py.
 
 Stages (each shows progress; a second run reuses checkpoints, exports and screen results):
-1. prune: one calibration pass, one checkpoint per FFN sparsity (reused when the same options made it);
+1. prune: one calibration pass, one checkpoint per structural variant (FFN sparsity, depth; reused when the same
+   options made it);
 2. screen: perplexity, KL and top-k agreement to dense of every recipe on a few held-out windows (screen.py);
 3. calibrate the cost model: the dense model, each quantization-only recipe and the most pruned float recipe,
    exported and timed (latency only) on the target runtime (cost.py);
@@ -26,7 +27,7 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.errors import EffideployError, OptionError
 from effideploy.search.cost import CostModel, Features, recipe_features
-from effideploy.search.feasibility import check_recipes, check_shapes, fits_model, resolve_space
+from effideploy.search.feasibility import check_recipes, check_shapes, fits_model
 from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
 from effideploy.search.stages import prune_all, screen_all
@@ -103,7 +104,7 @@ class RecipeRecord:
         return self.recipe.label
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "recipe": asdict(self.recipe), "family": self.recipe.family,
+        return {"label": self.label, "recipe": self.recipe.to_dict(), "family": self.recipe.family,
                 "checkpoint": self.checkpoint, "features": self.features.to_dict(),
                 "scheme": None if self.scheme is None else {"name": self.scheme.name,
                                                             "export_options": self.scheme.export_options()},
@@ -151,7 +152,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     started, seconds, notes = time.perf_counter(), {}, []
     RUNTIMES.target(config.runtime)  # an unknown runtime fails first
-    recipes = resolve_space(config.space, config.runtime).recipes()  # int8 -> this runtime's own scheme
+    recipes = config.space.for_runtime(config.runtime).recipes()  # int8 -> this runtime's own scheme
     if not recipes:
         raise EffideployError("the search space holds no recipe besides the dense model")
     check_recipes(recipes, config.runtime)  # every recipe servable, before any work
@@ -164,7 +165,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     if source.is_pruned_checkpoint:
         raise EffideployError(f"{source.path} is a pruned checkpoint; the search starts from the dense model")
     check_shapes(config, source.config_dict)
-    fits_model(recipes, config.runtime, source.config_dict)  # e.g. no w4a16 group divides the dense shapes
+    fits_model(recipes, config.runtime, source.config_dict)  # e.g. no w4a16 group divides the dense shapes, or a
+    # depth target the method cannot reach
     text = resolve_text("wikitext2", "calibration", config.data_dir)
     tasks = config.tasks or _default_tasks(config.data_dir)
     # What was resolved too: an alias or hub id names a cached folder, the default data a folder beside the checkout.
@@ -174,7 +176,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     # 1. prune (the first write: the output folder is created and marked here)
     open_workspace(config.output)
-    folders, seconds["prune"] = prune_all(config, source, sorted({r.sparsity for r in recipes}), text)
+    structures = [Recipe()] + list(dict.fromkeys(r.structure for r in recipes if r.structural))
+    folders, seconds["prune"] = prune_all(config, source, structures, text)
     configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
     records, dense_record = _records(config, recipes, folders, configs, notes)
     dense_features = dense_record.features
@@ -222,6 +225,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                         batch_sizes=(), throughput_repeats=0, ppl_windows=config.ppl_windows,
                         ppl_seqlen=config.ppl_seqlen, tasks=tuple(tasks), mc_limit=config.mc_limit,
                         memory=config.memory, threads=config.threads, data_dir=config.data_dir,
+                        chat_prompts=getattr(config, "chat_prompts", 12),  # chat fidelity (effideploy.eval.chat)
                         export_root=str(Path(config.output).expanduser() / "exports"))
     report = run_bench(final)
     seconds["bench"] = time.perf_counter() - tick
@@ -286,13 +290,14 @@ def _records(config: SearchConfig, recipes: list[Recipe], folders: dict, configs
     records, dense_record = [], None
     for recipe in [Recipe()] + recipes:
         try:
-            scheme = fitted_scheme(config.runtime, recipe.quantize, configs[recipe.sparsity])
+            scheme = fitted_scheme(config.runtime, recipe.scheme_name, configs[recipe.structure])
         except EffideployError as exc:
             notes.append(f"{recipe.label} left out: {exc}")
             continue
-        record = RecipeRecord(recipe=recipe, checkpoint=str(folders[recipe.sparsity]), scheme=scheme,
-                              features=recipe_features(recipe, configs[recipe.sparsity], config.prompt_tokens,
-                                                       config.new_tokens, scheme, tensors[recipe.sparsity]))
+        structure = recipe.structure
+        record = RecipeRecord(recipe=recipe, checkpoint=str(folders[structure]), scheme=scheme,
+                              features=recipe_features(recipe, configs[structure], config.prompt_tokens,
+                                                       config.new_tokens, scheme, tensors[structure]))
         if recipe == Recipe():
             dense_record = record
         else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from effideploy.search.levers import FAMILY_TEXT
+
 if TYPE_CHECKING:
     from effideploy.search.search import RecipeRecord
 
@@ -55,25 +57,37 @@ def predicted_failures(record: RecipeRecord, policy, slack: float = SCREEN_SLACK
 
 
 def calibration_recipes(records: list[RecipeRecord]) -> list[RecipeRecord]:
-    """Cost-model points: each quantization-only recipe and the most pruned float recipe (the dense model is
-    always measured); together they span the bytes and FLOPs the space reaches."""
-    chosen = [r for r in records if r.recipe.sparsity == 0 and r.recipe.quantize and r.recipe.kv is None]
-    pruned = [r for r in records if r.recipe.sparsity > 0 and not r.recipe.quantize and r.recipe.kv is None]
-    if pruned:
-        chosen.append(max(pruned, key=lambda r: r.recipe.sparsity))
+    """Cost-model points (the dense model is always measured): the recipes that use one lever alone, as that lever
+    asks (``Lever.timed``): each value of a lever whose kernels differ (weight schemes), and the most reduced
+    (fewest bytes per decoded token) of the levers that only change bytes and FLOPs (structure); together they
+    span the bytes and FLOPs the space reaches."""
+    chosen, most = [], []
+    for record in records:
+        used = record.recipe.used()
+        if len(used) != 1:
+            continue
+        timed = used[0][0].timed
+        if timed == "each":
+            chosen.append(record)
+        elif timed == "most":
+            most.append(record)
+    if most:
+        chosen.append(min(most, key=lambda r: r.features.decode_bytes))
     if not chosen:  # a space of KV budgets only: time the first recipe
         chosen = records[:1]
     return chosen
 
 
 def candidate_spec(record: RecipeRecord):
+    """The bench's candidate: what each lever adds (the checkpoint, the weights as stored, the KV budget)."""
     from effideploy.bench.config import CandidateSpec
 
-    options = dict(record.scheme.export_options()) if record.scheme is not None else {}
-    quantize = options.pop("quantize", record.recipe.quantize)
-    return CandidateSpec(model=None if record.recipe.sparsity == 0 else record.checkpoint,
-                         quantize=quantize, compression=record.recipe.kv, label=record.label,
-                         export_options=tuple(sorted(options.items())))
+    fields, options = {"model": None, "label": record.label}, {}
+    for lever, value in record.recipe.settings():
+        part = dict(lever.candidate_fields(value, record))
+        options.update(part.pop("export_options", {}))
+        fields.update(part)
+    return CandidateSpec(**fields, export_options=tuple(sorted(options.items())))
 
 
 def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeRecord]:
@@ -87,7 +101,7 @@ def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeReco
     # borderline one (e.g. int4 at +36% perplexity against a 35% limit) may fail for real and leave the family
     # without a passing benched recipe to compare with.
     strict = [r for r in passing if not predicted_failures(r, policy, slack=0.0)]
-    for family in ("quantization", "pruning"):
+    for family in FAMILY_TEXT:
         best = next((r for r in strict + passing if r.recipe.family == family), None)
         if best is not None and best not in chosen:
             chosen.append(best)
@@ -142,7 +156,7 @@ def family_comparisons(records: list[RecipeRecord], best: RecipeRecord | None) -
     """The recommended recipe against the fastest passing benched recipe of each family."""
     out = {}
     benched = [r for r in records if r.failed == []]
-    for family in ("quantization", "pruning"):
+    for family in FAMILY_TEXT:
         rival = max((r for r in benched if r.recipe.family == family), key=lambda r: r.measured["decode_speedup"],
                     default=None)
         if rival is None:

@@ -1,105 +1,111 @@
-"""The search space: a recipe is one value per lever; a lever is one small class.
+"""The search space: a recipe is a mapping from lever to value; the space is the product of the levers' values.
 
-A lever says what values it takes, how a value changes a recipe, and how it changes what the cost model reads
-(weight bytes read per decoded token, prefill FLOPs, KV bytes). Adding a lever (e.g. dropping blocks or attention
-once those pruning methods land) is one class here and one entry in ``LEVERS``; a structural lever (one that changes
-the checkpoint) also names the pruning options it needs in ``prune_options``.
+What each lever does lives in its class (``effideploy.search.levers``); a recipe only holds the values of the levers
+it uses (an unset value is left out, so ``Recipe()`` is the dense model) and answers by asking its levers.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from effideploy.errors import OptionError
+from effideploy.search.levers import LEVERS, Depth, FfnSparsity, KvBudget, Lever, WeightQuantization, lever
+
+__all__ = ["Depth", "FfnSparsity", "KvBudget", "Lever", "Recipe", "SearchSpace", "WeightQuantization"]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One point of the space. ``sparsity`` 0: the dense checkpoint; ``quantize`` None: float weights; ``kv`` None:
-    the full KV cache (else a token-compression spec, e.g. ``snapkv:0.5``)."""
+class Recipe(Mapping):
+    """One point of the space: lever name -> value, e.g. ``Recipe(ffn_sparsity=0.2, quantize="int8")``."""
 
-    sparsity: float = 0.0
-    quantize: str | None = None
-    kv: str | None = None
+    __slots__ = ("_items",)
+
+    def __init__(self, settings: Mapping | None = None, **named) -> None:
+        values = {**dict(settings or {}), **named}
+        items = []
+        for name in LEVERS:  # canonical order, whatever the order given
+            if name in values:
+                value = lever(name).normalise(values.pop(name))
+                if value != LEVERS[name].unset:
+                    items.append((name, value))
+        if values:
+            lever(next(iter(values)))  # an unknown lever: one line naming the levers
+        self._items = tuple(items)
+
+    def __getitem__(self, name: str):
+        return dict(self._items)[name]
+
+    def __iter__(self):
+        return (name for name, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Recipe) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Recipe({dict(self._items)!r})"
+
+    def get(self, name: str, default=None):
+        return dict(self._items).get(name, LEVERS[name].unset if name in LEVERS else default)
+
+    def used(self) -> list[tuple[Lever, object]]:
+        """The levers this recipe sets, with their values."""
+        return [(LEVERS[name], value) for name, value in self._items]
+
+    def settings(self) -> list[tuple[Lever, object]]:
+        """Every lever with its value here (its unset value where the recipe leaves it out)."""
+        return [(item, self.get(name)) for name, item in LEVERS.items()]
 
     @property
     def label(self) -> str:
-        label = "dense" if self.sparsity == 0 else f"cfsp-{self.sparsity:g}"
-        return label + (f"+{self.quantize}" if self.quantize else "") + (f"+{self.kv}" if self.kv else "")
+        structure = [l.fragment(v) for l, v in self.used() if l.structural]
+        rest = [l.fragment(v) for l, v in self.used() if not l.structural]
+        return "+".join((structure or ["dense"]) + rest)
 
     @property
-    def structural_key(self) -> float:
-        """What decides the checkpoint (the same checkpoint serves every quantization and KV budget)."""
-        return self.sparsity
+    def structure(self) -> "Recipe":
+        """What decides the checkpoint (the same checkpoint serves every weight scheme and KV budget)."""
+        return Recipe({name: value for name, value in self._items if LEVERS[name].structural})
+
+    @property
+    def structural(self) -> bool:
+        return bool(self.structure)
 
     @property
     def family(self) -> str:
-        """Which lever kinds the recipe uses: the report compares the best of each family."""
-        parts = [name for name, used in (("pruning", self.sparsity > 0), ("quantization", self.quantize is not None),
-                                         ("kv", self.kv is not None)) if used]
-        return "+".join(parts) or "dense"
+        """Which lever kinds the recipe uses: the report compares the best recipe of each family alone."""
+        families = []
+        for item, _ in self.used():
+            if item.family not in families:
+                families.append(item.family)
+        return "+".join(families) or "dense"
+
+    @property
+    def scheme_name(self) -> str | None:
+        return next((n for l, v in self.used() if (n := l.scheme_name(v)) is not None), None)
+
+    @property
+    def compression(self) -> str | None:
+        return next((c for l, v in self.used() if (c := l.compression(v)) is not None), None)
+
+    def to_dict(self) -> dict:
+        """Every lever by name (search.json: unset levers written as their unset value)."""
+        return {name: value for name, value in ((n, self.get(n)) for n in LEVERS)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Recipe":
+        return cls(data)
 
 
-@dataclass(frozen=True)
-class Lever:
-    name: str = ""
-    values: tuple = ()
-
-    def apply(self, recipe: Recipe, value) -> Recipe:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class FfnSparsity(Lever):
-    """CFSP FFN channel pruning at these sparsities (0: keep the dense FFN); one calibration pass serves all."""
-
-    name: str = "ffn_sparsity"
-    values: tuple = (0.0, 0.1, 0.2, 0.3)
-
-    def __post_init__(self) -> None:
-        for value in self.values:
-            if not 0.0 <= value < 1.0:
-                raise OptionError("sparsities", f"must be in [0, 1), got {value}")
-
-    def apply(self, recipe: Recipe, value) -> Recipe:
-        return replace(recipe, sparsity=float(value))
-
-
-@dataclass(frozen=True)
-class WeightQuantization(Lever):
-    """Weight quantization at export (None: float weights). A value is a scheme the runtime's exporter declares
-    (``effideploy.quantization.schemes``), or the search's generic ``int8`` / ``int4``, which
-    ``feasibility.resolve_space`` maps onto that runtime's own scheme (ONNX int8, vLLM w8a8, llama.cpp q8_0, ...)."""
-
-    name: str = "quantize"
-    values: tuple = (None, "int8", "int4")
-
-    def __post_init__(self) -> None:
-        for value in self.values:
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise OptionError("quantize", f"a scheme is a name, got {value!r}")
-
-    def apply(self, recipe: Recipe, value) -> Recipe:
-        return replace(recipe, quantize=value)
-
-
-@dataclass(frozen=True)
-class KvBudget(Lever):
-    """Token compression of the prompt's KV cache (None: keep every entry)."""
-
-    name: str = "kv"
-    values: tuple = (None,)
-
-    def __post_init__(self) -> None:
-        from effideploy.compression.spec import parse_spec
-
-        for value in self.values:
-            if value is not None:
-                parse_spec(value)  # a bad spec fails before any work
-
-    def apply(self, recipe: Recipe, value) -> Recipe:
-        return replace(recipe, kv=value)
+def conflicting(pairs: list[tuple[Lever, object]]) -> bool:
+    """Whether two set levers of a combination exclude each other (each lever says which it excludes)."""
+    used = [(l, v) for l, v in pairs if v != l.unset]
+    return any(a.conflicts(va, b, vb) for a, va in used for b, vb in used if a is not b)
 
 
 @dataclass(frozen=True)
@@ -107,15 +113,19 @@ class SearchSpace:
     levers: tuple[Lever, ...] = field(default_factory=lambda: (FfnSparsity(), WeightQuantization(), KvBudget()))
 
     def recipes(self) -> list[Recipe]:
-        """Every combination except the dense model itself (the baseline), in a stable order."""
+        """Every combination except the dense model itself (the baseline) and those whose levers exclude each
+        other, in a stable order."""
         out = []
-        for values in itertools.product(*(lever.values for lever in self.levers)):
-            recipe = Recipe()
-            for lever, value in zip(self.levers, values):
-                recipe = lever.apply(recipe, value)
-            if recipe != Recipe() and recipe not in out:
+        for values in itertools.product(*(item.values for item in self.levers)):
+            if conflicting(list(zip(self.levers, values))):
+                continue
+            recipe = Recipe({item.name: value for item, value in zip(self.levers, values)})
+            if recipe and recipe not in out:
                 out.append(recipe)
         return out
 
+    def for_runtime(self, runtime: str) -> "SearchSpace":
+        return SearchSpace(tuple(item.for_runtime(runtime) for item in self.levers))
+
     def to_dict(self) -> dict:
-        return {lever.name: list(lever.values) for lever in self.levers}
+        return {item.name: list(item.values) for item in self.levers}

@@ -1,11 +1,10 @@
-"""The search's two model-building stages: one calibration pass and a checkpoint per FFN sparsity (``prune_all``),
-and the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``)."""
+"""The search's two model-building stages: one calibration pass and a checkpoint per structural variant
+(``prune_all``), and the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``)."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,33 +13,41 @@ from effideploy.search.screen import ScreenResult
 
 if TYPE_CHECKING:
     from effideploy.search.search import RecipeRecord, SearchConfig
+    from effideploy.search.space import Recipe
 
 SCREEN_CACHE = "screen.json"
 
 
-def prune_all(config: SearchConfig, source, sparsities: list[float], text) -> tuple[dict[float, Path], float]:
-    """One checkpoint per sparsity (0: the dense model itself), one calibration pass for those not reusable."""
-    from effideploy.bench.pipeline import _reusable, checkpoint_folder
-    from effideploy.pruning import PruneConfig, calibrate_source, prune_checkpoint
+def prune_all(config: SearchConfig, source, structures: list[Recipe], text) -> tuple[dict[Recipe, Path], float]:
+    """One checkpoint per structure (a recipe of structural levers only; the empty one is the dense model itself),
+    each from its lever's pruning configuration, one calibration pass for all those not reusable."""
+    from effideploy.bench.pipeline import _reusable
+    from effideploy.pruning import calibrate_source, prune_checkpoint
+    from effideploy.pruning.engine import needs_gram
 
     output = Path(config.output).expanduser()
-    folders, todo = {0.0: source.path}, []
-    for sparsity in sparsities:
-        if sparsity == 0:
+    calibration = {"calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen}
+    folders, todo = {}, []
+    for structure in structures:
+        if not structure:
+            folders[structure] = source.path
             continue
-        prune_config = PruneConfig(method="cfsp", sparsity=sparsity, calib_samples=config.calib_samples,
-                                   calib_seqlen=config.calib_seqlen)
-        folder = checkpoint_folder(output, "cfsp", sparsity)
-        folders[sparsity] = folder
+        ((lever, value),) = structure.used()  # structural levers exclude each other (Lever.conflicts)
+        prune_config = lever.prune_config(value, **calibration)
+        folder = output / lever.checkpoint_name(value)  # cfsp-0.2: pipeline.checkpoint_folder's name, reused
+        folders[structure] = folder
         if folder.exists() and not config.overwrite and _reusable(folder, source, prune_config):
             progress.console.print(f"reusing {folder} (same source and options)", highlight=False)
             continue
-        todo.append((sparsity, prune_config, folder))
+        todo.append((prune_config, folder))
     tick = time.perf_counter()
     if todo:
+        # One pass serves every method: it always measures the sublayer statistics the depth methods rank by,
+        # and the second moments when any method's compensation (CFSP's lstsq) needs them.
+        gram = [c for c, _ in todo if needs_gram(c)]
         with progress.status(f"Calibrating ({config.calib_samples} x {config.calib_seqlen} tokens, one pass)"):
-            stats = calibrate_source(source, todo[0][1], text)
-        for sparsity, prune_config, folder in progress.track(todo, "Pruning"):
+            stats = calibrate_source(source, (gram or [todo[0][0]])[0], text, gram=bool(gram))
+        for prune_config, folder in progress.track(todo, "Pruning"):
             prune_checkpoint(source, prune_config, folder, calibration=text, overwrite=True, stats=stats)
     return folders, time.perf_counter() - tick
 
@@ -90,7 +97,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
     keys = {}
     for record in records:
         keys[record.label] = json.dumps({"checkpoint": content_fingerprint(Path(record.checkpoint)),
-                                         "recipe": asdict(record.recipe), "scheme": record.scheme.key(),
+                                         "recipe": record.recipe.to_dict(), "scheme": record.scheme.key(),
                                          **settings}, sort_keys=True)
     todo = [r for r in records if keys[r.label] not in cache]
     for record in records:
@@ -113,7 +120,7 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
                     # each tensor rounded as the runtime's exporter stores it (W8A8: activations per token too)
                     model = apply_scheme(copy.deepcopy(base), record.scheme) if record.scheme.changes_weights \
                         else base
-                    record.screen = screener.screen(model, record.recipe.kv, record.label)
+                    record.screen = screener.screen(model, record.recipe.compression, record.label)
                     cache[keys[record.label]] = record.screen.to_dict()
                     del model
                 del base

@@ -117,13 +117,11 @@ def test_refusals_name_the_missing_kernel():
 def test_export_refuses_what_the_machine_cannot_serve_before_any_work(tiny_pruned_dir, tmp_path, monkeypatch, options):
     """With the parity check on (it serves the export here), an unservable scheme or KV dtype is one error line,
     in well under a second, and nothing is written; --no-verify (an export for another machine) is not refused."""
-    from effideploy.exporters import vllm_checks
-    from effideploy.exporters.vllm import export_vllm
+    import effideploy.exporters.vllm.export as vllm_export
+    from effideploy.exporters.vllm.export import export_vllm
 
     monkeypatch.setattr(vllm_kernels, "probe", lambda use_cache=True: AVX2_MACHINE)
-    monkeypatch.setattr(vllm_checks, "vllm_installed", lambda: True)
-    import effideploy.exporters.vllm as vllm_export
-
+    monkeypatch.setattr(vllm_kernels, "vllm_installed", lambda: True)
     monkeypatch.setattr(vllm_export, "vllm_installed", lambda: True)
     tick = time.perf_counter()
     with pytest.raises(EffideployError) as info:
@@ -162,7 +160,7 @@ def test_tune_leaves_out_and_refuses_what_the_machine_cannot_serve(monkeypatch):
     kept, notes = servable_default((None, "int8", "int4"), "vllm")
     assert kept == (None, "w8a8")  # the search's int8 is vLLM's W8A8
     assert len(notes) == 1 and "int4" in notes[0] and "kernel unavailable on this machine" in notes[0]
-    check_recipes([Recipe(quantize="int8"), Recipe(sparsity=0.2, quantize="w8a8")], "vllm")
+    check_recipes([Recipe(quantize="int8"), Recipe(ffn_sparsity=0.2, quantize="w8a8")], "vllm")
     for recipe, fragment in [(Recipe(quantize="int4"), "cpu_gemm_wna16"), (Recipe(kv="kv-dtype:fp8"), "AVX-512 or AMX")]:
         with pytest.raises(OptionError) as info:
             check_recipes([recipe], "vllm")

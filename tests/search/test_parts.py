@@ -51,7 +51,7 @@ def test_cost_model_recovers_a_linear_cost_and_predicts_speedups():
 
 
 def record(label, sparsity, quantize, decode, ppl_increase, measured=None, failed=None):
-    r = RecipeRecord(recipe=Recipe(sparsity=sparsity, quantize=quantize), checkpoint=".", features=features(1.0))
+    r = RecipeRecord(recipe=Recipe(ffn_sparsity=sparsity, quantize=quantize), checkpoint=".", features=features(1.0))
     r.screen = ScreenResult(perplexity=10 * (1 + ppl_increase), perplexity_dense=10.0, kl=0.1, top1_agreement=0.9,
                             top_k_agreement=0.9)
     r.predicted = {"decode_speedup": decode}

@@ -10,7 +10,7 @@ import pytest
 from effideploy.cli import main
 from tests.conftest import DATA
 
-TINY = ["--runtime", "torch", "--sparsities", "0,0.25,0.5", "--quantize", "none", "--kv", "none,snapkv:0.5",
+TINY = ["--runtime", "torch", "--sparsities", "0,0.25,0.5", "--depth", "none", "--quantize", "none", "--kv", "none,snapkv:0.5",
         "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
         "--shortlist", "2", "--repeats", "2", "--ppl-windows", "2", "--ppl-seqlen", "64", "--prompt-tokens", "24",
         "--new-tokens", "4", "--mc-limit", "5", "--no-memory", "--threads", "1", "--data-dir", str(DATA)]

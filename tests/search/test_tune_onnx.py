@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.onnx, pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime", "onnxscript")),
     reason="needs onnx, onnxruntime and onnxscript")]
 
-SMALL = ["--runtime", "onnx", "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2",
+SMALL = ["--runtime", "onnx", "--depth", "none", "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2",
          "--screen-seqlen", "64", "--repeats", "1", "--ppl-windows", "2", "--ppl-seqlen", "64", "--prompt-tokens", "24",
          "--new-tokens", "4", "--mc-limit", "5", "--no-memory", "--threads", "1", "--data-dir", str(DATA)]
 
@@ -94,8 +94,8 @@ def test_the_screens_fake_quantization_is_what_onnx_runtime_computes(tmp_path, b
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from effideploy.exporters.onnx_quant import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
-    from effideploy.exporters.onnx_schemes import quantize_dequantize
+    from effideploy.exporters.onnx.quant import ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+    from effideploy.exporters.onnx.schemes import quantize_dequantize
 
     root = logging.getLogger()  # importing ORT's quantizer reconfigures the root logger (see onnx_quant)
     handlers, level = list(root.handlers), root.level

@@ -55,7 +55,7 @@ def assert_no_pwned(*roots: Path) -> None:
 
 
 @pytest.mark.parametrize("runtime, recipe", [
-    ("onnx", Recipe(sparsity=0.25, quantize="int8", kv="snapkv:0.5")),  # prune + export with every option
+    ("onnx", Recipe(ffn_sparsity=0.25, quantize="int8", kv="snapkv:0.5")),  # prune + export with every option
     ("onnx", Recipe(kv="streamingllm:0.5")),  # the dense model with a KV budget: an export, not a comment
     ("torch", Recipe(kv="snapkv:0.5")),  # nothing to build on torch: the command that runs the recipe
 ])
@@ -69,16 +69,16 @@ def test_reproduce_sh_passes_every_path_as_one_literal_argument(tmp_path, runtim
     calls = [["effideploy", *argv] for argv in run_script(script, tmp_path)]
     assert calls and calls == reproduce_argv(config, record)  # every command ran, each argument intact
     assert [a for call in calls for a in call].count(str(model)) == 1  # the model path: one argument, exactly
-    if recipe.sparsity:
+    if recipe.structural:
         assert calls[0][1:4] == ["prune", "--model", str(model)] and str(data) in calls[0]
     if runtime == "onnx":
         export = calls[-1]
-        assert export[1] == "export" and export[export.index("--token-compression") + 1] == recipe.kv
-        if recipe.kv.startswith("snapkv"):
+        assert export[1] == "export" and export[export.index("--token-compression") + 1] == recipe["kv"]
+        if recipe["kv"].startswith("snapkv"):
             assert "--attention-outputs" in export  # the export fact SnapKV needs on ONNX Runtime
     else:
         assert calls == [["effideploy", "bench", "--runtime", "torch", "--model", str(model),
-                          "--token-compression", recipe.kv]]
+                          "--token-compression", recipe["kv"]]]
     assert_no_pwned(tmp_path, Path.cwd())
 
 
@@ -207,10 +207,10 @@ def test_the_default_weight_schemes_leave_out_what_the_runtime_cannot_serve():
     from effideploy.search.space import WeightQuantization
 
     default = WeightQuantization().values
-    assert servable_default(default, "onnx") == (default, [])
-    kept, left_out = servable_default(default, "torch")  # torch reads checkpoints as they are: float weights only
+    assert servable_default(WeightQuantization(), "onnx") == (default, [])
+    kept, left_out = servable_default(WeightQuantization(), "torch")  # torch reads checkpoints as they are: float weights only
     assert kept == (None,) and len(left_out) == 2 and all("torch runtime does not serve" in r for r in left_out)
-    kept, left_out = servable_default(default, "llamacpp")  # the generic names as llama.cpp's exporter names them
+    kept, left_out = servable_default(WeightQuantization(), "llamacpp")  # the generic names as llama.cpp's exporter names them
     assert kept == (None, "q8_0", "q4_k_m") and left_out == []
 
 

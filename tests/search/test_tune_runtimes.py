@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import DATA
 from tests.search.test_tune_onnx import loose_policy, tune
 
-SMALL = ["--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
+SMALL = ["--depth", "none", "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
          "--repeats", "1", "--ppl-windows", "1", "--ppl-seqlen", "64", "--prompt-tokens", "16", "--new-tokens", "4",
          "--mc-limit", "3", "--no-memory", "--threads", "1", "--data-dir", str(DATA), "--sparsities", "0",
          "--quantize", "none,int8", "--shortlist", "1"]

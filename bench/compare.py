@@ -9,7 +9,34 @@ from dataclasses import dataclass, field
 from effideploy.bench import metrics
 from effideploy.bench.config import DENSE_LABEL, BenchConfig
 from effideploy.bench.results import ModelResult
+from effideploy.errors import EffideployError
 from effideploy.eval.perplexity import second_half_start
+
+
+@dataclass
+class PairedAccuracy:
+    """Candidate against dense on the same items of one task (or of the suite: the mean over competent tasks).
+
+    Accuracies carry the binomial SE over their items (``metrics.binomial_stderr``). ``drop`` = dense - candidate;
+    ``drop_stderr`` is the SE of the per-item differences (paired: both models answered the same items), with
+    McNemar's discordant counts; ``within_noise``: |drop| <= ``metrics.NOISE_Z`` x ``drop_stderr``. The paired
+    fields are None where a model's per-item outcomes are not known. For the suite every figure is the plain mean
+    of the per-task figures (as ``accuracy_drop``, which the policy gates, is) with the per-task SEs combined as
+    independent (the tasks' items are disjoint), ``n`` and the counts summed, ``tasks`` naming the tasks."""
+
+    n: int
+    dense: float
+    candidate: float
+    dense_stderr: float
+    candidate_stderr: float
+    drop: float
+    drop_stderr: float | None = None
+    dense_only: int | None = None  # items dense answered right and the candidate wrong
+    candidate_only: int | None = None  # the reverse
+    within_noise: bool | None = None
+    metric: str = "acc"
+    competent: bool = True  # dense above chance: the task counts in the suite mean, OP and OG
+    tasks: list[str] = field(default_factory=list)  # the suite's tasks
 
 
 @dataclass
@@ -35,6 +62,17 @@ class Comparison:
     loyalty_tokens: float | None = None
     loyalty_choices: float | None = None
     loyalty_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # uncertainty (docs/accuracy.md, "Uncertainty"): per task and for the suite mean over competent tasks, dense and
+    # candidate on the same items; accuracy_drop_* are the suite's, for the policy
+    task_accuracy: dict[str, PairedAccuracy] = field(default_factory=dict)
+    suite_accuracy: PairedAccuracy | None = None
+    accuracy_drop_stderr: float | None = None
+    accuracy_drop_within_noise: bool | None = None
+    # loyalty's SE over independent units: perplexity windows for tokens, items for choices (metrics.share_stderr)
+    loyalty_stderr: float | None = None
+    loyalty_tokens_stderr: float | None = None
+    loyalty_choices_stderr: float | None = None
+    loyalty_units: dict[str, int] = field(default_factory=dict)  # {"tokens": windows, "choices": items}
     # next-token distributions against dense: filled by `effideploy tune` from its PyTorch screen (fake-quantized
     # weights where the recipe quantizes); the bench alone does not measure them (None)
     kl_divergence: float | None = None
@@ -60,6 +98,15 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def accuracy_scope(self) -> str:
+        """What ``accuracy_drop`` (the policy's ``max_accuracy_drop``) is the mean over, in words."""
+        suite = self.suite_accuracy
+        left = f"; left out (dense not above chance): {', '.join(self.excluded_tasks)}" if self.excluded_tasks else ""
+        if suite is None:
+            return "no multiple-choice task where dense is above chance" + left
+        return f"mean over {len(suite.tasks)} competent task(s) ({', '.join(suite.tasks)}; {suite.n} items){left}"
 
 
 def compare(dense: ModelResult, candidate: ModelResult, config: BenchConfig) -> Comparison:
@@ -96,6 +143,53 @@ def _accuracy(record: Comparison, dense: ModelResult, candidate: ModelResult) ->
         record.accuracy_mean = sum(candidate_scores[n] for n in names) / len(names)
         record.accuracy_mean_dense = sum(dense_scores[n] for n in names) / len(names)
         record.accuracy_drop = record.accuracy_mean_dense - record.accuracy_mean
+    _paired_accuracy(record, dense, candidate, names)
+
+
+def paired_task(dense_task, candidate_task, competent: bool = True) -> PairedAccuracy:
+    """One task's :class:`PairedAccuracy` from the scorer's two results. Both models are scored on the same seeded
+    subset (``select_examples`` with the run's limit and seed); a result scored on other items is refused, since a
+    paired difference over different items is meaningless."""
+    if dense_task.indices != candidate_task.indices:
+        raise EffideployError(f"task {dense_task.name}: dense and candidate were scored on different items "
+                              f"({len(dense_task.indices)} and {len(candidate_task.indices)})")
+    n = dense_task.n
+    out = PairedAccuracy(n=n, dense=dense_task.accuracy, candidate=candidate_task.accuracy,
+                         dense_stderr=metrics.binomial_stderr(dense_task.accuracy, n),
+                         candidate_stderr=metrics.binomial_stderr(candidate_task.accuracy, candidate_task.n),
+                         drop=dense_task.accuracy - candidate_task.accuracy, metric=dense_task.metric,
+                         competent=competent)
+    if dense_task.correct and len(dense_task.correct) == n and len(candidate_task.correct) == n:
+        paired = metrics.paired_difference(dense_task.correct, candidate_task.correct)
+        out.drop_stderr = paired["stderr"]  # drop stays dense - candidate accuracy: the same number as the mean d_i
+        out.dense_only, out.candidate_only = paired["dense_only"], paired["candidate_only"]
+        out.within_noise = metrics.within_noise(out.drop, out.drop_stderr)
+    return out
+
+
+def _paired_accuracy(record: Comparison, dense: ModelResult, candidate: ModelResult, suite: list[str]) -> None:
+    """Every task of both models, paired; the suite (``suite``: the competent tasks, the names ``accuracy_drop``
+    averages) as the mean of per-task differences with the per-task SEs combined (not pooled items: the policy
+    gates the unweighted mean over tasks, and this is that mean's SE)."""
+    record.task_accuracy = {name: paired_task(dense.tasks[name], candidate.tasks[name],
+                                              competent=name not in record.excluded_tasks)
+                            for name in dense.tasks if name in candidate.tasks}
+    if not suite:
+        return
+    parts = [record.task_accuracy[name] for name in suite]
+    mean = metrics.combined_mean
+    dense_mean, dense_se = mean([p.dense for p in parts], [p.dense_stderr for p in parts])
+    cand_mean, cand_se = mean([p.candidate for p in parts], [p.candidate_stderr for p in parts])
+    summary = PairedAccuracy(n=sum(p.n for p in parts), dense=dense_mean, candidate=cand_mean, dense_stderr=dense_se,
+                             candidate_stderr=cand_se, drop=record.accuracy_drop,
+                             metric="/".join(sorted({p.metric for p in parts})), tasks=list(suite))
+    if all(p.drop_stderr is not None for p in parts):
+        _, summary.drop_stderr = mean([p.drop for p in parts], [p.drop_stderr for p in parts])
+        summary.dense_only = sum(p.dense_only for p in parts)
+        summary.candidate_only = sum(p.candidate_only for p in parts)
+        summary.within_noise = metrics.within_noise(summary.drop, summary.drop_stderr)
+    record.suite_accuracy = summary
+    record.accuracy_drop_stderr, record.accuracy_drop_within_noise = summary.drop_stderr, summary.within_noise
 
 
 def _loyalty(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:
@@ -115,6 +209,20 @@ def _loyalty(record: Comparison, dense: ModelResult, candidate: ModelResult) -> 
     record.loyalty_tokens = metrics.loyalty(pairs["tokens"]) if "tokens" in pairs else None
     record.loyalty_choices = metrics.loyalty(pairs["choices"]) if "choices" in pairs else None
     record.loyalty_counts = {k: {"identical": v[0], "total": v[1]} for k, v in pairs.items()}
+    # The SE's unit: a perplexity window for tokens (the argmax at neighbouring positions of one text shares its
+    # context, so positions are not independent and a per-token SE would be far too small), an item for choices
+    # (items are independent draws). Pooled OL's SE treats windows and items alike as units.
+    units = {}
+    if "tokens" in pairs:
+        units["tokens"] = [metrics.agreement(list(d[offset:]), list(c))
+                           for d, c in zip(dense.perplexity.predictions, ppl.predictions)]
+    if "choices" in pairs:
+        units["choices"] = [(int(a == b), 1) for n in names
+                            for a, b in zip(dense.tasks[n].chosen, candidate.tasks[n].chosen)]
+    record.loyalty_units = {k: len(v) for k, v in units.items()}
+    record.loyalty_stderr = metrics.share_stderr([u for v in units.values() for u in v]) if units else None
+    record.loyalty_tokens_stderr = metrics.share_stderr(units["tokens"]) if "tokens" in units else None
+    record.loyalty_choices_stderr = metrics.share_stderr(units["choices"]) if "choices" in units else None
 
 
 def _speed(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:

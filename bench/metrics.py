@@ -71,6 +71,81 @@ def at_chance_tasks(dense: dict[str, tuple[float, float, int]], z: float = ABOVE
     return excluded
 
 
+# ------------------------------------------------------------------------------------------------ uncertainty
+# Every standard error here is the sample standard deviation of the per-unit values over sqrt(units), lm-eval's
+# convention (``eval.multiple_choice.mean_stderr``): for 0/1 outcomes sqrt(p (1 - p) / (n - 1)), the binomial SE
+# with Bessel's correction, so an accuracy's SE equals the stderr lm-eval prints for the same items. NaN below 2
+# units: one item says nothing about its spread.
+
+# A candidate-minus-dense difference is "within noise" when |difference| <= NOISE_Z x its standard error (about a
+# 95% interval that includes no difference). A zero difference with a zero SE (the same answer on every item) is
+# within noise; a nonzero one with a zero SE (e.g. the candidate lost every item) is not.
+NOISE_Z = 2.0
+
+
+def binomial_stderr(accuracy: float, n: int) -> float:
+    """SE of an accuracy over ``n`` independent items: sqrt(p (1 - p) / (n - 1)) (equal to the sample SD of the
+    items' 0/1 outcomes over sqrt(n)); NaN below 2 items or for an unknown accuracy."""
+    if n < 2 or accuracy is None or math.isnan(accuracy):
+        return float("nan")
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / (n - 1))
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, SE of the mean) of independent per-unit values: sample SD / sqrt(n)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if not n:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired_difference(dense_correct: Sequence[bool], candidate_correct: Sequence[bool]) -> dict:
+    """Dense against candidate on the same items, item by item: ``drop`` = mean of d_i = dense_i - candidate_i
+    (dense accuracy - candidate accuracy), ``stderr`` = SE of the d_i (sample SD / sqrt(n): the pairing removes the
+    variance the two models share on easy and hard items), and McNemar's discordant counts ``dense_only`` (dense
+    right, candidate wrong) and ``candidate_only`` (the reverse); drop = (dense_only - candidate_only) / n."""
+    if len(dense_correct) != len(candidate_correct):
+        raise EffideployError(f"a paired comparison needs the same items, got {len(dense_correct)} and "
+                              f"{len(candidate_correct)} outcomes")
+    diffs = [int(bool(a)) - int(bool(b)) for a, b in zip(dense_correct, candidate_correct)]
+    drop, stderr = mean_and_stderr(diffs)
+    return {"n": len(diffs), "drop": drop, "stderr": stderr, "dense_only": sum(d == 1 for d in diffs),
+            "candidate_only": sum(d == -1 for d in diffs)}
+
+
+def within_noise(difference: float | None, stderr: float | None, z: float = NOISE_Z) -> bool | None:
+    """|difference| <= z x SE (see NOISE_Z); None where either is unknown."""
+    if difference is None or stderr is None or math.isnan(difference) or math.isnan(stderr):
+        return None
+    return abs(difference) <= z * stderr
+
+
+def combined_mean(values: Sequence[float], stderrs: Sequence[float]) -> tuple[float, float]:
+    """(mean, SE) of a plain mean of independent estimates (tasks over disjoint items): sqrt(sum SE^2) / k."""
+    if not values:
+        return float("nan"), float("nan")
+    k = len(values)
+    return sum(values) / k, math.sqrt(sum(se * se for se in stderrs)) / k
+
+
+def share_stderr(units: Sequence[tuple[int, int]]) -> float:
+    """SE of a pooled share sum(a) / sum(m) over independent units of (a identical, m total) predictions, e.g. the
+    windows of a perplexity text: the predictions inside one window share its context and are not independent, so
+    the unit is the window, not the token. Ratio estimator over clusters: sqrt(C / (C - 1) x sum_c (a_c - L m_c)^2)
+    / sum(m) with L the pooled share; with one prediction per unit it is the sample SD / sqrt(C). NaN below 2 units."""
+    units = [(a, m) for a, m in units if m]
+    total = sum(m for _, m in units)
+    if len(units) < 2 or not total:
+        return float("nan")
+    share = sum(a for a, _ in units) / total
+    c = len(units)
+    return math.sqrt(c / (c - 1) * sum((a - share * m) ** 2 for a, m in units)) / total
+
+
 def overall_performance(per_benchmark_ratios: Sequence[float]) -> float:
     """OP: the quadratic mean of the score ratios (1.0 = as good as dense on every benchmark)."""
     if not per_benchmark_ratios:

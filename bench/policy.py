@@ -42,6 +42,10 @@ class Threshold:
     direction: str  # "max": value <= limit passes; "min": value >= limit passes
     unit: str
     description: str
+    # the Comparison attribute holding the metric's standard error, where it has one; ``difference``: the metric is a
+    # dense-vs-candidate difference, so "within noise" (|value| <= NOISE_Z SE) means no measurable change
+    stderr: str | None = None
+    difference: bool = False
 
 
 THRESHOLDS = {
@@ -49,10 +53,12 @@ THRESHOLDS = {
                                          "relative WikiText-2 perplexity increase, candidate / dense - 1"),
     "max_perplexity": Threshold("perplexity", "max", "", "WikiText-2 perplexity of the candidate"),
     "max_accuracy_drop": Threshold("accuracy_drop", "max", "points",
-                                   "mean multiple-choice accuracy, dense - candidate (0..1)"),
+                                   "the suite's mean multiple-choice accuracy over the tasks where dense is above "
+                                   "chance, dense - candidate (0..1)", stderr="accuracy_drop_stderr", difference=True),
     "min_op": Threshold("op", "min", "", "OP, quadratic mean of score ratios to dense"),
     "max_og": Threshold("og", "max", "%", "OG, coefficient of variation of the score ratios"),
-    "min_loyalty": Threshold("loyalty", "min", "", "OL, share of predictions identical to dense"),
+    "min_loyalty": Threshold("loyalty", "min", "", "OL, share of predictions identical to dense",
+                             stderr="loyalty_stderr"),
     "max_kl_divergence": Threshold("kl_divergence", "max", "nats",
                                    "mean KL(dense || candidate) of next-token distributions (effideploy tune's screen)"),
     "min_top_k_agreement": Threshold("top_k_agreement", "min", "",
@@ -78,10 +84,20 @@ class Check:
     limit: float
     value: float | None
     passed: bool
+    # where the threshold's metric has a standard error (Threshold.stderr): the SE, whether the value is within
+    # noise of no change (difference metrics) and of the limit (another draw of items could flip the verdict), and
+    # what the metric is computed over (max_accuracy_drop: the competent tasks). The verdict uses the value alone.
+    stderr: float | None = None
+    within_noise: bool | None = None
+    near_limit: bool | None = None
+    scope: str | None = None
 
     def to_dict(self) -> dict:
-        return {"candidate": self.candidate, "threshold": self.name, "limit": self.limit, "value": self.value,
-                "passed": self.passed, "metric": THRESHOLDS[self.name].metric}
+        out = {"candidate": self.candidate, "threshold": self.name, "limit": self.limit, "value": self.value,
+               "passed": self.passed, "metric": THRESHOLDS[self.name].metric}
+        if THRESHOLDS[self.name].stderr is not None:
+            out.update(stderr=self.stderr, within_noise=self.within_noise, near_limit=self.near_limit, scope=self.scope)
+        return out
 
 
 @dataclass(frozen=True)
@@ -190,11 +206,24 @@ def evaluate(policy: Policy, comparisons) -> list[Check]:
             spec = THRESHOLDS[name]
             value = getattr(record, spec.metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                checks.append(Check(record.candidate, name, limit, None, False))
+                checks.append(Check(record.candidate, name, limit, None, False, **_noise(record, spec, None, limit)))
                 continue
             passed = value <= limit if spec.direction == "max" else value >= limit
-            checks.append(Check(record.candidate, name, limit, float(value), passed))
+            checks.append(Check(record.candidate, name, limit, float(value), passed, **_noise(record, spec, value, limit)))
     return checks
+
+
+def _noise(record, spec: Threshold, value: float | None, limit: float) -> dict:
+    """Check's uncertainty fields (see Check) for a threshold whose metric has a standard error."""
+    if spec.stderr is None:
+        return {}
+    from effideploy.bench.metrics import within_noise
+
+    stderr = getattr(record, spec.stderr, None)
+    stderr = None if stderr is None or math.isnan(stderr) else float(stderr)
+    scope = getattr(record, "accuracy_scope", None) if spec.metric == "accuracy_drop" else None
+    return {"stderr": stderr, "within_noise": within_noise(value, stderr) if spec.difference else None,
+            "near_limit": None if value is None else within_noise(value - limit, stderr), "scope": scope}
 
 
 def candidates_passed(checks: list[Check]) -> dict[str, bool]:

@@ -9,6 +9,11 @@ ratios, the policy metrics), ``pareto`` (per quality, OP and the perplexity rati
 whether each is non-dominated), ``policy`` (when given), ``notes``, ``phase_seconds`` (wall time per bench phase),
 ``seconds``, ``plots``; per model also ``export`` (path, reused, seconds) when the bench exported it; from
 ``effideploy run`` also ``pipeline`` (method, sparsities, prune options, checkpoints, seconds per step, total).
+Uncertainty (docs/accuracy.md): per comparison ``task_accuracy`` (per task: ``n``, dense / candidate accuracy with
+their SEs, ``drop`` with its paired SE, McNemar's ``dense_only`` / ``candidate_only``, ``within_noise``,
+``competent``), ``suite_accuracy`` (the same over the competent tasks, what ``accuracy_drop`` is),
+``accuracy_drop_stderr``, ``accuracy_drop_within_noise``, ``loyalty*_stderr`` and ``loyalty_units``; a policy
+check of a metric with an SE also has ``stderr``, ``within_noise``, ``near_limit`` and ``scope``.
 Added keys do not change the version; renamed or removed ones do.
 """
 
@@ -51,12 +56,22 @@ def _mb(n_bytes) -> str:
 
 
 def _stderr(task) -> float:
-    p, n = task.accuracy, task.n
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+    return metrics.binomial_stderr(task.accuracy, task.n)
 
 
 def _accuracy(task) -> str:
-    return f"{task.accuracy:.3f} ± {_stderr(task):.3f}"
+    return f"{_pm(task.accuracy, _stderr(task))} ({task.n})"
+
+
+def _pm(value, stderr, digits: int = 3) -> str:
+    """``value ± SE`` (the SE left out where unknown)."""
+    if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)):
+        return _f(value, digits)
+    return f"{_f(value, digits)} ± {_f(stderr, digits)}"
+
+
+def _noise_note(within) -> str:
+    return "n/a" if within is None else ("within noise" if within else "**beyond noise**")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -88,6 +103,11 @@ def _verdict_line(record) -> str:
         parts.append(f"weights stored {_f(record.size_reduction * 100, 1)}% smaller")
     if record.perplexity_increase is not None:
         parts.append(f"perplexity {record.perplexity_increase * 100:+.1f}%")
+    suite = getattr(record, "suite_accuracy", None)
+    if suite is not None:
+        noise = {True: ", within noise", False: ", beyond noise", None: ""}[suite.within_noise]
+        parts.append(f"accuracy drop {_pm(suite.drop, suite.drop_stderr)} over {len(suite.tasks)} competent "
+                     f"task(s), {suite.n} items{noise}")
     parts.append(f"OP {_f(record.op, 3)}, OL {_f(record.loyalty, 3)}")
     slower = not math.isnan(record.decode_speedup) and round(record.decode_speedup, 2) < 1  # as printed
     return f"- **{record.candidate}**: " + ", ".join(parts) + (" — **slower than dense**" if slower else "")
@@ -185,10 +205,11 @@ def _accuracy_section(report: BenchReport) -> list[str]:
     for m in models:
         ppl = m.perplexity
         row = [m.label, "n/a" if not ppl else _f(ppl.perplexity, 2) + (" (2nd halves)" if ppl.scope == "second_half" else "")]
-        accuracies = [m.tasks[t].accuracy for t in tasks if t in m.tasks]
+        present = [m.tasks[t] for t in tasks if t in m.tasks]
         row += [_accuracy(m.tasks[t]) if t in m.tasks else "n/a" for t in tasks]
         if tasks:
-            row.append(_f(sum(accuracies) / len(accuracies), 3) if accuracies else "n/a")
+            mean, stderr = metrics.combined_mean([t.accuracy for t in present], [_stderr(t) for t in present])
+            row.append(f"{_pm(mean, stderr)} ({sum(t.n for t in present)})" if present else "n/a")
         rows.append(row)
     dense_tasks = models[0].tasks
     if tasks:
@@ -200,12 +221,39 @@ def _accuracy_section(report: BenchReport) -> list[str]:
             f"WikiText-2 test; multiple choice on up to {config['mc_limit']} examples per task (seeded subset, seed "
             f"{config['seed']}): " + ", ".join(f"{t['name']} ({min(t['examples'], config['mc_limit'] or t['examples'])}"
                                                f" of {t['examples']})" for t in data["tasks"])
-            + ". ± is the standard error sqrt(p (1 - p) / n) of an accuracy."]
+            + ". Each accuracy is `acc ± SE (items)`, SE = sqrt(p (1 - p) / (n - 1)) over the items (lm-eval's "
+              "stderr); the mean's SE combines the tasks' as independent, sqrt(sum SE^2) / tasks."]
     excluded = report.comparisons[0].excluded_tasks if report.comparisons else {}
     if excluded:
         out.append("Left out of OP, OG and the mean accuracy drop because the dense model is not above chance there "
                    "(a ratio of two at-chance accuracies is noise): "
                    + "; ".join(f"{name}: {why}" for name, why in excluded.items()) + ".")
+    return out + _paired_section(report)
+
+
+def _paired_section(report: BenchReport) -> list[str]:
+    """Per candidate and task: dense and candidate on the same items, the drop with its paired SE, McNemar's
+    discordant counts, within noise or not; the suite mean over competent tasks last (what max_accuracy_drop reads)."""
+    if not any(r.task_accuracy for r in report.comparisons):
+        return []
+    out = ["", "## Candidate against dense on the same items", "",
+           f"Drop = dense - candidate accuracy on the same items; ± is the paired SE (SE of the per-item difference "
+           f"dense_i - candidate_i, 1/0/-1); *within noise*: |drop| <= {metrics.NOISE_Z:g} paired SE. The suite row is "
+           "the mean over the tasks where dense is above chance (the `max_accuracy_drop` value), its SE the tasks' "
+           "paired SEs combined as independent.", ""]
+    rows = []
+    for r in report.comparisons:
+        entries = list(r.task_accuracy.items())
+        if r.suite_accuracy is not None:
+            entries.append(("**suite mean (competent tasks)**", r.suite_accuracy))
+        for name, p in entries:
+            suite = p is r.suite_accuracy
+            rows.append([r.candidate, name, p.n, _pm(p.dense, p.dense_stderr), _pm(p.candidate, p.candidate_stderr),
+                         _pm(p.drop, p.drop_stderr), "n/a" if p.dense_only is None else p.dense_only,
+                         "n/a" if p.candidate_only is None else p.candidate_only, _noise_note(p.within_noise),
+                         ", ".join(p.tasks) if suite else ("yes" if p.competent else "no (dense at chance)")])
+    out.append(_table(["candidate", "task", "items", "dense", "candidate", "drop ± paired SE",
+                       "dense right, cand wrong", "cand right, dense wrong", "noise", "in suite mean"], rows))
     return out
 
 
@@ -213,13 +261,29 @@ def _effivlm_section(report: BenchReport) -> list[str]:
     out = ["", "## EffiVLM-Bench metrics", "",
            "OP = sqrt(mean of squared score ratios to dense) over the tasks and WikiText-2 (score 1/PPL); OG = std/mean x "
            "100 of those ratios; OL = share of predictions identical to dense (next-token argmax over the perplexity "
-           "windows and chosen options, pooled); OE = TTFT and decode speedups.", ""]
+           "windows and chosen options, pooled); OE = TTFT and decode speedups. OL's ± is its SE over independent "
+           "units, the perplexity window for tokens (positions of one window share its context) and the item for "
+           "choices, with the units counted in brackets.", ""]
     out.append(_table(["candidate", "OP", "OG (%)", "OL", "OL tokens", "OL choices", "OE TTFT", "OE decode",
                        "greedy tokens = dense"],
-                      [[r.candidate, _f(r.op, 3), _f(r.og, 1), _f(r.loyalty, 3), _f(r.loyalty_tokens, 3),
-                        _f(r.loyalty_choices, 3), _f(r.ttft_speedup), _f(r.decode_speedup), _f(r.generation_match, 3)]
+                      [[r.candidate, _f(r.op, 3), _f(r.og, 1), _loyalty_cell(r, None),
+                        _loyalty_cell(r, "tokens"), _loyalty_cell(r, "choices"),
+                        _f(r.ttft_speedup), _f(r.decode_speedup), _f(r.generation_match, 3)]
                        for r in report.comparisons]))
     return out
+
+
+def _loyalty_cell(record, part: str | None) -> str:
+    """OL (pooled, or its ``tokens`` / ``choices`` part) as ``value ± SE (units)``."""
+    units = getattr(record, "loyalty_units", None) or {}
+    names = {"tokens": "windows", "choices": "items"}
+    if part is None:
+        value, stderr = record.loyalty, record.loyalty_stderr
+        count = " + ".join(f"{units[k]} {names[k]}" for k in names if k in units)
+    else:
+        value, stderr = getattr(record, f"loyalty_{part}"), getattr(record, f"loyalty_{part}_stderr")
+        count = f"{units[part]} {names[part]}" if part in units else ""
+    return _pm(value, stderr) + (f" ({count})" if count and value is not None else "")
 
 
 def _pareto_section(report: BenchReport) -> list[str]:
@@ -246,11 +310,26 @@ def _policy_section(report: BenchReport) -> list[str]:
     policy = report.policy
     out = ["", f"## Policy: {policy['name']} ({policy.get('path') or 'inline'})", ""]
     out.append(_table(["candidate", "threshold", "limit", "value", "result"],
-                      [[c["candidate"], c["threshold"], _f(c["limit"], 3), _f(c["value"], 3),
-                        "pass" if c["passed"] else "**FAIL**"] for c in policy["checks"]]))
+                      [[c["candidate"], c["threshold"], _f(c["limit"], 3), _pm(c["value"], c.get("stderr")),
+                        ("pass" if c["passed"] else "**FAIL**") + _check_noise(c)] for c in policy["checks"]]))
+    scopes = {c["scope"] for c in policy["checks"] if c.get("scope")}
+    if scopes:
+        out += ["", "max_accuracy_drop is the suite's mean over the tasks where dense is above chance: "
+                + "; ".join(sorted(scopes)) + "."]
     out += ["", "Candidates: " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in policy["candidates"].items())
             + f"; overall **{'PASS' if policy['passed'] else 'FAIL'}** (require {policy['require']})."]
     return out
+
+
+def _check_noise(check: dict) -> str:
+    """What the SE says about a check (the verdict itself uses the value): a drop within noise of none, a value
+    within noise of its limit."""
+    notes = []
+    if check.get("within_noise") is not None:
+        notes.append("difference within noise" if check["within_noise"] else "difference beyond noise")
+    if check.get("near_limit"):
+        notes.append("within noise of the limit")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _method_section(report: BenchReport) -> list[str]:

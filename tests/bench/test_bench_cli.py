@@ -49,6 +49,8 @@ def test_bench_writes_the_report_folder(self_bench):
                     "## Accuracy", "## EffiVLM-Bench metrics", "## Pareto front", "## Policy"):
         assert heading in text
     assert "decode FLOPs removed" in text and "weight bytes/token removed" in text  # the ideal beside the measured
+    assert "## Candidate against dense on the same items" in text and " (5) |" in text  # acc ± SE (items)
+    assert all(c["task_accuracy"]["toy"]["n"] == 5 for c in payload["comparisons"])
 
 
 def test_a_model_against_itself_has_loyalty_and_op_one(self_bench):
@@ -57,6 +59,9 @@ def test_a_model_against_itself_has_loyalty_and_op_one(self_bench):
     assert same["loyalty"] == 1.0 and same["op"] == pytest.approx(1.0) and same["og"] == pytest.approx(0.0)
     assert same["perplexity_increase"] == pytest.approx(0.0, abs=1e-9) and same["generation_match"] == 1.0
     assert same["size_reduction"] == 0.0
+    toy = same["task_accuracy"]["toy"]  # the same answers on the same items: no difference, within noise
+    assert toy["drop"] == 0.0 and toy["dense_only"] == toy["candidate_only"] == 0 and toy["within_noise"] is True
+    assert same["loyalty_stderr"] == 0.0 and same["loyalty_units"] == {"tokens": 2, "choices": 5}
     assert pruned["size_reduction"] > 0 and pruned["ideal"]["decode_speedup_flops"] > 1
     assert pruned["loyalty"] < 1.0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from effideploy.cli import main
+from effideploy.search.cost import Features
 from effideploy.search.search import RecipeRecord
 from effideploy.search.space import Depth, FfnSparsity, KvBudget, Recipe, SearchSpace, WeightQuantization
 from tests.conftest import DATA
@@ -24,7 +25,8 @@ CALIB = ["--calib-samples", "4", "--calib-seqlen", "64", "--data-dir", str(DATA)
 def test_a_recipe_round_trips_through_search_json():
     for recipe in (Recipe(), Recipe(ffn_sparsity=0.25, quantize="int8", kv="snapkv:0.5"),
                    Recipe(depth="drop-attention:0.05", quantize="int4"), Recipe(depth="Drop-Blocks:2")):
-        written = json.loads(json.dumps(RecipeRecord(recipe=recipe, checkpoint=".", features=None).to_dict()))
+        record = RecipeRecord(recipe=recipe, checkpoint=".", features=Features(1.0, 0.0, 0.0, 1.0))
+        written = json.loads(json.dumps(record.to_dict()))
         assert set(written["recipe"]) == {"ffn_sparsity", "depth", "quantize", "kv"}  # every lever, by name
         back = Recipe.from_dict(written["recipe"])
         assert back == recipe and hash(back) == hash(recipe) and written["label"] == back.label
@@ -89,7 +91,7 @@ def test_tune_with_the_depth_lever_on_onnx_runtime(tmp_path, tiny_model_dir, tin
     out = tmp_path / "search"
     code = tune("--model", tiny_model_dir, "--policy", loose_policy(tmp_path), "--output", out, "--task",
                 tiny_task_dir, *SMALL, "--sparsities", "0", "--depth", "none,drop-attention:1", "--quantize", "none",
-                "--shortlist", "1")
+                "--shortlist", "1", "--ppl-windows", "1", "--mc-limit", "2")
     assert code == 0
     data = json.loads((out / "report" / "search.json").read_text())
     assert data["schema_version"] == 2

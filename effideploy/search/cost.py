@@ -31,6 +31,19 @@ class CostInputs:
     kv_prompt_tokens: float  # prompt tokens whose KV entries a decode step attends over
 
 
+@dataclass
+class Predicted:
+    """The cost model's estimates for one recipe before it is benched (None: not estimated)."""
+
+    decode_speedup: float | None = None  # over the dense model, a ratio of two predictions
+    ttft_speedup: float | None = None
+    size_reduction: float | None = None  # 1 - stored weight bytes / the dense model's
+    peak_memory_mb: float | None = None  # once the memory line is fitted on the final bench
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Features:
     """What the cost model reads of a recipe, computed from its checkpoint's config alone (no export needed)."""

@@ -108,16 +108,16 @@ def markdown(result) -> str:
             "Pareto front of screened quality (dense PPL / PPL) against decode speedup (d), TTFT speedup (t), "
             "memory (m).", ""]
     rows = []
-    for r in sorted(records, key=lambda r: -(r.predicted.get("decode_speedup") or 0)):
+    for r in sorted(records, key=lambda r: -(r.predicted.decode_speedup or 0)):
         s, m = r.screen, r.measured or {}
         mark = "" if m.get("run") != "calibration" else " (c)"
         verdict = ("pass" if r.failed == [] else "FAIL: " + ", ".join(r.failed)) if r.failed is not None else \
             ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else "not benched")
         rows.append([f"`{r.label}`", r.recipe.family, _f(s.perplexity if s else None) + f" ({_pct(s.perplexity_increase if s else None)})",
                      _f(s.kl if s else None, 4), _f(s.top1_agreement if s else None, 3),
-                     _f(s.top_k_agreement if s else None, 3), _f(r.predicted.get("decode_speedup")),
-                     _f(m.get("decode_speedup")) + mark, _f(r.predicted.get("ttft_speedup")),
-                     _f(m.get("ttft_speedup")) + mark, _f(r.predicted.get("peak_memory_mb"), 0),
+                     _f(s.top_k_agreement if s else None, 3), _f(r.predicted.decode_speedup),
+                     _f(m.get("decode_speedup")) + mark, _f(r.predicted.ttft_speedup),
+                     _f(m.get("ttft_speedup")) + mark, _f(r.predicted.peak_memory_mb, 0),
                      "".join(k[0] for k, v in r.on_front.items() if v) or "-", verdict])
     out.append(_table(["recipe", "levers", "screen PPL", "KL", "top-1", "top-5", "decode pred.", "decode meas.",
                        "TTFT pred.", "TTFT meas.", "peak MiB pred.", "front", "policy"], rows))

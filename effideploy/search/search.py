@@ -26,7 +26,7 @@ from pathlib import Path
 
 from effideploy import progress
 from effideploy.errors import EffideployError, OptionError
-from effideploy.search.cost import CostModel, Features, recipe_features
+from effideploy.search.cost import CostModel, Features, Predicted, recipe_features
 from effideploy.search.feasibility import check_recipes, check_shapes, fits_model
 from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
@@ -93,7 +93,7 @@ class RecipeRecord:
     scheme: object = None  # the WeightScheme its runtime's exporter stores it with, fitted to its checkpoint
     screen: ScreenResult | None = None
     screen_failed: list[str] = field(default_factory=list)
-    predicted: dict = field(default_factory=dict)
+    predicted: Predicted = field(default_factory=Predicted)
     stage: str = "screened"  # screened | calibration | benched
     measured: dict | None = None  # from the final bench (Comparison fields) or the calibration run (speed only)
     failed: list[str] | None = None  # thresholds the measured candidate fails (None: not benched)
@@ -109,7 +109,7 @@ class RecipeRecord:
                 "scheme": None if self.scheme is None else {"name": self.scheme.name,
                                                             "export_options": self.scheme.export_options()},
                 "screen": None if self.screen is None else self.screen.to_dict(), "screen_failed": self.screen_failed,
-                "predicted": self.predicted, "stage": self.stage, "measured": self.measured, "failed": self.failed,
+                "predicted": self.predicted.to_dict(), "stage": self.stage, "measured": self.measured, "failed": self.failed,
                 "on_front": self.on_front}
 
 
@@ -212,8 +212,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     seconds["cost model"] = time.perf_counter() - tick
     size_dense = dense_features.stored_bytes
     for record in records:
-        record.predicted = cost.speedups(dense_features, record.features)
-        record.predicted["size_reduction"] = 1 - record.features.stored_bytes / size_dense
+        record.predicted = Predicted(**cost.speedups(dense_features, record.features),
+                                     size_reduction=1 - record.features.stored_bytes / size_dense)
         record.screen_failed = sorted(predicted_failures(record, policy))
 
     # 4-5. shortlist and bench for real
@@ -245,14 +245,14 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                                                    if models["dense"].memory else []))
     if cost.memory is not None:
         for record in records:
-            record.predicted["peak_memory_mb"] = cost.memory.predict(record.features.to_dict())
+            record.predicted.peak_memory_mb = cost.memory.predict(record.features.to_dict())
 
     # 6. verdict, cost-model check, fronts
     passing = [r for r in chosen if r.failed == []]
     best = max(passing, key=lambda r: r.measured["decode_speedup"]) if passing else None
     cost_check = [{"label": r.label, "fitted_on": r.label in cost.fitted_on,
-                   "decode_predicted": r.predicted["decode_speedup"], "decode_measured": r.measured["decode_speedup"],
-                   "ttft_predicted": r.predicted["ttft_speedup"], "ttft_measured": r.measured["ttft_speedup"]}
+                   "decode_predicted": r.predicted.decode_speedup, "decode_measured": r.measured["decode_speedup"],
+                   "ttft_predicted": r.predicted.ttft_speedup, "ttft_measured": r.measured["ttft_speedup"]}
                   for r in records if r.measured is not None]
     mark_fronts(records, models["dense"].memory)
     if report.comparisons and report.comparisons[0].excluded_tasks:

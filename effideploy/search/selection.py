@@ -26,10 +26,10 @@ def screen_value(record: RecipeRecord, threshold: str) -> float | None:
         "min_op": (s.perplexity_dense / s.perplexity) if s else None,  # the WikiText-2 part of OP
         "max_kl_divergence": s.kl if s else None,
         "min_top_k_agreement": s.top_k_agreement if s else None,
-        "min_decode_speedup": p.get("decode_speedup"),
-        "min_ttft_speedup": p.get("ttft_speedup"),
-        "max_peak_memory_mb": p.get("peak_memory_mb"),
-        "min_size_reduction": p.get("size_reduction"),
+        "min_decode_speedup": p.decode_speedup,
+        "min_ttft_speedup": p.ttft_speedup,
+        "max_peak_memory_mb": p.peak_memory_mb,
+        "min_size_reduction": p.size_reduction,
     }.get(threshold)
 
 
@@ -94,7 +94,7 @@ def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeReco
     """Predicted to pass, fastest predicted decode first (``size`` of them), plus the fastest predicted-passing
     recipe of each family (quantization only, pruning only) for the report's comparison; when none is predicted
     to pass, the ``size`` recipes closest to passing, so the verdict still rests on measurements."""
-    speed = lambda r: r.predicted.get("decode_speedup") or 0.0
+    speed = lambda r: r.predicted.decode_speedup or 0.0
     passing = sorted([r for r in records if not r.screen_failed], key=speed, reverse=True)
     chosen = passing[:size]
     # A family's representative is its fastest recipe predicted to pass without the slack when there is one: a
@@ -141,12 +141,12 @@ def mark_fronts(records: list[RecipeRecord], dense_memory) -> None:
         points = []
         for r in records:
             quality = r.screen.perplexity_dense / r.screen.perplexity if r.screen else float("nan")
-            source = r.measured if r.measured and r.measured.get("run") == "final" else r.predicted
+            final = r.measured if r.measured and r.measured.get("run") == "final" else {}
             if axis == "memory":
-                peak = (source or {}).get("peak_memory_mb") or r.predicted.get("peak_memory_mb")
+                peak = final.get("peak_memory_mb") or r.predicted.peak_memory_mb
                 x = dense_peak / peak if dense_peak and peak else float("nan")
             else:
-                x = (r.measured or {}).get(axis) if r.measured else r.predicted.get(axis)
+                x = (r.measured or {}).get(axis) if r.measured else getattr(r.predicted, axis)
             points.append((float("nan") if x is None else x, quality))
         for record, flag in zip(records, pareto_front(points)):
             record.on_front[axis] = flag

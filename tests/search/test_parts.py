@@ -6,7 +6,7 @@ import pytest
 
 from effideploy.bench.policy import policy_from_dict
 from effideploy.errors import EffideployError
-from effideploy.search.cost import CostModel, Features
+from effideploy.search.cost import CostModel, Features, Predicted
 from effideploy.search.screen import ScreenResult
 from effideploy.search.search import RecipeRecord
 from effideploy.search.selection import binding_thresholds, shortlist
@@ -54,7 +54,7 @@ def record(label, sparsity, quantize, decode, ppl_increase, measured=None, faile
     r = RecipeRecord(recipe=Recipe(ffn_sparsity=sparsity, quantize=quantize), checkpoint=".", features=features(1.0))
     r.screen = ScreenResult(perplexity=10 * (1 + ppl_increase), perplexity_dense=10.0, kl=0.1, top1_agreement=0.9,
                             top_k_agreement=0.9)
-    r.predicted = {"decode_speedup": decode}
+    r.predicted = Predicted(decode_speedup=decode)
     r.measured, r.failed = measured, failed
     return r
 

@@ -53,11 +53,11 @@ def test_onnx_graph_lacks_removed_attention_and_matches_transformers(mixed_check
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     result = export_onnx(mixed_checkpoint, tmp_path / "onnx")
-    assert result.parity["tokens_match"]
+    assert result.parity.tokens_match
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
     kv_inputs = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
     assert kv_inputs == [f"past_key_values.{i}.{kind}" for i in range(3) for kind in ("key", "value")]
@@ -75,13 +75,13 @@ def test_onnx_graph_lacks_removed_attention_and_matches_transformers(mixed_check
 def test_transformers_onnx_runtime_and_vllm_give_identical_greedy_tokens(mixed_checkpoint, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("onnxruntime")
-    from effideploy.exporters.onnx import export_onnx
-    from effideploy.exporters.vllm import export_vllm
-    from effideploy.exporters.vllm_checks import vllm_greedy
+    from effideploy.exporters.onnx.export import export_onnx
+    from effideploy.exporters.vllm.export import export_vllm
+    from effideploy.exporters.vllm.checks import vllm_greedy
     from effideploy.runtimes.onnx import OnnxRuntime
 
     exported = export_vllm(mixed_checkpoint, tmp_path / "vllm", verify=True)
-    assert exported.parity["match"]
+    assert exported.parity.match
     vllm_tokens = vllm_greedy(exported.output, PROMPTS, NEW_TOKENS, dtype="float32", kv_cache_dtypes=["auto"])["auto"]["tokens"]
     with OnnxRuntime(export_onnx(mixed_checkpoint, tmp_path / "onnx").output) as runtime:
         onnx_tokens = runtime.generate(PROMPTS, NEW_TOKENS).tokens
@@ -93,7 +93,7 @@ def test_vllm_export_refuses_a_first_block_without_attention(mixed_checkpoint, t
     import shutil
 
     from effideploy.errors import EffideployError
-    from effideploy.exporters.vllm import export_vllm
+    from effideploy.exporters.vllm.export import export_vllm
 
     broken = tmp_path / "broken"
     shutil.copytree(mixed_checkpoint, broken)
@@ -113,3 +113,19 @@ def test_vllm_export_refuses_a_first_block_without_attention(mixed_checkpoint, t
     with pytest.raises(EffideployError, match="block 0 has a no-op attention but an FFN"):
         export_vllm(broken, tmp_path / "out", verify=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_dropped_blocks_and_no_op_attention_as_transformers_does(mixed_checkpoint, tmp_path):
+    """The search's depth lever is in the default space on llama.cpp too: the ``deci`` GGUF (0 heads for a removed
+    attention, a shorter stack for dropped blocks) gives transformers' greedy tokens (the export's f32 parity)."""
+    from effideploy.exporters.llamacpp.export import export_llamacpp
+    from effideploy.exporters.llamacpp.gguf import read_gguf_summary
+    from effideploy.runtimes.llamacpp import llamacpp_unavailable
+
+    if llamacpp_unavailable():
+        pytest.skip(llamacpp_unavailable())
+    result = export_llamacpp(mixed_checkpoint, tmp_path / "gguf", quantize="f32")
+    summary = read_gguf_summary(result.output / "model-f32.gguf")
+    assert summary["architecture"] == "deci" and summary["head_count"] == [2, 2, 0, 2, 0]  # 5 blocks kept
+    assert result.parity is not None and result.parity.match

@@ -5,7 +5,7 @@ runtimes/ and bench/ are ``effideploy.exporters``, ``effideploy.runtimes`` and `
 ``[tool.setuptools.packages.find]`` cannot express that (it would find exporters/ as a top-level ``exporters``
 package), and a hand-written package list goes stale: a wheel built from it lacked effideploy.search and
 effideploy.quantization (issue 21). So every package under each folder is found here, subpackages included
-(e.g. a future exporters/onnx/ is ``effideploy.exporters.onnx`` without touching this file); setuptools maps a
+(e.g. exporters/onnx/ is ``effideploy.exporters.onnx`` without touching this file); setuptools maps a
 subpackage to its folder through the longest ``package_dir`` prefix. tests/test_packaging.py checks the wheel.
 """
 

@@ -1,5 +1,5 @@
 """The export manifest ``effideploy_export.json``: the header every export's manifest starts with (which runtime,
-from what, when) and the one reader of it."""
+from what, when), its reader, and the reader of its parity record as the exporter's typed record."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def read_export_manifest(folder) -> dict | None:
     from effideploy.safe_files import read_json_if_exists
 
     return read_json_if_exists(Path(folder) / MANIFEST_FILE, what="export manifest")
+
+
+def read_export_parity(folder):
+    """The parity record of the export in ``folder`` as its exporter's typed record (``exporters/<runtime>/records.py``),
+    or None when the folder is not an export or its parity was not checked."""
+    from effideploy.exporters import PARITY_READERS
+
+    manifest = read_export_manifest(folder)
+    return None if manifest is None else PARITY_READERS.get(manifest["runtime"])(manifest)

@@ -336,7 +336,7 @@ class LlamaCppRuntime(Runtime):
         return results
 
     def describe(self) -> dict:
-        from effideploy.exporters.llamacpp import llamacpp_version
+        from effideploy.exporters.llamacpp.export import llamacpp_version
 
         return {"runtime": self.name, "engine": f"llama.cpp via llama-cpp-python {llamacpp_version()} (CPU, C API)",
                 "threads": self.n_threads if self.ctx is not None else self.threads, "n_ctx": self.n_ctx,

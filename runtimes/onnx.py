@@ -1,4 +1,4 @@
-"""ONNX Runtime adapter for effideploy's ONNX exports (``exporters/onnx.py``): greedy generation with explicit
+"""ONNX Runtime adapter for effideploy's ONNX exports (``exporters/onnx/export.py``): greedy generation with explicit
 ``prefill`` and ``decode_one_token`` steps over a KV cache the runner owns, gpt-fast style.
 
 The cache is one buffer per layer and per key/value, sized for the prompt plus the tokens to generate. Through IO

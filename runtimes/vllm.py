@@ -117,7 +117,7 @@ class VllmRuntime(Runtime):
 
     @classmethod
     def check_here(cls, *, scheme: str | None = None, compression=None) -> None:
-        from effideploy.exporters.vllm_quant import ALIASES
+        from effideploy.exporters.vllm.quant import ALIASES
         from effideploy.runtimes.vllm_kernels import probe
 
         kv = None

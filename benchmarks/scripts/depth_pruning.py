@@ -169,7 +169,7 @@ def onnx_speed(labels: dict, work: Path, new_tokens: int, rounds: int, threads: 
 
 
 def vllm_speed(labels: dict, work: Path, new_tokens: int, rounds: int, threads: int) -> dict:
-    from effideploy.exporters.vllm import export_vllm
+    from effideploy.exporters.vllm.export import export_vllm
     from effideploy.runtimes.vllm import VllmRuntime
 
     results = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from effideploy.data.text import consecutive_windows, load_text, resolve_text, tokenize_text
 from effideploy.errors import EffideployError
 from effideploy.eval.perplexity import window_perplexity
-from effideploy.exporters.onnx import export_onnx
+from effideploy.exporters.onnx.export import export_onnx
 from effideploy.models.build import load_tokenizer
 from effideploy.models.resolve import resolve_model
 from effideploy.pruning import PruneConfig, prune_checkpoint
@@ -67,7 +67,7 @@ for label, src, method in variants:
         times[f"export {label}"] = time.perf_counter() - tick
     exports[label] = ("onnx", folder)
 if args.vllm:
-    from effideploy.exporters.vllm import export_vllm
+    from effideploy.exporters.vllm.export import export_vllm
 
     for method in ("rtn", "gptq"):
         folder = out / f"vllm-w4a16-g64-{method}"

@@ -90,7 +90,7 @@ def onnx_rows(args, source, prompts) -> list[tuple]:
 
     folder = Path(args.onnx_dir).expanduser()
     if not (folder / "model.onnx").exists():
-        from effideploy.exporters.onnx import export_onnx
+        from effideploy.exporters.onnx.export import export_onnx
 
         print(f"exporting {args.model} to {folder} with attention outputs", flush=True)
         export_onnx(source, folder, attention_outputs=True)

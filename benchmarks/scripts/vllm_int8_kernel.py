@@ -45,8 +45,8 @@ print(json.dumps(rows))
 def main() -> int:
     import subprocess
 
-    from effideploy.exporters.vllm import export_vllm
-    from effideploy.exporters.vllm_quant_checks import check_quantized_parity
+    from effideploy.exporters.vllm.export import export_vllm
+    from effideploy.exporters.vllm.quant_checks import check_quantized_parity
     from effideploy.models.resolve import resolve_model
     from effideploy.runtimes.vllm_kernels import INT8_EXACT, INT8_SATURATING, probe
 
@@ -60,8 +60,8 @@ def main() -> int:
         export = export_vllm(source, Path(work) / "w8a8", quantize="w8a8", verify=False).output
         for mode in (INT8_EXACT, INT8_SATURATING):
             record = check_quantized_parity(export, source, dtype="float32", int8_gemm=mode, require=False)
-            parity[mode] = {key: record[key] for key in ("top1_agreement", "decided_positions", "positions",
-                                                         "top1_agreement_all_positions", "max_abs_logprob_diff")}
+            parity[mode] = {key: getattr(record, key) for key in ("top1_agreement", "decided_positions", "positions",
+                                                                  "top1_agreement_all_positions", "max_abs_logprob_diff")}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")

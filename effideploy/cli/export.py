@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -41,37 +41,38 @@ def export(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ) -> None:
     """Export a pruned (or dense) checkpoint for vLLM, ONNX Runtime or llama.cpp (GGUF) and check it against transformers."""
-    from effideploy.exporters import EXPORTERS
+    from effideploy.exporters import EXPORT_OPTIONS, EXPORTERS
 
-    exporter = EXPORTERS.get(runtime)  # an unknown runtime fails here, before any work
+    options_class = EXPORT_OPTIONS.get(runtime)  # an unknown runtime fails here, before any work
     # An empty text option would pass as "given" and mean each exporter's default (--quantize "": f16 on llama.cpp,
     # no quantization elsewhere), which is not what anyone typing it meant.
     for value, flag in ((token_compression, "--token-compression"), (quantize, "--quantize"), (dtype, "--dtype"),
                         (quant_method, "--quant-method"), (kv_cache_dtype, "--kv-cache-dtype")):
         check_option_text(value, flag)
-    options: dict = {"overwrite": overwrite, "token_compression": token_compression}
-    if dtype is not None:  # each exporter has its own default (vLLM w4a16: bfloat16)
-        options["dtype"] = dtype
-    if verify is not None:
-        options["verify"] = verify
-    # Options only some exporters take: passed when given, refused by name when this exporter has no such parameter.
-    specific = {"quantize": (quantize, None), "block_size": (block_size, None), "quant_method": (quant_method, None),
-                "attention_outputs": (attention_outputs, False), "opset": (opset, None),
-                "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
-                "kv_cache_dtype": (kv_cache_dtype, None), "group_size": (group_size, None)}
-    accepted = inspect.signature(exporter).parameters
-    given = {name: value for name, (value, unset) in specific.items() if value != unset}
+    # Each flag with the value that means "not given" here; a given flag must be a field of this runtime's options
+    # (exporters/<runtime>/records.py), else it is refused by name. Unset flags leave the exporter's own defaults.
+    flags = {"dtype": (dtype, None), "token_compression": (token_compression, None), "quantize": (quantize, None),
+             "block_size": (block_size, None), "quant_method": (quant_method, None),
+             "attention_outputs": (attention_outputs, False), "opset": (opset, None),
+             "tensor_parallel_size": (tensor_parallel_size, 1), "realign": (realign, False), "align": (align, None),
+             "kv_cache_dtype": (kv_cache_dtype, None), "group_size": (group_size, None)}
+    accepted = {item.name for item in dataclasses.fields(options_class)}
+    given = {name: value for name, (value, unset) in flags.items() if value != unset}
     foreign = [f"--{name.replace('_', '-')}" for name in given if name not in accepted]
     if foreign:
         raise EffideployError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --runtime {runtime}")
-    options.update(given)
+    options = options_class(**given)
     if checkpoint == DEFAULT_PRUNED and not Path(checkpoint).exists():
         raise EffideployError(f"no checkpoint at {DEFAULT_PRUNED}: run effideploy prune first, or give a CHECKPOINT")
     set_threads(threads)
     target = output or Path(f"out/export-{runtime}")
-    result = exporter(checkpoint, target, **options)
+    exporter = EXPORTERS.get(runtime)
+    # verify: None leaves each exporter's default (vLLM / llama.cpp: check when the runtime is installed)
+    result = exporter(checkpoint, target, options, overwrite=overwrite,
+                      **({} if verify is None else {"verify": verify}))
+    parity = "not checked (--no-verify)" if result.parity is None else result.parity.summary()
     echo(f"[bold green]exported[/] {checkpoint} for {runtime} -> {result.output}")
-    echo(f"  {len(result.files)} files, {_size(result.size_bytes)}; parity: {_parity(result.parity)}; "
+    echo(f"  {len(result.files)} files, {_size(result.size_bytes)}; parity: {parity}; "
          f"{result.seconds.get('total', 0.0):.1f} s")
     if result.serve_command:
         echo(f"  serve it with: {result.serve_command}")
@@ -79,33 +80,3 @@ def export(
 
 def _size(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-
-
-def _parity(parity: dict | None) -> str:
-    if parity is None:
-        return "not checked (--no-verify)"
-    if "top1_agreement" in parity:  # a quantized vLLM export: tolerance-based
-        dense = parity.get("vs_unquantized", {})
-        return (f"teacher-forced top-1 {parity['top1_agreement']:.1%} vs the fake-quant reference (tolerance "
-                f">= {parity['top1_tolerance']:.0%}) over {parity['positions']} positions, max |log-prob diff| "
-                f"{parity['max_abs_logprob_diff']:.2g}; vs unquantized: top-1 {dense.get('top1_agreement', 0):.1%}, "
-                f"max |logit diff| {dense.get('max_abs_logit_diff', 0):.2g}")
-    tokens = parity.get("tokens_match", parity.get("match"))
-    verdict = "identical" if tokens else parity.get("criterion", "DIFFER")
-    text = f"greedy tokens {verdict} over {parity.get('prompts')} prompts x {parity.get('new_tokens')} tokens"
-    if "logits_max_abs_diff" in parity:
-        text += f", logits within {parity['logits_max_abs_diff']:.2g} (tolerance {parity['logits_tolerance']:g})"
-    if "gguf_type_check" in parity:  # llamacpp: the typed GGUF against the float32 one (checked above)
-        check = parity["gguf_type_check"]
-        versus = check["vs_float32_gguf"]
-        same = ("identical" if check["tokens_identical_to_transformers"]
-                else f"agree for the first {check['matching_prefix_tokens']} tokens")
-        text += (f" (float32 GGUF); {check['type']}: greedy tokens {same}, teacher-forced top-1 "
-                 f"{versus['top1_agreement']:.1%} vs the float32 GGUF, max |logit diff| {versus['max_abs_logit_diff']:.2g}")
-    if "quantized" in parity:
-        quantized = parity["quantized"]
-        text += (f"; quantized graph vs fake-quant: logits within {quantized['logits_max_abs_diff']:.2g} (tolerance "
-                 f"{quantized['logits_tolerance']:.2g}), top-1 {quantized['top1_agreement']:.0%}; vs float32: top-1 "
-                 f"{quantized['vs_float']['top1_agreement']:.0%}, greedy tokens "
-                 f"{quantized['vs_float']['token_agreement']:.0%}")
-    return text

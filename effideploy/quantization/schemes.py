@@ -1,7 +1,7 @@
 """Weight schemes: how one runtime's exporter stores a model's weights, as an object the search reads.
 
-A scheme is declared by the exporter that writes it (``exporters/onnx_schemes.py``, ``vllm_schemes.py``,
-``llamacpp_schemes.py``), looked up here by the exporter name a runtime gives in ``Capabilities.exporter``, so nothing
+A scheme is declared by the exporter that writes it (``exporters/onnx/schemes.py``, ``vllm/schemes.py``,
+``llamacpp/schemes.py``), looked up here by the exporter name a runtime gives in ``Capabilities.exporter``, so nothing
 outside runtimes/ and exporters/ asks which runtime it has. Per tensor of the model (:class:`WeightTensor`: the
 decoder projections, the output head, the embedding) a scheme says how it is stored (:class:`Storage`: format,
 bytes with scales, whether it computes in integers), reproduces that runtime's rounding for the screen
@@ -22,9 +22,9 @@ from effideploy.registry import Registry
 
 # exporter name (``Capabilities.exporter``) -> the module attribute holding its ``Declaration``
 DECLARATIONS = Registry("exporter", {
-    "onnx": "effideploy.exporters.onnx_schemes:DECLARATION",
-    "vllm": "effideploy.exporters.vllm_schemes:DECLARATION",
-    "llamacpp": "effideploy.exporters.llamacpp_schemes:DECLARATION",
+    "onnx": "effideploy.exporters.onnx.schemes:DECLARATION",
+    "vllm": "effideploy.exporters.vllm.schemes:DECLARATION",
+    "llamacpp": "effideploy.exporters.llamacpp.schemes:DECLARATION",
 })
 
 

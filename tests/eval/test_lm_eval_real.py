@@ -95,7 +95,7 @@ def test_lm_eval_through_the_adapter_on_onnx_runtime(suite, hf_results, long_mod
     from effideploy.eval.lm_eval_adapter import adapter_class, check_lm_eval
     from effideploy.eval.lm_eval_tasks import lm_eval_task_name
     from effideploy.eval.multiple_choice import evaluate_task
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.models.build import load_tokenizer
     from effideploy.models.resolve import resolve_model
     from effideploy.runtimes import open_runtime

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from effideploy.errors import EffideployError
-from effideploy.exporters import llamacpp as gguf_export
-from effideploy.exporters.llamacpp import MANIFEST_FILE, export_llamacpp
-from effideploy.exporters.llamacpp_gguf import permute_rope, read_gguf_summary
+import effideploy.exporters.llamacpp.export as gguf_export
+from effideploy.exporters.llamacpp.export import MANIFEST_FILE, export_llamacpp
+from effideploy.exporters.llamacpp.gguf import permute_rope, read_gguf_summary
 from effideploy.runtimes.llamacpp import llamacpp_unavailable
 from tests.exporters.test_vllm import TINY_PRUNED_WIDTHS, write_tiny_pruned
 
@@ -137,7 +137,7 @@ def test_float32_gguf_round_trip_matches_transformers(pruned_f32, tiny_pruned_di
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
     from effideploy.runtimes.pytorch import TorchRuntime
 
-    assert pruned_f32.parity["match"] is True and pruned_f32.parity["checked"] == "float32 GGUF"
+    assert pruned_f32.parity.match is True and pruned_f32.parity.checked == "float32 GGUF"
     model = load_model(resolve_model(str(tiny_pruned_dir)))
     expected_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     prompts = [[5, 17, 33, 101, 7, 250, 9], [300, 12, 44]]
@@ -152,7 +152,7 @@ def test_float32_gguf_round_trip_matches_transformers(pruned_f32, tiny_pruned_di
 def test_llamacpp_reads_the_per_layer_widths(tiny_pruned_dir, tmp_path):
     """Arrays that disagree with the tensors (two blocks' widths swapped) make llama.cpp refuse the file: it builds
     every block from the per-layer feed_forward_length, not from the tensors."""
-    from effideploy.exporters.llamacpp_gguf import write_gguf
+    from effideploy.exporters.llamacpp.gguf import write_gguf
     from effideploy.models.resolve import resolve_model
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
 
@@ -174,14 +174,14 @@ def test_quantized_export_loads_generates_and_reports_types(tiny_pruned_dir, tmp
     assert not (tmp_path / kind / "model-f32.gguf").exists()  # the float32 intermediate is not kept
     record = result.manifest
     counts = record["tensor_types"]["counts"]
-    quantized = result.parity["gguf_type_check"]
-    assert 0.0 <= quantized["vs_float32_gguf"]["top1_agreement"] <= 1.0
-    assert quantized["vs_float32_gguf"]["positions"] > 3 * 16
+    quantized = result.parity.gguf_type_check
+    assert 0.0 <= quantized.vs_float32_gguf.top1_agreement <= 1.0
+    assert quantized.vs_float32_gguf.positions > 3 * 16
     if kind == "q8_0":
         # every matrix (embedding included) but the ffn_down of widths 201, 97, 150 (rows not a multiple of 32): F16
         assert record["tensor_types"]["fallback"] == {f"blk.{i}.ffn_down.weight": "f16" for i in (1, 2, 3)}
         assert counts["q8_0"] == 7 * 4 + 1 - 3 and counts["f16"] == 3
-        assert quantized["vs_float32_gguf"]["top1_agreement"] > 0.9
+        assert quantized.vs_float32_gguf.top1_agreement > 0.9
     if kquant:
         # hidden size 128 and widths 256/201/97/150: no row but the width-256 block's ffn_down is a multiple of 256
         assert record["tensor_types"]["k_quant_tensors"] <= 1
@@ -189,7 +189,7 @@ def test_quantized_export_loads_generates_and_reports_types(tiny_pruned_dir, tmp
         assert len(fallback) == 7 * 4 + 1 - 1 and not any(t.endswith("_k") for t in fallback.values())
     if kind == "f16":
         assert counts["f16"] == 7 * 4 + 1
-        assert quantized["tokens_identical_to_transformers"] or quantized["teacher_forced_max_logit_gap"] <= 0.5
+        assert quantized.tokens_identical_to_transformers or quantized.teacher_forced_max_logit_gap <= 0.5
     with LlamaCppRuntime(result.output) as runtime:
         out = runtime.generate([[5, 17, 33]], 6)
         assert len(out.tokens[0]) == 6 and len(out.decode_seconds[0]) == 5
@@ -268,7 +268,7 @@ def test_realign_rounds_ffn_widths_to_256_for_k_quants(tiny_tokenizer, tmp_path)
     result = export_llamacpp(source, tmp_path / "q4", quantize="q4_k_m", realign=True)
     assert result.manifest["ffn_widths"] == [512, 256, 512, 200]
     assert [(b["index"], b["before"], b["after"]) for b in result.manifest["realign"]["blocks"]] == [(0, 600, 512), (1, 300, 256)]
-    assert result.parity["match"]  # against transformers with the same channels dropped
+    assert result.parity.match  # against transformers with the same channels dropped
     types = {name: kind for kind, names in result.manifest["tensor_types"]["tensors"].items() for name in names}
     assert all(types[f"blk.{i}.ffn_down.weight"].endswith("_k") for i in (0, 1, 2))
     assert result.manifest["tensor_types"]["fallback"]["blk.3.ffn_down.weight"] == "f16"  # 200: not a multiple of 32

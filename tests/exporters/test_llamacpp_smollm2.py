@@ -25,14 +25,14 @@ def pruned_smollm2(tmp_path_factory):
 def test_pruned_smollm2_q4_k_m_gguf(pruned_smollm2, tmp_path):
     import math
 
-    from effideploy.exporters.llamacpp import export_llamacpp
-    from effideploy.exporters.llamacpp_gguf import read_gguf_summary
+    from effideploy.exporters.llamacpp.export import export_llamacpp
+    from effideploy.exporters.llamacpp.gguf import read_gguf_summary
     from effideploy.models.build import load_tokenizer
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
 
     result = export_llamacpp(pruned_smollm2, tmp_path / "q4", quantize="q4_k_m", realign=True, threads=2)
     manifest = result.manifest
-    assert result.parity["match"] and result.parity["checked"] == "float32 GGUF"  # 3 prompts x 16 tokens identical
+    assert result.parity.match and result.parity.checked == "float32 GGUF"  # 3 prompts x 16 tokens identical
     widths = manifest["ffn_widths"]
     assert all(w % 256 == 0 or w < 256 for w in widths) and len(set(widths)) > 1
     summary = read_gguf_summary(result.output / "model-q4_k_m.gguf")
@@ -43,10 +43,10 @@ def test_pruned_smollm2_q4_k_m_gguf(pruned_smollm2, tmp_path):
     assert "blk.0.attn_q.weight" in fallback and "blk.0.ffn_gate.weight" in fallback
     assert manifest["tensor_types"]["k_quant_tensors"] == sum(w % 256 == 0 for w in widths)
     assert manifest["tokenizer"]["pre"] == "smollm" and "embedded" in manifest["tokenizer"]["source"]
-    quantized = result.parity["gguf_type_check"]["vs_float32_gguf"]
+    quantized = result.parity.gguf_type_check.vs_float32_gguf
     # lossy by design: 0.65 (evidence checkpoint) and 0.44 (this 4 x 128-token prune) measured with every ffn_down
     # 4-bit after --realign; a layout defect would agree at chance (~0 over 49152 tokens)
-    assert quantized["top1_agreement"] > 0.25
+    assert quantized.top1_agreement > 0.25
     tokenizer = load_tokenizer(pruned_smollm2)
     text = "Robert Boulter is an English film , television and theatre actor ."
     with LlamaCppRuntime(result.output, threads=2, n_ctx=128) as runtime:

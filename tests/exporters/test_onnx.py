@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from effideploy.errors import EffideployError
+from effideploy.exporters.manifest import read_export_parity
 from tests.conftest import tiny_llama
 
 pytest.importorskip("onnxruntime")
@@ -33,7 +34,7 @@ def exported(kind: str, tmp_path_factory, tiny_model_dir: Path, calib_file: Path
     """A verified export of the tiny model: 'dense', 'pruned' (CFSP at 0.5) or 'attentions' (dense with
     attention outputs); made once per session."""
     if kind not in _EXPORTS:
-        from effideploy.exporters.onnx import export_onnx
+        from effideploy.exporters.onnx.export import export_onnx
 
         source = pruned_checkpoint(tmp_path_factory, tiny_model_dir, calib_file) if kind == "pruned" else tiny_model_dir
         output = tmp_path_factory.mktemp("onnx-exports") / kind
@@ -68,7 +69,7 @@ def pruned_onnx(tmp_path_factory, tiny_model_dir, calib_file):
 @pytest.fixture
 def copied_graph(monkeypatch, dense_onnx):
     """Make export_onnx take the dense tiny graph instead of exporting again (fast failure-path tests)."""
-    from effideploy.exporters import onnx_graph
+    from effideploy.exporters.onnx import graph as onnx_graph
 
     def copy_graph(model, path, **_):
         for file in dense_onnx.output.glob("model.onnx*"):
@@ -99,7 +100,8 @@ def test_dense_export_is_complete_and_matches_transformers(dense_onnx, tiny_mode
     record = manifest(folder)
     assert record["runtime"] == "onnx" and record["dtype"] == "float32" and record["quantize"] is None
     assert record["source"]["path"] == str(tiny_model_dir) and record["token_compression"] is None
-    assert record["parity"]["tokens_match"] and record["parity"]["logits_max_abs_diff"] <= 1e-3
+    parity = read_export_parity(folder)  # the manifest's record, read back typed
+    assert parity.tokens_match and parity.logits_max_abs_diff <= 1e-3
     assert record["sizes"]["bytes"] == dense_onnx.size_bytes > record["sizes"]["model_bytes"] > 0
     genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     assert (genai["num_hidden_layers"], genai["num_key_value_heads"], genai["head_size"]) == (4, 1, 64)
@@ -135,11 +137,11 @@ def test_pruned_export_keeps_each_blocks_width(pruned_onnx, tmp_path_factory, ti
 
 
 def test_float16_export_runs_and_passes_its_parity_check(tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     result = export_onnx(tiny_model_dir, tmp_path / "fp16", dtype="float16")
-    assert result.parity["tokens_match"] and result.parity["logits_max_abs_diff"] <= result.parity["logits_tolerance"]
+    assert result.parity.tokens_match and result.parity.logits_max_abs_diff <= result.parity.logits_tolerance
     with OnnxRuntime(result.output) as runtime:
         assert runtime.dtype == np.float16
     assert result.details["model_bytes"] < 0.6 * exported_model_bytes(tiny_model_dir)
@@ -152,7 +154,7 @@ def exported_model_bytes(tiny_model_dir: Path) -> int:
 # ------------------------------------------------------------------------------------------- failure paths
 
 def test_logits_mismatch_fails_and_keeps_nothing(copied_graph, monkeypatch, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     original = OnnxRuntime.logits
@@ -164,7 +166,7 @@ def test_logits_mismatch_fails_and_keeps_nothing(copied_graph, monkeypatch, tiny
 
 
 def test_greedy_mismatch_fails_and_keeps_nothing(copied_graph, monkeypatch, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     original = OnnxRuntime.generate
@@ -181,7 +183,7 @@ def test_greedy_mismatch_fails_and_keeps_nothing(copied_graph, monkeypatch, tiny
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(copied_graph, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     target = tmp_path / "out"
     target.mkdir()
@@ -197,7 +199,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(copied_graph, t
 
 
 def test_output_inside_the_input_is_refused(tmp_path, tiny_model_dir):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     source = tmp_path / "model"
     shutil.copytree(tiny_model_dir, source)
@@ -217,7 +219,7 @@ def test_output_inside_the_input_is_refused(tmp_path, tiny_model_dir):
     ({"token_compression": "fastv:k=2,r=0.5"}, "run it on the torch runtime"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, tiny_model_dir, options, message):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     with pytest.raises(EffideployError, match=message):
         export_onnx(tiny_model_dir, tmp_path / "out", **options)
@@ -225,7 +227,7 @@ def test_bad_options_are_refused_before_any_work(tmp_path, tiny_model_dir, optio
 
 
 def test_token_compression_is_recorded(copied_graph, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     result = export_onnx(tiny_model_dir, tmp_path / "a", verify=False, token_compression="streamingllm:0.25")
     assert manifest(result.output)["token_compression"] == {"spec": "streamingllm:0.25", "method": "streamingllm",
@@ -237,7 +239,7 @@ def test_token_compression_is_recorded(copied_graph, tiny_model_dir, tmp_path):
 def test_int8_export_replaces_the_float_graph_and_generates(copied_graph, dense_onnx, tiny_model_dir, tmp_path):
     import onnx
 
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     result = export_onnx(tiny_model_dir, tmp_path / "int8", quantize="int8")
@@ -248,8 +250,8 @@ def test_int8_export_replaces_the_float_graph_and_generates(copied_graph, dense_
     assert ops["MatMulNBits"] == 4 * 5 + 1 and ops["MatMul"] == 0
     assert result.details["model_bytes"] < dense_onnx.details["model_bytes"]
     assert manifest(result.output)["quantize"]["bits"] == 8
-    int8 = result.parity["quantized"]["vs_float"]  # measured, not required
-    assert 0 <= int8["token_agreement"] <= 1 and np.isfinite(int8["logits_max_abs_diff"])
+    int8 = result.parity.quantized.vs_float  # measured, not required
+    assert 0 <= int8.token_agreement <= 1 and np.isfinite(int8.logits_max_abs_diff)
     with OnnxRuntime(result.output) as runtime:
         tokens = runtime.generate([[5, 6, 7, 8]], 6).tokens[0]
     assert len(tokens) == 6 and all(0 <= t < 384 for t in tokens)
@@ -318,7 +320,7 @@ def test_cli_refuses_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):
 @pytest.mark.smollm2
 def test_pruned_smollm2_exports_with_identical_greedy_tokens(tmp_path):
     from effideploy.data.text import resolve_text
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.models.build import load_tokenizer
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
@@ -329,7 +331,7 @@ def test_pruned_smollm2_exports_with_identical_greedy_tokens(tmp_path):
     config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=8, calib_seqlen=256)
     checkpoint, _ = prune_checkpoint(resolve_model("llama"), config, tmp_path / "pruned", calibration=resolve_text("wikitext2"))
     result = export_onnx(checkpoint, tmp_path / "onnx")
-    assert result.parity["tokens_match"]
+    assert result.parity.tokens_match
     source = resolve_model(checkpoint)
     prompt = load_tokenizer(checkpoint)("Robert Boulter is an English film , television and theatre actor .").input_ids
     expected = TorchRuntime(model=load_model(source)).generate([prompt], 16).tokens

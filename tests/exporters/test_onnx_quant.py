@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from effideploy.errors import EffideployError
+from effideploy.exporters.manifest import read_export_parity
 from tests.exporters.test_onnx import exported, manifest, pruned_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.onnx
 @pytest.fixture
 def graph_of(monkeypatch, tmp_path_factory, tiny_model_dir, calib_file):
     """graph_of("dense"|"pruned"): make export_onnx take that session export's graph instead of exporting again."""
-    from effideploy.exporters import onnx_graph
+    from effideploy.exporters.onnx import graph as onnx_graph
 
     def use(kind: str):
         done = exported(kind, tmp_path_factory, tiny_model_dir, calib_file)
@@ -54,7 +55,7 @@ def matmul_nbits(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------- exports
 
 def test_int4_rtn_export_passes_parity_and_records_what_is_stored(graph_of, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.runtimes.onnx import OnnxRuntime
 
     dense = graph_of("dense")
@@ -69,12 +70,12 @@ def test_int4_rtn_export_passes_parity_and_records_what_is_stored(graph_of, tiny
     assert len(nodes) == 4 * 5 + 1 == quantize["quantized_matmuls"]  # every projection and the lm_head
     assert all(n["bits"] == 4 and n["block_size"] == 32 and n["accuracy_level"] == 4 for n in nodes)
 
-    parity = record["parity"]["quantized"]
-    assert parity["logits_max_abs_diff"] <= parity["logits_tolerance"]
-    assert parity["top1_agreement_decided"] >= 0.95 and parity["decided_positions"] > 0
+    parity = read_export_parity(result.output).quantized
+    assert parity.logits_max_abs_diff <= parity.logits_tolerance
+    assert parity.top1_agreement_decided >= 0.95 and parity.decided_positions > 0
     # The fake-quant reference explains the quantized graph far better than the unquantized model does.
-    assert parity["logits_max_abs_diff"] < parity["vs_float"]["logits_max_abs_diff"] / 3
-    assert 0 <= parity["vs_float"]["top1_agreement"] <= 1 and 0 <= parity["vs_float"]["token_agreement"] <= 1
+    assert parity.logits_max_abs_diff < parity.vs_float.logits_max_abs_diff / 3
+    assert 0 <= parity.vs_float.top1_agreement <= 1 and 0 <= parity.vs_float.token_agreement <= 1
 
     storage, float_storage = record["weight_storage"], manifest(dense.output)["weight_storage"]
     assert storage["format"] == "int4 MatMulNBits block 32 (rtn)" and float_storage["format"] == "float32"
@@ -88,7 +89,7 @@ def test_int4_rtn_export_passes_parity_and_records_what_is_stored(graph_of, tiny
 
 def test_int8_and_int4_hqq_gptq_exports_of_a_pruned_checkpoint(graph_of, tmp_path_factory, tiny_model_dir, calib_file,
                                                           tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     graph_of("pruned")
     checkpoint = pruned_checkpoint(tmp_path_factory, tiny_model_dir, calib_file)
@@ -100,9 +101,9 @@ def test_int8_and_int4_hqq_gptq_exports_of_a_pruned_checkpoint(graph_of, tmp_pat
                              block_size=None if scheme == "int8" else 16)
         record = manifest(result.output)
         assert record["quantize"]["method"] == (method or "rtn")
-        parity = record["parity"]["quantized"]
-        assert parity["logits_max_abs_diff"] <= parity["logits_tolerance"]
-        assert parity["logits_max_abs_diff"] < parity["vs_float"]["logits_max_abs_diff"]
+        parity = read_export_parity(result.output).quantized
+        assert parity.logits_max_abs_diff <= parity.logits_tolerance
+        assert parity.logits_max_abs_diff < parity.vs_float.logits_max_abs_diff
         # Each block keeps its own width: the down projections' K.
         down = [n["K"] for n in matmul_nbits(result.details["model_file"]) if n["N"] == 128 and n["K"] != 128]
         assert down == widths
@@ -122,9 +123,9 @@ def test_gptq_from_the_statistics_the_pruning_pass_kept(graph_of, tmp_path_facto
     MatMulNBits holds GPTQ's codes for the kept second moments (the head stays round-to-nearest), with a smaller
     layer-output error than round-to-nearest, and parity holds; int8 GPTQ works from the same statistics."""
     from effideploy.data.text import TextSpec
-    from effideploy.exporters import onnx_quant
-    from effideploy.exporters.onnx import export_onnx
-    from effideploy.exporters.onnx_quant import dequantized_weights, linear_targets
+    from effideploy.exporters.onnx import quant as onnx_quant
+    from effideploy.exporters.onnx.export import export_onnx
+    from effideploy.exporters.onnx.quant import dequantized_weights, linear_targets
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
     from effideploy.pruning import PruneConfig, prune_checkpoint
@@ -139,7 +140,7 @@ def test_gptq_from_the_statistics_the_pruning_pass_kept(graph_of, tmp_path_facto
     def no_second_pass(*_a, **_k):
         raise AssertionError("GPTQ ran a calibration pass although the pruning kept its statistics")
 
-    import effideploy.exporters.onnx as onnx_exporter
+    import effideploy.exporters.onnx.export as onnx_exporter
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(onnx_exporter, "calibration_windows", no_second_pass)
     try:
@@ -152,8 +153,8 @@ def test_gptq_from_the_statistics_the_pruning_pass_kept(graph_of, tmp_path_facto
     assert record["hessians"]["windows"] == 4 and "pruning" in record["hessians"]["source"]
     assert manifest(int8.output)["quantize"]["gptq_matmuls"] == 20
     for export in (result, int8):
-        parity = manifest(export.output)["parity"]["quantized"]
-        assert parity["logits_max_abs_diff"] <= parity["logits_tolerance"]
+        parity = read_export_parity(export.output).quantized
+        assert parity.logits_max_abs_diff <= parity.logits_tolerance
 
     reference = load_model(resolve_model(checkpoint), dtype=torch.float32)
     hessians = CheckpointHessians.of(checkpoint)
@@ -180,7 +181,7 @@ def test_dequantized_weights_are_what_the_kernel_multiplies_by(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from effideploy.exporters.onnx_quant import dequantized_weights, quantization_settings, quantize_graph
+    from effideploy.exporters.onnx.quant import dequantized_weights, quantization_settings, quantize_graph
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((80, 24)).astype(np.float32)  # K = 80: a partial last block
@@ -219,7 +220,7 @@ def test_dequantized_weights_are_what_the_kernel_multiplies_by(tmp_path):
     ({"block_size": 64}, "need --quantize"),
 ])
 def test_bad_quantization_options_are_refused_before_any_work(tmp_path, tiny_model_dir, options, message):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     with pytest.raises(EffideployError, match=message):
         export_onnx(tiny_model_dir, tmp_path / "out", **options)
@@ -227,7 +228,7 @@ def test_bad_quantization_options_are_refused_before_any_work(tmp_path, tiny_mod
 
 
 def test_an_already_quantized_source_is_refused(graph_of, tiny_model_dir, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
 
     dense = graph_of("dense")
     with pytest.raises(EffideployError, match="is an ONNX export; quantize from the checkpoint"):
@@ -246,8 +247,8 @@ def test_an_already_quantized_source_is_refused(graph_of, tiny_model_dir, tmp_pa
 
 
 def test_a_quantized_graph_off_its_reference_fails_and_keeps_nothing(graph_of, monkeypatch, tiny_model_dir, tmp_path):
-    from effideploy.exporters import onnx_checks
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx import checks as onnx_checks
+    from effideploy.exporters.onnx.export import export_onnx
 
     graph_of("dense")
     monkeypatch.setattr(onnx_checks, "QUANT_PARITY_RTOL", 1e-6)

@@ -31,7 +31,7 @@ def fp32_matmul_bytes(folder) -> int:
 
 
 def test_int4_onnx_export_of_pruned_smollm2_serves_in_onnx_runtime(pruned_smollm2, tmp_path):
-    from effideploy.exporters.onnx import export_onnx
+    from effideploy.exporters.onnx.export import export_onnx
     from effideploy.models.build import load_tokenizer
     from effideploy.runtimes.onnx import OnnxRuntime
 
@@ -51,11 +51,11 @@ def test_w4a16_vllm_export_of_pruned_smollm2_passes_parity_in_stock_vllm(pruned_
     from tests.kernels import require_vllm_kernel
 
     require_vllm_kernel(scheme="w4a16")
-    from effideploy.exporters.vllm import export_vllm
-    from effideploy.exporters.vllm_checks import QUANTIZED_TOP1_AGREEMENT
+    from effideploy.exporters.vllm.export import export_vllm
+    from effideploy.exporters.vllm.checks import QUANTIZED_TOP1_AGREEMENT
 
     result = export_vllm(pruned_smollm2, tmp_path / "w4a16", quantize="w4a16", group_size=64)
-    assert result.parity["match"] and result.parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT
+    assert result.parity.match and result.parity.top1_agreement >= QUANTIZED_TOP1_AGREEMENT
     assert result.manifest["quantize"]["group_size"] == 64 and result.manifest["dtype"] == "bfloat16"
     # int4 projections in groups of 64 and the (tied, unquantized) lm_head in bfloat16
     assert result.manifest["weight_storage"]["bytes_per_token"] < 0.3 * fp32_matmul_bytes(pruned_smollm2)

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import effideploy.exporters.vllm.export as vllm_export
 from effideploy.errors import EffideployError
-from effideploy.exporters import vllm as vllm_export
-from effideploy.exporters import vllm_checks
-from effideploy.exporters.vllm import MANIFEST_FILE, export_vllm
+from effideploy.exporters.vllm import checks as vllm_checks
+from effideploy.exporters.manifest import read_export_parity
+from effideploy.exporters.vllm.export import MANIFEST_FILE, export_vllm
 from tests.conftest import tiny_llama
 
 TINY_PRUNED_WIDTHS = [256, 201, 97, 150]  # two widths not even, none a multiple of 7
@@ -151,23 +152,24 @@ def test_dense_export_is_plain_llama_and_token_identical(tiny_model_dir, tmp_pat
     pytest.importorskip("vllm")
     result = export_vllm(tiny_model_dir, tmp_path / "dense")
     out = tmp_path / "dense"
-    assert result.parity["match"] and result.parity["prompts"] == 3 and result.parity["new_tokens"] == 16
+    assert result.parity.match and result.parity.prompts == 3 and result.parity.new_tokens == 16
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and not list(out.glob("*decilm*.py"))
     assert "--trust-remote-code" not in result.serve_command and "--dtype float32" in result.serve_command
     assert os.path.samefile(out / "model.safetensors", tiny_model_dir / "model.safetensors")  # hard-linked
     record = manifest(out)
-    assert record["runtime"] == "vllm" and record["tensor_parallel_size"] == 1 and record["parity"]["match"]
+    assert record["runtime"] == "vllm" and record["tensor_parallel_size"] == 1 and read_export_parity(out).match
     assert record["provenance"] is None and record["token_compression"]["kv_cache_dtype"] == "auto"
 
 
 @pytest.mark.vllm
 def test_pruned_export_is_token_identical(pruned_export, tiny_pruned_dir):
+    import effideploy.checkpoint.remote
     from effideploy.checkpoint.config import REMOTE_FILES
 
     out = pruned_export.output
-    assert pruned_export.parity["match"] and pruned_export.details["ffn_widths"] == TINY_PRUNED_WIDTHS
-    remote = Path(vllm_export.__file__).resolve().parents[1] / "effideploy" / "checkpoint" / "remote"
+    assert pruned_export.parity.match and pruned_export.details["ffn_widths"] == TINY_PRUNED_WIDTHS
+    remote = Path(effideploy.checkpoint.remote.__file__).parent
     for name in REMOTE_FILES:
         assert (out / name).read_text() == (remote / name).read_text()
     assert pruned_export.serve_command == f"vllm serve {out} --trust-remote-code --dtype float32"
@@ -189,7 +191,7 @@ def test_realign_keeps_the_strongest_channels_and_loads_with_an_fp8_kv_cache(tin
 
     result = export_vllm(tiny_pruned_dir, tmp_path / "tp2", tensor_parallel_size=2, align=32, realign=True,
                          token_compression="kv-dtype:fp8")
-    assert result.parity["match"]
+    assert result.parity.match
     assert all(w % 64 == 0 and w <= old for w, old in zip(result.details["ffn_widths"], TINY_PRUNED_WIDTHS))
     assert [b["index"] for b in result.details["realigned_blocks"]] == [i for i, w in enumerate(TINY_PRUNED_WIDTHS) if w % 64]
     before, after = load_file(tiny_pruned_dir / "model.safetensors"), load_file(tmp_path / "tp2" / "model.safetensors")
@@ -212,7 +214,7 @@ def test_realign_keeps_the_strongest_channels_and_loads_with_an_fp8_kv_cache(tin
     section = record["token_compression"]
     assert section["requested"] == "kv-dtype:fp8" and section["kv_cache_dtype"] == "fp8"
     assert section["checked"].endswith("kv_cache_dtype=fp8")  # vLLM's CPU backend accepted and ran it
-    assert len(record["parity"]["kv_cache"]["matching_prefix_tokens"]) == 3
+    assert len(read_export_parity(tmp_path / "tp2").kv_cache.matching_prefix_tokens) == 3
 
 
 @pytest.mark.vllm
@@ -226,7 +228,7 @@ def test_pruned_smollm2_export_is_token_identical(tmp_path):
     config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=8, calib_seqlen=256)
     pruned, plan = prune_checkpoint(resolve_model("llama"), config, tmp_path / "pruned", calibration=resolve_text("wikitext2"))
     result = export_vllm(pruned, tmp_path / "vllm")
-    assert result.parity["match"] and result.parity["text"].startswith("wiki.test.raw")
+    assert result.parity.match and result.parity.text.startswith("wiki.test.raw")
     assert result.details["ffn_widths"] == plan.widths
     record = manifest(tmp_path / "vllm")
     assert record["provenance"]["method"] == "cfsp" and (tmp_path / "vllm" / "effideploy.json").is_file()

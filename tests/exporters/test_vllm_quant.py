@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from effideploy.errors import EffideployError
-from effideploy.exporters.vllm import MANIFEST_FILE, export_vllm
-from effideploy.exporters.vllm_checks import QUANTIZED_TOP1_AGREEMENT
+from effideploy.exporters.vllm.export import MANIFEST_FILE, export_vllm
+from effideploy.exporters.vllm.checks import QUANTIZED_TOP1_AGREEMENT
 from tests.exporters.test_vllm import write_tiny_pruned
 from tests.kernels import require_vllm_kernel
 
@@ -118,11 +118,11 @@ def test_pruned_quantized_export_loads_in_vllm_within_tolerance(pruned32, tmp_pa
     require_vllm_kernel(scheme=scheme)
     result = export_vllm(pruned32, tmp_path / scheme, quantize=scheme, group_size=group_size)
     parity = result.parity
-    assert parity["match"] and parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT
-    assert parity["positions"] == sum(parity["prompt_tokens"]) + parity["prompts"] * (parity["new_tokens"] - 1)
-    assert parity["max_abs_logprob_diff"] < 0.5
-    assert 0 <= parity["vs_unquantized"]["top1_agreement"] <= 1
-    assert parity["vs_unquantized"]["max_abs_logit_diff"] > 0
+    assert parity.match and parity.top1_agreement >= QUANTIZED_TOP1_AGREEMENT
+    assert parity.positions == sum(parity.prompt_tokens) + parity.prompts * (parity.new_tokens - 1)
+    assert parity.max_abs_logprob_diff < 0.5
+    assert 0 <= parity.vs_unquantized.top1_agreement <= 1
+    assert parity.vs_unquantized.max_abs_logit_diff > 0
     assert manifest(result.output)["quantize"]["vllm_version"]
 
 
@@ -136,7 +136,7 @@ def test_dense_llama_quantizes_too(tiny_model_dir, tmp_path):
     assert result.manifest["architecture"] == "LlamaForCausalLM"
     assert result.manifest["quantize"]["scheme"] == "w8a8" and result.manifest["quantize"]["group_size"] is None
     assert not (tmp_path / "dense" / "modeling_decilm.py").exists()
-    assert result.parity["match"] and result.parity["dtype"] == "float32"
+    assert result.parity.match and result.parity.dtype == "float32"
 
 
 # ------------------------------------------------------------------------------- GPTQ from the pruning's pass
@@ -158,7 +158,7 @@ def pruned_with_stats(tmp_path_factory, tiny_model_dir, calib_file) -> Path:
 def test_w4a16_gptq_from_kept_statistics_beats_round_to_nearest(pruned_with_stats, tmp_path):
     """Every projection's stored int4 weight (read back by compressed-tensors' decompressor) has a smaller
     layer-output error under the kept second moments than round-to-nearest on the same grid."""
-    from effideploy.exporters.vllm_quant import dequantize_state_dict, quantization_scheme
+    from effideploy.exporters.vllm.quant import dequantize_state_dict, quantization_scheme
     from effideploy.models.weights import SafetensorsWeights
     from effideploy.quantization.gptq import output_error
     from effideploy.quantization.hessians import CheckpointHessians
@@ -204,5 +204,5 @@ def test_gptq_needs_kept_statistics_and_no_realign(pruned32, pruned_with_stats, 
 def test_w8a8_gptq_export_serves_in_vllm_within_tolerance(pruned_with_stats, tmp_path):
     pytest.importorskip("vllm")
     result = export_vllm(pruned_with_stats, tmp_path / "gptq", quantize="w8a8", quant_method="gptq")
-    assert result.parity["match"] and result.parity["top1_agreement"] >= QUANTIZED_TOP1_AGREEMENT
+    assert result.parity.match and result.parity.top1_agreement >= QUANTIZED_TOP1_AGREEMENT
     assert result.manifest["quantize"]["method"] == "gptq"

@@ -252,7 +252,7 @@ def test_in_memory_prune_refuses_removed_sublayers():
 def test_vllm_layout_rule_refuses_a_first_block_without_attention():
     from types import SimpleNamespace as NS
 
-    from effideploy.exporters.vllm_checks import check_no_op_layout
+    from effideploy.exporters.vllm.checks import check_no_op_layout
     from effideploy.pruning.depth import first_block_problem
 
     def block(attention_no_op, ffn_no_op=False):

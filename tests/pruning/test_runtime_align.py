@@ -18,8 +18,8 @@ def prune(tiny_model_dir, calib_file, out, *extra):
 
 
 def test_widths_follow_the_runtimes_scheme(tiny_model_dir, calib_file, tmp_path):
-    from effideploy.exporters.llamacpp_schemes import DECLARATION as GGUF
-    from effideploy.exporters.onnx_schemes import DECLARATION as ONNX
+    from effideploy.exporters.llamacpp.schemes import DECLARATION as GGUF
+    from effideploy.exporters.onnx.schemes import DECLARATION as ONNX
 
     assert GGUF.resolve("q8_0").ffn_multiple == 32 and GGUF.resolve("q4_k_m").ffn_multiple == 256
     assert GGUF.resolve("f16").ffn_multiple == 1 and ONNX.resolve("int4").ffn_multiple == 32
@@ -48,7 +48,7 @@ def test_bad_runtime_alignment_is_refused_in_one_line(tiny_model_dir, calib_file
 
 @pytest.mark.llamacpp
 def test_aligned_checkpoint_exports_to_q8_0_without_f16_fallback(tiny_model_dir, calib_file, tmp_path):
-    from effideploy.exporters.llamacpp import export_llamacpp
+    from effideploy.exporters.llamacpp.export import export_llamacpp
     from effideploy.runtimes.llamacpp import llamacpp_unavailable
 
     if llamacpp_unavailable():

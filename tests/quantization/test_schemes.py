@@ -57,7 +57,7 @@ def test_gguf_screen_equals_the_exported_weights(tmp_path, model_dir, name):
     import numpy as np
 
     from effideploy.cli import main
-    from effideploy.exporters.llamacpp_gguf import gguf_name, permute_rope
+    from effideploy.exporters.llamacpp.gguf import gguf_name, permute_rope
 
     out = tmp_path / name
     with pytest.raises(SystemExit) as code:
@@ -96,7 +96,7 @@ def test_compressed_tensors_screen_equals_the_decompressed_export(tmp_path, mode
     from compressed_tensors.quantization import QuantizationConfig
 
     from effideploy.cli import main
-    from effideploy.exporters.vllm_quant import dequantize_state_dict
+    from effideploy.exporters.vllm.quant import dequantize_state_dict
     from effideploy.models.weights import SafetensorsWeights, read_header
 
     scheme, model, tensors = screened(model_dir, "vllm", name)
@@ -128,11 +128,11 @@ def test_compressed_tensors_screen_equals_the_decompressed_export(tmp_path, mode
 @pytest.mark.vllm
 def test_w8a8_screen_quantizes_activations_as_the_parity_reference(tmp_path, model_dir):
     """The screen's W8A8 model (per-token int8 activations, this machine's int8 GEMM) gives the logits of the
-    exporter's parity reference, which is built from the export's stored codes (vllm_quant_checks)."""
+    exporter's parity reference, which is built from the export's stored codes (exporters/vllm/quant_checks.py)."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("needs vLLM (the kernel probe)")
     from effideploy.cli import main
-    from effideploy.exporters.vllm_quant_checks import fake_quant_reference
+    from effideploy.exporters.vllm.quant_checks import fake_quant_reference
 
     _, model, _ = screened(model_dir, "vllm", "w8a8")
     out = tmp_path / "w8a8"

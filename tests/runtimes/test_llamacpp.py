@@ -20,7 +20,7 @@ def pruned_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def gguf_dir(tmp_path_factory, pruned_dir):
-    from effideploy.exporters.llamacpp import export_llamacpp
+    from effideploy.exporters.llamacpp.export import export_llamacpp
 
     return export_llamacpp(pruned_dir, tmp_path_factory.mktemp("gguf") / "f32", quantize="f32", verify=False).output
 

@@ -154,7 +154,7 @@ def test_attention_outputs_reach_the_hook_and_equal_eager_attention(tmp_path_fac
     from effideploy.runtimes.onnx import OnnxRuntime
 
     result = exported("attentions", tmp_path_factory, tiny_model_dir, calib_file)
-    assert result.parity["tokens_match"]
+    assert result.parity.tokens_match
     prompt = PROMPTS[1]
     model = tiny_llama()
     model.config._attn_implementation = "eager"

@@ -22,7 +22,7 @@ Parity: where vLLM is installed (or ``verify=True``), greedy tokens of the expor
 need no ``__main__`` guard) must equal those of transformers (fp32 by default) on WikiText prompts, else
 ``EffideployError`` shows the first mismatch and nothing is written. An fp8 KV cache (the one kind of token
 compression vLLM has) is lossy by design: how many leading tokens still match is recorded, not required. The checks
-are in ``effideploy.exporters.vllm_checks``.
+are in ``effideploy.exporters.vllm.checks``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ from effideploy.errors import EffideployError
 from effideploy.safe_files import read_json, strip_foreign_auto_map
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
-from effideploy.exporters.vllm_checks import check_export_folder, check_parity, vllm_installed, vllm_version
-from effideploy.exporters.vllm_quant_checks import check_quantized_parity
+from effideploy.exporters.vllm.checks import check_export_folder, check_parity
+from effideploy.exporters.vllm.quant_checks import check_quantized_parity
+from effideploy.exporters.vllm.records import VllmExportOptions
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
+from effideploy.runtimes.vllm_kernels import vllm_installed, vllm_version
 
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's quantized KV caches (CPU: x86 AVX-512/AMX; GPU)
@@ -51,20 +53,14 @@ KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's quantized KV caches 
 def export_vllm(
     source: ModelSource | str | os.PathLike,
     output: str | os.PathLike,
+    options: VllmExportOptions | None = None,
     *,
-    tensor_parallel_size: int = 1,
-    realign: bool = False,
-    align: int | None = None,
     overwrite: bool = False,
     verify: bool | None = None,
-    dtype: str | None = None,
-    kv_cache_dtype: str | None = None,
-    token_compression: str | None = None,
-    quantize: str | None = None,
-    group_size: int | None = None,
-    quant_method: str | None = None,
+    **fields,
 ) -> ExportResult:
-    """Write ``source`` (a ModelSource or anything ``resolve_model`` takes) as a vLLM-servable folder at ``output``.
+    """Write ``source`` (a ModelSource or anything ``resolve_model`` takes) as a vLLM-servable folder at ``output``,
+    with ``options`` (:class:`VllmExportOptions`; keyword ``fields`` of it override them).
 
     verify: None runs the parity check when vLLM is importable; True requires it; False skips it.
     dtype: the weights' dtype in the export (floating tensors are cast when the source's differ; float32 weights are
@@ -72,13 +68,18 @@ def export_vllm(
     kv_cache_dtype / token_compression: an fp8 KV cache (``"fp8"`` or ``"kv-dtype:fp8"``) recorded for serving;
     any other token-compression method is refused, since vLLM keeps every token's KV.
     quantize: ``"w8a8"`` (``"int8"``) or ``"w4a16"`` (``"int4"``): weights written in the compressed-tensors format
-    (``effideploy.exporters.vllm_quant``), ``group_size`` (w4a16 only, default 128) input columns per int4 scale.
+    (``effideploy.exporters.vllm.quant``), ``group_size`` (w4a16 only, default 128) input columns per int4 scale.
     dtype defaults to float32, and to bfloat16 for w4a16 (whose CPU kernel has no float32 path).
     quant_method: ``"rtn"`` (default: compressed-tensors' round-to-nearest) or ``"gptq"`` (GPTQ on the same grid
     from the second moments the pruning pass kept, ``prune --keep-stats``; no second calibration pass).
     """
     started = time.perf_counter()
-    from effideploy.exporters import vllm_quant
+    from effideploy.exporters.vllm import quant as vllm_quant
+
+    options = VllmExportOptions.of(options, fields)
+    tensor_parallel_size, realign, align = options.tensor_parallel_size, options.realign, options.align
+    dtype, kv_cache_dtype, token_compression = options.dtype, options.kv_cache_dtype, options.token_compression
+    quantize, group_size, quant_method = options.quantize, options.group_size, options.quant_method
 
     scheme = vllm_quant.resolve_scheme(quantize)
     group_size, dtype = vllm_quant.resolve_options(scheme, group_size, dtype)
@@ -170,8 +171,8 @@ def export_vllm(
             timings["parity"] = time.perf_counter() - tick
             if kv_cache_dtype is not None:
                 compression["checked"] = f"loaded and generated in vLLM with kv_cache_dtype={kv_cache_dtype}"
-                compression["identical_to_transformers"] = parity["kv_cache"]["identical"]
-                compression["matching_prefix_tokens"] = parity["kv_cache"]["matching_prefix_tokens"]
+                compression["identical_to_transformers"] = parity.kv_cache.identical
+                compression["matching_prefix_tokens"] = parity.kv_cache.matching_prefix_tokens
 
         serve, python_usage = serve_command(target, pruned=source.is_pruned_checkpoint, dtype=dtype,
                                             tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype)
@@ -197,7 +198,7 @@ def export_vllm(
             "quantize": None if not scheme else vllm_quant.manifest_section(
                 scheme, group_size, dtype, vllm_version() if vllm_available else None, hessians),
             "weight_storage": vllm_quant.weight_storage(staging, vllm_quant.storage_format(scheme, group_size, dtype)),
-            "parity": parity,
+            "parity": None if parity is None else parity.to_dict(),
             "serve_command": serve,
             "python_usage": python_usage,
             "vllm_version": vllm_version() if vllm_available else None,

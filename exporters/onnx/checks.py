@@ -1,6 +1,6 @@
 """Checks of an ONNX export against transformers: ``check_parity`` (float graphs, strict), ``check_quantized``
 (quantized graphs: tolerance-based against the fake-quant reference, and measured against the unquantized model),
-``measure_deviation`` (any lossy graph against a reference, recorded). Criteria: see ``exporters/onnx.py``.
+``measure_deviation`` (any lossy graph against a reference, recorded). Criteria: see ``exporters/onnx/export.py``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import first_mismatch, tokenize_prompts
+from effideploy.exporters.onnx.records import OnnxParity, OnnxQuantizedParity, OnnxVsFloat
 from effideploy.models.resolve import ModelSource
 
 # Max |logit difference| allowed between ONNX Runtime and transformers (fp32 reference): absolute + relative to the
@@ -43,7 +44,7 @@ def parity_prompts(source: ModelSource, vocab_size: int) -> list[list[int]]:
     return [rng.integers(3, vocab_size, size=length).tolist() for length in (PARITY_PROMPT_TOKENS, 20)]
 
 
-def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) -> dict:
+def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) -> OnnxParity:
     """Full-sequence logits and greedy tokens of the graph in ``folder`` against ``reference`` (transformers,
     fp32); raises EffideployError on a mismatch."""
     import numpy as np
@@ -73,11 +74,10 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
         raise EffideployError(
             f"ONNX parity failed: greedy token {step} of prompt {prompt}: ONNX Runtime gave {got_token}, "
             f"transformers gave {want} (logits within {worst:.2g}); the export was not kept")
-    return {
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
-        "dtype": dtype, "logits_max_abs_diff": worst, "logits_tolerance": tolerance, "tokens_match": True,
-    }
+    return OnnxParity(
+        prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
+        reference=f"transformers {__import__('transformers').__version__} (float32, greedy)",
+        dtype=dtype, logits_max_abs_diff=worst, logits_tolerance=tolerance, tokens_match=True)
 
 
 def measure_deviation(folder: Path, reference, source: ModelSource) -> dict:
@@ -121,7 +121,7 @@ def _greedy_tokens(runtime, reference, prompts: list[list[int]]) -> tuple[list[l
 # ---------------------------------------------------------------------------------------------------------- quantized
 
 # A quantized graph against the PyTorch reference that applies the same weight quantization (the dequantized
-# MatMulNBits weights, ``onnx_quant.fake_quant_reference``): what is left is accuracy_level 4's int8 rounding of the
+# MatMulNBits weights, ``quant.fake_quant_reference``): what is left is accuracy_level 4's int8 rounding of the
 # activations at run time. Measured on the tiny test models: max |logit diff| 0.15 (int8) / 0.19-0.22 (int4 rtn)
 # with logits up to 4.8 (3-4.5%); SmolLM2: see docs/export.md. Tolerance: 10% of the largest |logit|.
 QUANT_PARITY_RTOL = 0.10
@@ -134,7 +134,7 @@ QUANT_TOP1_REQUIRED = 0.95
 QUANT_DECIDED_MARGIN = 0.02
 
 
-def check_quantized(folder: Path, reference, fake_reference, source: ModelSource, scheme: str) -> dict:
+def check_quantized(folder: Path, reference, fake_reference, source: ModelSource, scheme: str) -> OnnxQuantizedParity:
     """Logits of the quantized graph in ``folder`` against ``fake_reference`` (required: within
     QUANT_PARITY_RTOL of the largest |logit|, top-1 agreement >= QUANT_TOP1_REQUIRED where the reference decides)
     and against the unquantized ``reference`` (recorded: max |logit diff|, teacher-forced top-1 agreement, greedy
@@ -169,21 +169,21 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
     agreement = float(same.mean())
     decided_agreement = float(same[decided].mean()) if decided.any() else 1.0
     greedy_same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
-    record = {
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "reference": "transformers with the graph's dequantized MatMulNBits weights (fake-quant, float32)",
-        "logits_max_abs_diff": difference, "logits_tolerance": tolerance, "top1_agreement": agreement,
-        "top1_agreement_decided": decided_agreement, "decided_positions": int(decided.sum()),
-        "positions": int(len(same)), "top1_required": QUANT_TOP1_REQUIRED,
-        "vs_float": {
-            "reference": "transformers (float32, unquantized)",
-            "logits_max_abs_diff": float(np.abs(got - exact).max()),
-            "top1_agreement": float((got.argmax(-1) == exact.argmax(-1)).mean()),
-            "fake_quant_logits_max_abs_diff": float(np.abs(fake - exact).max()),
-            "token_agreement": greedy_same / sum(map(len, expected_tokens)),
-            "first_mismatch": first_mismatch(expected_tokens, tokens),
-        },
-    }
+    record = OnnxQuantizedParity(
+        prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
+        reference="transformers with the graph's dequantized MatMulNBits weights (fake-quant, float32)",
+        logits_max_abs_diff=difference, logits_tolerance=tolerance, top1_agreement=agreement,
+        top1_agreement_decided=decided_agreement, decided_positions=int(decided.sum()),
+        positions=int(len(same)), top1_required=QUANT_TOP1_REQUIRED,
+        vs_float=OnnxVsFloat(
+            reference="transformers (float32, unquantized)",
+            logits_max_abs_diff=float(np.abs(got - exact).max()),
+            top1_agreement=float((got.argmax(-1) == exact.argmax(-1)).mean()),
+            fake_quant_logits_max_abs_diff=float(np.abs(fake - exact).max()),
+            token_agreement=greedy_same / sum(map(len, expected_tokens)),
+            first_mismatch=first_mismatch(expected_tokens, tokens),
+        ),
+    )
     if not (difference <= tolerance and decided_agreement >= QUANT_TOP1_REQUIRED):
         raise EffideployError(
             f"ONNX {scheme} parity failed against the fake-quant reference: max |logit diff| {difference:.3g} "

@@ -1,11 +1,10 @@
 """Checks of a vLLM export: static (``check_export_folder``: the config builds, vLLM's DeciLM reader accepts every
 block, every FFN tensor has its block's width) and parity (``check_parity``: greedy tokens of the export in stock vLLM,
-run in a child process by ``effideploy.exporters.vllm_parity``, against transformers).
+run in a child process by ``effideploy.exporters.vllm.parity``, against transformers).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import first_mismatch, matching_prefix, tokenize_prompts
+from effideploy.exporters.vllm.records import KvCacheCheck, VllmParity
 from effideploy.io import write_json
 from effideploy.models.resolve import resolve_model
 
@@ -138,7 +138,7 @@ def parity_prompts(tokenizer, count: int = PARITY_PROMPTS, length: int = PARITY_
     return tokenize_prompts(tokenizer, texts[:count], length), name
 
 
-def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | None = None) -> dict:
+def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | None = None) -> VllmParity:
     """Greedy tokens of ``folder`` in vLLM (a subprocess) against transformers (fp32) on the same prompts.
 
     float32: the tokens must be identical. bfloat16/float16: half-precision kernels round differently, so greedy
@@ -162,25 +162,26 @@ def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | 
                            kv_cache_dtypes=["auto"] + ([kv_cache_dtype] if kv_cache_dtype else []))
     tokens = runs["auto"]["tokens"]
     mismatch = first_mismatch(reference, tokens)
-    result = {
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "text": text, "dtype": dtype, "match": mismatch is None,
-        "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
-        "tensor_parallel_size_checked": 1,
-        "seconds": {"transformers": transformers_seconds, "vllm": time.perf_counter() - tick,
-                    "vllm_engine_start": runs["auto"]["start_seconds"]},
-    }
+    result = VllmParity(
+        prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
+        text=text, dtype=dtype, match=mismatch is None,
+        reference=f"transformers {__import__('transformers').__version__} (float32, greedy)",
+        tensor_parallel_size_checked=1,
+        seconds={"transformers": transformers_seconds, "vllm": time.perf_counter() - tick,
+                 "vllm_engine_start": runs["auto"]["start_seconds"]},
+    )
     if mismatch is not None and dtype == "float32":
         prompt, position, expected, got = mismatch
         raise EffideployError(f"vLLM parity failed: prompt {prompt}, generated token {position}: vLLM gave {got}, "
                               f"transformers (float32) gave {expected}; the export was not kept")
     if mismatch is not None:
-        result.update(require_near_top_logit(model, prompts, tokens, mismatch, runtime="vLLM", kind=dtype))
+        result.first_mismatch, result.teacher_forced_max_logit_gap, result.criterion = require_near_top_logit(
+            model, prompts, tokens, mismatch, runtime="vLLM", kind=dtype)
     if kv_cache_dtype:
         # Lossy by design, so recorded rather than required: how many leading tokens survive the 8-bit cache.
         fp8 = runs[kv_cache_dtype]["tokens"]
-        result["kv_cache"] = {"kv_cache_dtype": kv_cache_dtype, "identical": first_mismatch(reference, fp8) is None,
-                              "matching_prefix_tokens": matching_prefix(reference, fp8)}
+        result.kv_cache = KvCacheCheck(kv_cache_dtype=kv_cache_dtype, identical=first_mismatch(reference, fp8) is None,
+                                       matching_prefix_tokens=matching_prefix(reference, fp8))
     return result
 
 
@@ -193,10 +194,11 @@ def _logits(model, sequences: list[list[int]]) -> list:
 
 
 def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, kind: str,
-                           tolerance: float = HALF_PRECISION_LOGIT_GAP) -> dict:
+                           tolerance: float = HALF_PRECISION_LOGIT_GAP) -> tuple[tuple, float, str]:
     """Half-precision parity when the greedy tokens differ: every token ``runtime`` chose must be within
-    ``tolerance`` of transformers' top logit, teacher-forced on the same tokens. Returns what the manifest records;
-    raises (the export is not kept) at the first token that is not."""
+    ``tolerance`` of transformers' top logit, teacher-forced on the same tokens. Returns what the parity record
+    keeps (the first mismatch, the largest gap, the criterion met); raises (the export is not kept) at the first
+    token that is not."""
     gaps = teacher_forced_gaps(model, prompts, tokens)
     for prompt, row in enumerate(gaps):
         for position, gap in enumerate(row):
@@ -205,8 +207,7 @@ def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, ki
                     f"{runtime} parity failed ({kind}): prompt {prompt}, generated token {position}: {runtime} chose "
                     f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance {tolerance}); the "
                     "export was not kept")
-    return {"first_mismatch": mismatch, "teacher_forced_max_logit_gap": max(map(max, gaps)),
-            "criterion": f"{kind}: {runtime}'s tokens within {tolerance} of transformers' top logit"}
+    return mismatch, max(map(max, gaps)), f"{kind}: {runtime}'s tokens within {tolerance} of transformers' top logit"
 
 
 def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:
@@ -225,7 +226,7 @@ def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[in
 
 def vllm_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, *, dtype: str,
                 kv_cache_dtypes: list[str]) -> dict[str, dict]:
-    """Greedy tokens from stock vLLM in a child process (``effideploy.exporters.vllm_parity``), per KV dtype."""
+    """Greedy tokens from stock vLLM in a child process (``effideploy.exporters.vllm.parity``), per KV dtype."""
     max_len = max(map(len, prompts)) + max_new_tokens + 8
     return _vllm_child(folder, {"prompts": prompts, "max_new_tokens": max_new_tokens, "dtype": dtype,
                                 "kv_cache_dtypes": kv_cache_dtypes, "max_model_len": max_len})
@@ -245,7 +246,7 @@ def _vllm_child(folder: Path, payload: dict) -> dict[str, dict]:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
-            done = subprocess.run([sys.executable, "-m", "effideploy.exporters.vllm_parity", str(request)],
+            done = subprocess.run([sys.executable, "-m", "effideploy.exporters.vllm.parity", str(request)],
                                   cwd=work, env=env, capture_output=True, text=True, timeout=PARITY_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise EffideployError(f"vLLM parity check did not finish within {PARITY_TIMEOUT_S} s") from None
@@ -256,20 +257,3 @@ def _vllm_child(folder: Path, payload: dict) -> dict[str, dict]:
             return payload["runs"]
         tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-1:] or ["no output"]
         raise EffideployError(f"the vLLM parity process failed (exit {done.returncode}): {tail[0].strip()}")
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def vllm_version() -> str | None:
-    """The installed vLLM version from package metadata (importing vLLM takes seconds)."""
-    from importlib.metadata import PackageNotFoundError, packages_distributions, version
-
-    for name in packages_distributions().get("vllm", ["vllm"]):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return None
-

@@ -1,7 +1,7 @@
 """Export a checkpoint (pruned or dense) for ONNX Runtime: ``model.onnx`` + ``model.onnx.data``, the tokenizer,
 ``genai_config.json`` (ONNX Runtime GenAI) and ``effideploy_export.json``.
 
-The graph (``exporters/onnx_graph.py``) is one decoder step with a KV cache, exported with
+The graph (``exporters/onnx/graph.py``) is one decoder step with a KV cache, exported with
 ``torch.onnx.export(dynamo=True)``: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key/value``; outputs ``logits``, ``present.{i}.key/value`` (+ ``attentions.{i}`` with
 ``attention_outputs``); batch, sequence and past length are dynamic (past may be 0, so prefill and decode share the
@@ -16,14 +16,14 @@ Choices:
 - ``quantize="int8"|"int4"``: 8- or 4-bit weights in blocks of ``block_size`` (default 32) with int8 activations
   per block at run time (ORT's MatMulNBits, ``accuracy_level=4``), by ``quant_method`` "rtn" (round-to-nearest,
   symmetric; the default), "hqq" (ORT's HQQ, 4-bit only) or "gptq" (ORT's GPTQ, 4-bit only, calibrated on
-  WikiText-2); see ``exporters/onnx_quant.py``. The quantized graph
+  WikiText-2); see ``exporters/onnx/quant.py``. The quantized graph
   *replaces* the float one: an export folder holds exactly one ``model.onnx``, the one the runtime and GenAI load
   (export twice to keep both). Not ``quantize_dynamic``: its per-tensor activation scales cannot follow SmolLM2's
   activation outliers (on the 50% pruned model 6-12 of 32 greedy tokens matched, max |logit| error 17), while
   block-wise scales kept all 32 (error 3.3) at the same speed (1.5x less CPU per decode token than fp32). The float
   graph is exported and verified first (the strict check proves the export); the quantized graph is then checked
   against transformers with the graph's own dequantized weights (fake-quant: tolerance on the logits and top-1
-  agreement, ``onnx_checks.check_quantized``), and its distance to the unquantized model (max |logit| difference,
+  agreement, ``checks.check_quantized``), and its distance to the unquantized model (max |logit| difference,
   top-1 and greedy-token agreement) is recorded: that is an accuracy question for the benchmark.
 - ``weight_storage`` (every export): the format, the bytes of all initializers and the bytes one decode step
   reads (the MatMul weights with their scales), which the bench uses for size and ideal-speed ratios.
@@ -48,11 +48,12 @@ from effideploy.checkpoint.writer import PROVENANCE_FILE, copy_tokenizer, folder
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
-from effideploy.exporters.onnx_checks import check_parity, check_quantized
-from effideploy.exporters.onnx_gptq import apply_gptq
-from effideploy.exporters.onnx_quant import (SCHEMES, calibration_windows, fake_quant_reference,
+from effideploy.exporters.onnx.checks import check_parity, check_quantized
+from effideploy.exporters.onnx.gptq import apply_gptq
+from effideploy.exporters.onnx.quant import (SCHEMES, calibration_windows, fake_quant_reference,
                                              quantization_settings, quantize_graph, refuse_quantized_source,
                                              storage_format, weight_storage)
+from effideploy.exporters.onnx.records import OnnxExportOptions
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
 
@@ -79,19 +80,18 @@ def kept_statistics(source: ModelSource, settings: dict | None):
 def export_onnx(
     source: ModelSource | str | os.PathLike,
     output: str | os.PathLike,
+    options: OnnxExportOptions | None = None,
     *,
-    dtype: str = "float32",
-    quantize: str | None = None,
-    block_size: int | None = None,
-    quant_method: str | None = None,
-    opset: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
-    attention_outputs: bool = False,
-    token_compression: dict | str | None = None,
+    **fields,
 ) -> ExportResult:
-    """Export ``source`` (a ModelSource or anything ``resolve_model`` takes) as an ONNX Runtime folder at ``output``."""
+    """Export ``source`` (a ModelSource or anything ``resolve_model`` takes) as an ONNX Runtime folder at ``output``
+    with ``options`` (:class:`OnnxExportOptions`; keyword ``fields`` of it override them)."""
     started = time.perf_counter()
+    options = OnnxExportOptions.of(options, fields)
+    dtype, quantize, block_size, quant_method = options.dtype, options.quantize, options.block_size, options.quant_method
+    opset, attention_outputs, token_compression = options.opset, options.attention_outputs, options.token_compression
     if dtype not in DTYPES:
         raise EffideployError(f"ONNX dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     settings = quantization_settings(quantize, block_size, quant_method, dtype)
@@ -110,7 +110,7 @@ def export_onnx(
 
     import torch
 
-    from effideploy.exporters.onnx_graph import export_graph
+    from effideploy.exporters.onnx.graph import export_graph
     from effideploy.models.build import attention_layers, build_config, ffn_widths, load_model
 
     timings: dict[str, float] = {}
@@ -157,7 +157,7 @@ def export_onnx(
                 tick = time.perf_counter()
                 with progress.status(f"Parity: the {quantize} graph against transformers with the same weights"):
                     fake = fake_quant_reference(reference, staging / MODEL_FILE, digests)
-                    parity["quantized"] = check_quantized(staging, reference, fake, source, quantize)
+                    parity.quantized = check_quantized(staging, reference, fake, source, quantize)
                     del fake
                 timings["parity_quantized"] = time.perf_counter() - tick
 
@@ -188,7 +188,7 @@ def export_onnx(
             "weight_storage": storage,
             "token_compression": compression,
             "sizes": {"bytes": 0, "model_bytes": model_bytes, "source_bytes": folder_size(source.path)},
-            "parity": parity,
+            "parity": None if parity is None else parity.to_dict(),
             "genai_config": GENAI_CONFIG_FILE,
             "seconds": timings,
             "environment": _versions(),

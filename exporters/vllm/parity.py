@@ -1,6 +1,6 @@
 """Child process of the vLLM export's parity check: load a folder in stock vLLM and write greedy tokens as JSON.
 
-``python -m effideploy.exporters.vllm_parity REQUEST.json``; the request names the folder, prompts (token ids),
+``python -m effideploy.exporters.vllm.parity REQUEST.json``; the request names the folder, prompts (token ids),
 dtype, the KV-cache dtypes to try and the result file; with ``sequences`` instead of ``prompts`` each sequence is
 scored teacher-forced (``VllmRuntime.score_windows``: next-token log-probability and argmax at every position). Running apart keeps vLLM's start-up (thread binding, memory
 policy, a frozen GC heap) out of the exporting process. Errors are written to the result file as one line.

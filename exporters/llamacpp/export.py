@@ -4,7 +4,7 @@
 ``python -m llama_cpp.server --model OUT/model-q4_k_m.gguf`` (or ``llama-server -m ...``) serves it, with no
 effideploy in the serving environment.
 
-Steps: (1) the float32 GGUF is written with the ``gguf`` package (``effideploy.exporters.llamacpp_gguf``: ``deci``
+Steps: (1) the float32 GGUF is written with the ``gguf`` package (``effideploy.exporters.llamacpp.gguf``: ``deci``
 for pruned checkpoints with per-layer FFN widths and head counts, ``llama`` for dense ones, tokenizer and chat
 template carried over); (2) where llama-cpp-python is installed, that file's greedy tokens must equal transformers'
 (float32) on the parity prompts, else nothing is written; (3) every other type (f16, bf16, q8_0, q4_k_m, ...) is made
@@ -33,7 +33,8 @@ from effideploy import progress
 from effideploy.checkpoint.writer import PROVENANCE_FILE, folder_size
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
-from effideploy.exporters.llamacpp_gguf import GGUF_FILE, plan_of, read_gguf_summary, write_gguf
+from effideploy.exporters.llamacpp.gguf import GGUF_FILE, plan_of, read_gguf_summary, write_gguf
+from effideploy.exporters.llamacpp.records import LlamacppExportOptions
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
@@ -78,22 +79,24 @@ def is_k_quant(name: str) -> bool:
 def export_llamacpp(
     source: ModelSource | str | os.PathLike,
     output: str | os.PathLike,
+    options: LlamacppExportOptions | None = None,
     *,
-    quantize: str | None = None,
-    realign: bool = False,
     overwrite: bool = False,
     verify: bool | None = None,
-    dtype: str | None = None,
-    token_compression: str | None = None,
-    threads: int | None = None,
+    **fields,
 ) -> ExportResult:
-    """Write ``source`` as ``output/model-<type>.gguf`` (see the module docstring).
+    """Write ``source`` as ``output/model-<type>.gguf`` (see the module docstring), with ``options``
+    (:class:`LlamacppExportOptions`; keyword ``fields`` of it override them).
 
     quantize: a GGUF type (QUANT_TYPES; default f16; ``dtype`` float32/float16 are f32/f16). realign: round FFN
     widths down to multiples of 256 for k-quants. verify: None checks parity when llama-cpp-python is importable;
     True requires it; False skips it. token_compression: refused (llama.cpp keeps every token's KV)."""
     started = time.perf_counter()
     from effideploy.runtimes.llamacpp import llamacpp_unavailable
+
+    options = LlamacppExportOptions.of(options, fields)
+    quantize, dtype, realign = options.quantize, options.dtype, options.realign
+    token_compression, threads = options.token_compression, options.threads
 
     kind = resolve_type(quantize, dtype)
     if realign and not is_k_quant(kind):
@@ -145,25 +148,24 @@ def export_llamacpp(
         parity = None
         reference = prompts = None
         if verify:
-            from effideploy.exporters.llamacpp_checks import check_f32_parity
+            from effideploy.exporters.llamacpp.checks import check_f32_parity
 
             tick = time.perf_counter()
             parity, reference, prompts = check_f32_parity(base, source, threads=threads, **narrowed)
             timings["parity_f32"] = time.perf_counter() - tick
         final = staging / gguf_name
-        quantized = None
         if kind != "f32":
             tick = time.perf_counter()
             with progress.status(f"Quantizing to {kind} with llama.cpp"):
                 quantize_gguf(base, final, kind, threads=threads)
             timings["quantize"] = time.perf_counter() - tick
             if verify:
-                from effideploy.exporters.llamacpp_checks import check_quantized
+                from effideploy.exporters.llamacpp.checks import check_quantized
 
                 tick = time.perf_counter()
-                quantized = check_quantized(final, base, kind, reference, prompts, source, threads=threads, **narrowed)
+                parity.gguf_type_check = check_quantized(final, base, kind, reference, prompts, source,
+                                                         threads=threads, **narrowed)
                 timings["parity_quantized"] = time.perf_counter() - tick
-                parity["gguf_type_check"] = quantized
             base.unlink()
         summary = read_gguf_summary(final)
         types = type_report(summary, kind)
@@ -193,7 +195,7 @@ def export_llamacpp(
             "weight_storage": {"format": f"gguf-{kind}", "stored_bytes": weights_bytes,
                                # every matrix is read once per decoded token (a tied embedding as the output layer)
                                "bytes_per_token": weights_bytes},
-            "parity": parity,
+            "parity": None if parity is None else parity.to_dict(),
             "serve_command": serve,
             "python_usage": f"llama_cpp.Llama(model_path={str(target / gguf_name)!r})",
             "llama_cpp_python_version": llamacpp_version(),

@@ -20,6 +20,7 @@ import torch
 from effideploy import progress
 from effideploy.errors import EffideployError
 from effideploy.exporters.base import first_mismatch, matching_prefix
+from effideploy.exporters.llamacpp.records import GgufTypeCheck, GgufVsFloat32, LlamacppParity
 
 PARITY_NEW_TOKENS = 16
 
@@ -43,10 +44,10 @@ def _reference_model(source, realigned: list[dict] | None, realigned_config: dic
 
 
 def check_f32_parity(path: Path, source, *, realigned: list[dict] | None = None, realigned_config: dict | None = None,
-                     threads: int | None = None) -> tuple[dict, list[list[int]], list[list[int]]]:
+                     threads: int | None = None) -> tuple[LlamacppParity, list[list[int]], list[list[int]]]:
     """Greedy tokens of the float32 GGUF ``path`` == transformers' (float32). Returns the parity record, transformers'
     tokens and the prompts."""
-    from effideploy.exporters.vllm_checks import parity_prompts
+    from effideploy.exporters.vllm.checks import parity_prompts
     from effideploy.models.build import load_tokenizer
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
     from effideploy.runtimes.pytorch import TorchRuntime
@@ -67,18 +68,18 @@ def check_f32_parity(path: Path, source, *, realigned: list[dict] | None = None,
         prompt, position, expected, got = mismatch
         raise EffideployError(f"llama.cpp parity failed (float32 GGUF): prompt {prompt}, generated token {position}: "
                               f"llama.cpp gave {got}, transformers (float32) gave {expected}; the export was not kept")
-    record = {"prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-              "text": text, "match": True, "checked": "float32 GGUF",
-              "reference": f"transformers {__import__('transformers').__version__} (float32, greedy)",
-              "seconds": {"transformers": transformers_seconds, "llamacpp": time.perf_counter() - tick}}
+    record = LlamacppParity(prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
+                            text=text, match=True, checked="float32 GGUF",
+                            reference=f"transformers {__import__('transformers').__version__} (float32, greedy)",
+                            seconds={"transformers": transformers_seconds, "llamacpp": time.perf_counter() - tick})
     return record, reference, prompts
 
 
 def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]], prompts: list[list[int]], source, *,
                     realigned: list[dict] | None = None, realigned_config: dict | None = None,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None) -> GgufTypeCheck:
     """The ``kind`` GGUF ``path`` against transformers' greedy tokens and the float32 GGUF ``base``'s logits."""
-    from effideploy.exporters.llamacpp import HALF_PRECISION_LOGIT_GAP, HALF_TYPES
+    from effideploy.exporters.llamacpp.export import HALF_PRECISION_LOGIT_GAP, HALF_TYPES
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
 
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference)]
@@ -94,19 +95,19 @@ def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]
     agree = sum(int((q.argmax(-1) == d.argmax(-1)).sum()) for q, d in zip(quantized, dense))
     positions = sum(len(d) for d in dense)
     errors = torch.cat([(q - d).abs().flatten() for q, d in zip(quantized, dense)])
-    record = {
-        "type": kind, "tokens_identical_to_transformers": mismatch is None,
-        "matching_prefix_tokens": matching_prefix(reference, tokens),
-        "vs_float32_gguf": {"positions": positions, "top1_agreement": agree / positions,
-                            "max_abs_logit_diff": float(errors.max()), "mean_abs_logit_diff": float(errors.mean()),
-                            "sequences": "parity prompts + transformers' greedy continuation, teacher-forced"},
-    }
+    record = GgufTypeCheck(
+        type=kind, tokens_identical_to_transformers=mismatch is None,
+        matching_prefix_tokens=matching_prefix(reference, tokens),
+        vs_float32_gguf=GgufVsFloat32(positions=positions, top1_agreement=agree / positions,
+                                      max_abs_logit_diff=float(errors.max()), mean_abs_logit_diff=float(errors.mean()),
+                                      sequences="parity prompts + transformers' greedy continuation, teacher-forced"),
+    )
     if kind in HALF_TYPES and mismatch is not None:
-        from effideploy.exporters.vllm_checks import require_near_top_logit
+        from effideploy.exporters.vllm.checks import require_near_top_logit
 
         model = _reference_model(source, realigned, realigned_config)
-        record.update(require_near_top_logit(model, prompts, tokens, mismatch, runtime="llama.cpp", kind=kind,
-                                             tolerance=HALF_PRECISION_LOGIT_GAP))
+        record.first_mismatch, record.teacher_forced_max_logit_gap, record.criterion = require_near_top_logit(
+            model, prompts, tokens, mismatch, runtime="llama.cpp", kind=kind, tolerance=HALF_PRECISION_LOGIT_GAP)
     return record
 
 

@@ -45,7 +45,7 @@ def apply_gptq(model_path: Path, reference, digests: dict[str, str], hessians: C
     import onnx
     import torch
 
-    from effideploy.exporters.onnx_quant import linear_targets
+    from effideploy.exporters.onnx.quant import linear_targets
 
     bits, block_size = settings["bits"], settings["block_size"]
     grid = onnx_grid(bits)

@@ -1,4 +1,4 @@
-"""The weight schemes the ONNX exporter writes (``exporters/onnx_quant.py``), as the search reads them.
+"""The weight schemes the ONNX exporter writes (``exporters/onnx/quant.py``), as the search reads them.
 
 ``int8`` / ``int4``: MatMulNBits, round-to-nearest, symmetric, blocks of 32 input channels with one float32 scale
 per block and no zero points (ORT's ``MatMulNBitsQuantizer`` with ``is_symmetric=True``); every projection and the
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from effideploy.quantization.schemes import Declaration, Storage, WeightScheme, WeightTensor
 
-BLOCK_SIZE = 32  # onnx_quant.DEFAULT_BLOCK_SIZE (not imported: that module imports onnx)
+BLOCK_SIZE = 32  # quant.DEFAULT_BLOCK_SIZE (not imported: that module imports onnx)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Parity of a quantized vLLM export (``export --runtime vllm --quantize``): vLLM's teacher-forced scores against a
 reference that computes what this machine's vLLM kernels compute from the export's stored integers and scales.
-Kept apart from ``vllm_checks`` (the unquantized checks and the vLLM child process it shares)."""
+Kept apart from ``checks`` (the unquantized checks and the vLLM child process it shares)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from pathlib import Path
 
 from effideploy import progress
 from effideploy.errors import EffideployError
-from effideploy.exporters.vllm_checks import (PARITY_NEW_TOKENS, QUANTIZED_DECIDED_MARGIN, QUANTIZED_TOP1_AGREEMENT,
+from effideploy.exporters.vllm.checks import (PARITY_NEW_TOKENS, QUANTIZED_DECIDED_MARGIN, QUANTIZED_TOP1_AGREEMENT,
                                               _logits, parity_prompts, vllm_scores)
+from effideploy.exporters.vllm.records import VllmQuantizedParity, VsUnquantized
 
 
 def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: str | None = None,
-                           int8_gemm: str | None = None, require: bool = True) -> dict:
-    """Tolerance-based parity of a quantized export (``effideploy.exporters.vllm_quant``).
+                           int8_gemm: str | None = None, require: bool = True) -> VllmQuantizedParity:
+    """Tolerance-based parity of a quantized export (``effideploy.exporters.vllm.quant``).
 
     Sequences: the parity prompts, each continued by 16 greedy tokens of the reference. Reference: the export's own
     stored weights dequantized by compressed-tensors (q x scale) through transformers in float32, and for w8a8 each
@@ -67,26 +68,27 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
         logit_error_dense = max(logit_error_dense, float((ref - base).abs().max()))
     positions = sum(len(sequence) - 1 for sequence in sequences)
     agreement = agree / total if total else agree_all / positions
-    result = {
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": PARITY_NEW_TOKENS,
-        "text": text, "dtype": dtype, "positions": positions, "decided_positions": total,
-        "top1_agreement_all_positions": agree_all / positions,
-        "reference": f"transformers {__import__('transformers').__version__} (float32) on the dequantized stored weights"
-                     + (f", int8 per-token activations, {int8_gemm or _int8_gemm()} int8 GEMM"
-                        if scheme.input_activations is not None else ""),
-        "top1_agreement": agreement, "top1_tolerance": QUANTIZED_TOP1_AGREEMENT,
-        "max_abs_logprob_diff": logprob_gap,
-        "criterion": f"vLLM's teacher-forced top-1 equals the fake-quant reference's at >= {QUANTIZED_TOP1_AGREEMENT:.0%} "
-                     f"of the positions where the reference's top-1 margin exceeds {QUANTIZED_DECIDED_MARGIN:.0%} of "
-                     "its largest |logit|",
-        "match": agreement >= QUANTIZED_TOP1_AGREEMENT,
-        "vs_unquantized": {"top1_agreement": agree_dense / positions, "max_abs_logit_diff": logit_error_dense,
-                           "max_abs_logprob_diff": logprob_gap_dense,
-                           "note": "informational: vLLM's argmax and log-probabilities against the unquantized source "
-                                   "(float32, transformers); logit diff is the fake-quant reference's against it"},
-        "tensor_parallel_size_checked": 1,
-        "seconds": {"transformers": transformers_seconds, "vllm": vllm_seconds, "vllm_engine_start": run["start_seconds"]},
-    }
+    result = VllmQuantizedParity(
+        prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
+        text=text, dtype=dtype, positions=positions, decided_positions=total,
+        top1_agreement_all_positions=agree_all / positions,
+        reference=f"transformers {__import__('transformers').__version__} (float32) on the dequantized stored weights"
+                  + (f", int8 per-token activations, {int8_gemm or _int8_gemm()} int8 GEMM"
+                     if scheme.input_activations is not None else ""),
+        top1_agreement=agreement, top1_tolerance=QUANTIZED_TOP1_AGREEMENT,
+        max_abs_logprob_diff=logprob_gap,
+        criterion=f"vLLM's teacher-forced top-1 equals the fake-quant reference's at >= {QUANTIZED_TOP1_AGREEMENT:.0%} "
+                  f"of the positions where the reference's top-1 margin exceeds {QUANTIZED_DECIDED_MARGIN:.0%} of "
+                  "its largest |logit|",
+        match=agreement >= QUANTIZED_TOP1_AGREEMENT,
+        vs_unquantized=VsUnquantized(
+            top1_agreement=agree_dense / positions, max_abs_logit_diff=logit_error_dense,
+            max_abs_logprob_diff=logprob_gap_dense,
+            note="informational: vLLM's argmax and log-probabilities against the unquantized source "
+                 "(float32, transformers); logit diff is the fake-quant reference's against it"),
+        tensor_parallel_size_checked=1,
+        seconds={"transformers": transformers_seconds, "vllm": vllm_seconds, "vllm_engine_start": run["start_seconds"]},
+    )
     if require and agreement < QUANTIZED_TOP1_AGREEMENT:
         raise EffideployError(
             f"vLLM parity failed for the quantized export: teacher-forced top-1 agreement with the fake-quant reference "
@@ -100,7 +102,7 @@ def fake_quant_reference(folder: Path, int8_gemm: str | None = None):
     quantized Linear's input fake-quantized per token. Returns the model and the compressed-tensors scheme."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    from effideploy.exporters.vllm_quant import dequantize_state_dict
+    from effideploy.exporters.vllm.quant import dequantize_state_dict
     from effideploy.models.build import build_config, model_class
     from effideploy.models.resolve import read_config_dict
     from effideploy.models.weights import SafetensorsWeights

@@ -1,12 +1,12 @@
-"""The weight schemes the vLLM exporter writes (``exporters/vllm_quant.py``: compressed-tensors), as the search reads
+"""The weight schemes the vLLM exporter writes (``exporters/vllm/quant.py``: compressed-tensors), as the search reads
 them.
 
 * ``w8a8`` (generic ``int8``): int8 codes, one float32 scale per output channel, every decoder projection; the
   output head and the embedding stay float32 (a tied head is not stored: vLLM ties it). vLLM quantizes each
   projection's input per token to int8 at run time and multiplies codes in oneDNN's integer arithmetic (exact with
   VNNI, int16-saturating on AVX2: ``runtimes/vllm_kernels``); the screen reproduces both: the weights are rounded by
-  compressed-tensors itself (``vllm_quant.quantize_linear``, the exporter's own call) and each projection's forward
-  is the parity reference's (``vllm_quant_checks.W8A8Forward``) on those codes.
+  compressed-tensors itself (``quant.quantize_linear``, the exporter's own call) and each projection's forward
+  is the parity reference's (``quant_checks.W8A8Forward``) on those codes.
 * ``w4a16`` (generic ``int4``): int4 codes in groups of ``group_size`` input columns with bfloat16 scales, served in
   bfloat16; ``fitted`` picks the largest of 128 / 64 / 32 that divides every projection's input and keeps vLLM's
   CPU kernel's multiples of 32 (SmolLM2's hidden 576 takes 64), or refuses the model in one line. The screen rounds
@@ -31,7 +31,7 @@ def _compressed(weight, scheme: str, group_size: int | None, dtype: str) -> tupl
     """(codes as float, scale, local compressed tensors) of one weight, by the exporter's own compressed-tensors call."""
     import torch
 
-    from effideploy.exporters.vllm_quant import quantization_scheme, quantize_linear
+    from effideploy.exporters.vllm.quant import quantization_scheme, quantize_linear
 
     quant = quantization_scheme(scheme, group_size)
     local = quantize_linear(weight, quant, getattr(torch, dtype))
@@ -62,7 +62,7 @@ class W8A8(WeightScheme):
             return None
         import torch
 
-        from effideploy.exporters.vllm_quant_checks import W8A8Forward
+        from effideploy.exporters.vllm.quant_checks import W8A8Forward
         from effideploy.runtimes.vllm_kernels import INT8_SATURATING, probe
 
         # the codes of the weight before rounding (apply_scheme asks before it rounds), as the exporter stores them

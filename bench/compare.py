@@ -77,6 +77,15 @@ class Comparison:
     # weights where the recipe quantizes); the bench alone does not measure them (None)
     kl_divergence: float | None = None
     top_k_agreement: float | None = None
+    # chat fidelity (--chat-prompts; effideploy.eval.chat): greedy responses through the chat template against dense's
+    chat_prompts: int | None = None
+    chat_exact_match: float | None = None
+    chat_token_f1: float | None = None
+    chat_rouge_l: float | None = None
+    chat_loglik: float | None = None  # dense's mean per-token log-likelihood of the candidate's responses
+    chat_loglik_dense: float | None = None  # ... of dense's own responses
+    chat_loglik_drop: float | None = None  # chat_loglik_dense - chat_loglik, nats per token
+    chat_items: list[dict] = field(default_factory=list)  # per prompt: exact_match, token_f1, rouge_l, loglik(s)
     # speed
     ttft_speedup: float = float("nan")
     decode_speedup: float = float("nan")
@@ -115,6 +124,7 @@ def compare(dense: ModelResult, candidate: ModelResult, config: BenchConfig) -> 
     _loyalty(record, dense, candidate)
     _speed(record, dense, candidate)
     _size(record, dense, candidate, config)
+    _chat(record, dense, candidate)
     return record
 
 
@@ -258,6 +268,19 @@ def _size(record: Comparison, dense: ModelResult, candidate: ModelResult, config
     if dw and cw:  # what is stored: pruning and quantization both count
         record.weight_bytes_ratio = dw.stored_bytes / cw.stored_bytes
         record.size_reduction = 1.0 - cw.stored_bytes / dw.stored_bytes
+
+
+def _chat(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:
+    """Chat fidelity: the candidate's greedy chat responses against dense's on the same rendered prompts."""
+    if dense.chat is None or candidate.chat is None:
+        return
+    from effideploy.eval.chat import compare_responses
+
+    fidelity = compare_responses(dense.chat, candidate.chat)
+    record.chat_prompts, record.chat_exact_match = fidelity.n, fidelity.exact_match
+    record.chat_token_f1, record.chat_rouge_l = fidelity.token_f1, fidelity.rouge_l
+    record.chat_loglik, record.chat_loglik_dense = fidelity.loglik, fidelity.loglik_dense
+    record.chat_loglik_drop, record.chat_items = fidelity.loglik_drop, fidelity.items
 
 
 def generation_match(dense: list[list[int]], candidate: list[list[int]]) -> float:

@@ -34,7 +34,9 @@ class CandidateSpec:
 @dataclass(frozen=True)
 class BenchConfig:
     """``mc_limit``: examples per multiple-choice task (a seeded subset); 0 skips multiple choice, None takes all.
-    ``tasks``: BIG-bench task.json files or folders; empty: every task in the data folders."""
+    ``tasks``: BIG-bench task.json files or folders; empty: every task in the data folders. ``chat_prompts``: the
+    first N prompts of the packaged chat set, answered greedily through the chat template (``chat_new_tokens``
+    at most) by every model and compared with dense's answers (effideploy.eval.chat); 0 skips it."""
 
     runtime: str = "torch"
     dense: str = "llama"
@@ -51,6 +53,8 @@ class BenchConfig:
     tasks: tuple[str, ...] = ()
     mc_limit: int | None = 50
     seed: int = 0
+    chat_prompts: int = 0  # chat prompts of the packaged set for generation fidelity (effideploy.eval.chat); 0: off
+    chat_new_tokens: int = 48  # greedy tokens per chat response (a response ends earlier at a stop token)
     quantize: tuple[str, ...] = ()  # also bench the dense model and every checkpoint exported with these schemes
     memory: bool = True
     threads: int | None = None
@@ -73,6 +77,17 @@ class BenchConfig:
             raise OptionError("batch_sizes", f"must be positive, got {list(self.batch_sizes)}")
         if self.mc_limit is not None and self.mc_limit < 0:
             raise OptionError("mc_limit", f"must not be negative, got {self.mc_limit}")
+        if self.chat_prompts < 0:
+            raise OptionError("chat_prompts", f"must not be negative (0 skips the chat measure), got {self.chat_prompts}")
+        if self.chat_prompts:
+            from effideploy.eval.chat import load_chat_prompts
+
+            available = len(load_chat_prompts())
+            if self.chat_prompts > available:
+                raise OptionError("chat_prompts", f"must be at most {available} (the packaged chat prompt set), "
+                                                  f"got {self.chat_prompts}")
+        if self.chat_new_tokens < 1:
+            raise OptionError("chat_new_tokens", f"must be at least 1, got {self.chat_new_tokens}")
         if self.threads is not None and self.threads < 1:
             raise OptionError("threads", f"must be at least 1, got {self.threads}")
         if self.device is not None:

@@ -63,6 +63,11 @@ THRESHOLDS = {
                                    "mean KL(dense || candidate) of next-token distributions (effideploy tune's screen)"),
     "min_top_k_agreement": Threshold("top_k_agreement", "min", "",
                                      "mean overlap of dense and candidate top-5 next tokens (effideploy tune's screen)"),
+    "min_chat_rouge_l": Threshold("chat_rouge_l", "min", "",
+                                  "mean ROUGE-L of the candidate's greedy chat responses against dense's (--chat-prompts)"),
+    "max_chat_loglik_drop": Threshold("chat_loglik_drop", "max", "nats",
+                                      "dense's per-token log-likelihood of its own chat responses minus of the "
+                                      "candidate's (--chat-prompts)"),
     "min_decode_speedup": Threshold("decode_speedup", "min", "x", "median TPOT dense / candidate"),
     "min_ttft_speedup": Threshold("ttft_speedup", "min", "x", "median TTFT dense / candidate"),
     "min_throughput_speedup": Threshold("throughput_speedup", "min", "x",

@@ -7,7 +7,8 @@ describe()), ``runtime_options``, ``environment`` (versions, CPU/GPU, threads, l
 mean NLL, ``tasks`` with per-example choices), ``comparisons`` (per candidate: every ratio, OP/OG/OL/OE, the ideal
 ratios, the policy metrics), ``pareto`` (per quality, OP and the perplexity ratio, and per speedup: the points and
 whether each is non-dominated), ``policy`` (when given), ``notes``, ``phase_seconds`` (wall time per bench phase),
-``seconds``, ``plots``; per model also ``export`` (path, reused, seconds) when the bench exported it; from
+``seconds``, ``plots``; per model also ``export`` (path, reused, seconds) when the bench exported it, and ``chat``
+(the greedy chat responses: ids, texts, stop tokens, dense's log-likelihoods) with ``--chat-prompts``; from
 ``effideploy run`` also ``pipeline`` (method, sparsities, prune options, checkpoints, seconds per step, total).
 Uncertainty (docs/accuracy.md): per comparison ``task_accuracy`` (per task: ``n``, dense / candidate accuracy with
 their SEs, ``drop`` with its paired SE, McNemar's ``dense_only`` / ``candidate_only``, ``within_noise``,
@@ -109,6 +110,8 @@ def _verdict_line(record) -> str:
         parts.append(f"accuracy drop {_pm(suite.drop, suite.drop_stderr)} over {len(suite.tasks)} competent "
                      f"task(s), {suite.n} items{noise}")
     parts.append(f"OP {_f(record.op, 3)}, OL {_f(record.loyalty, 3)}")
+    if record.chat_rouge_l is not None:
+        parts.append(f"chat ROUGE-L {_f(record.chat_rouge_l, 3)} against dense's responses")
     slower = not math.isnan(record.decode_speedup) and round(record.decode_speedup, 2) < 1  # as printed
     return f"- **{record.candidate}**: " + ", ".join(parts) + (" — **slower than dense**" if slower else "")
 
@@ -135,6 +138,7 @@ def markdown(report: BenchReport) -> str:
         out += ["", f"Policy **{policy['name']}** ({policy['require']} candidates must pass): "
                 f"**{'PASS' if policy['passed'] else 'FAIL'}**"]
     out += _speed_sections(report) + _memory_section(report) + _accuracy_section(report) + _effivlm_section(report)
+    out += _chat_section(report)
     out += _pareto_section(report) + _policy_section(report) + _method_section(report)
     return "\n".join(out)
 
@@ -284,6 +288,54 @@ def _loyalty_cell(record, part: str | None) -> str:
         value, stderr = getattr(record, f"loyalty_{part}"), getattr(record, f"loyalty_{part}_stderr")
         count = f"{units[part]} {names[part]}" if part in units else ""
     return _pm(value, stderr) + (f" ({count})" if count and value is not None else "")
+
+
+def _one_line(text: str, limit: int = 320) -> str:
+    text = text.strip().replace("\n", " ↵ ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _chat_section(report: BenchReport) -> list[str]:
+    """Chat fidelity (--chat-prompts): each model's greedy chat responses against dense's, and per candidate the
+    pair of responses that differ most."""
+    dense = report.dense
+    if dense.chat is None:
+        return []
+    chat, by_label = dense.chat, {m.label: m for m in report.models}
+    out = ["", f"## Chat (greedy responses through the chat template: {chat.n} prompt(s), at most "
+           f"{chat.max_new_tokens} new tokens)", "",
+           "Each prompt of the packaged chat set is one user turn rendered by the model's own chat template; every "
+           "model answers greedily on this runtime and each candidate's response is compared with dense's: exact "
+           "match (share of identical responses), token F1 (bag-of-tokens overlap) and ROUGE-L (longest common "
+           "subsequence F-measure), means over prompts. Dense log-lik is the dense model's mean per-token "
+           "log-likelihood of a model's responses (its stop token included when one was generated); the drop is "
+           "dense's own minus the candidate's: near 0, the candidate says what dense finds likely.", ""]
+    rows = [[dense.label, "1.000", "1.000", "1.000", _f(chat.mean_loglik, 3), "0.000", _f(chat.mean_tokens, 1),
+             _pct(chat.stopped_share)]]
+    for r in report.comparisons:
+        model = by_label.get(r.candidate)
+        if r.chat_prompts is None or model is None or model.chat is None:
+            rows.append([r.candidate] + ["n/a"] * 7)
+            continue
+        rows.append([r.candidate, _f(r.chat_exact_match, 3), _f(r.chat_token_f1, 3), _f(r.chat_rouge_l, 3),
+                     _f(r.chat_loglik, 3), _f(r.chat_loglik_drop, 3), _f(model.chat.mean_tokens, 1),
+                     _pct(model.chat.stopped_share)])
+    out.append(_table(["model", "exact match", "token F1", "ROUGE-L", "dense log-lik / token", "drop vs dense's own",
+                       "response tokens (mean)", "stopped at EOS"], rows))
+    for r in report.comparisons:
+        model = by_label.get(r.candidate)
+        if not r.chat_items or model is None or model.chat is None:
+            continue
+        worst = min(r.chat_items, key=lambda item: item["rouge_l"])
+        i = worst["prompt"]
+        if worst["exact_match"] == 1.0:
+            out += ["", f"**{r.candidate}**: every response identical to dense's."]
+            continue
+        out += ["", f"**{r.candidate}**, the response least like dense's (prompt {i + 1}, ROUGE-L "
+                f"{_f(worst['rouge_l'], 3)}): *{_one_line(chat.prompts[i])}*", "",
+                f"> dense: {_one_line(chat.texts[i])}", ">",
+                f"> {r.candidate}: {_one_line(model.chat.texts[i])}"]
+    return out
 
 
 def _pareto_section(report: BenchReport) -> list[str]:

@@ -13,6 +13,7 @@ from effideploy.bench import metrics
 
 if TYPE_CHECKING:
     from effideploy.bench.compare import Comparison
+    from effideploy.eval.chat import ChatResponses
     from effideploy.eval.multiple_choice import TaskResult
     from effideploy.eval.perplexity import PerplexityResult
 
@@ -91,6 +92,7 @@ class ModelResult:
     throughput: dict[str, list[float]] = field(default_factory=dict)  # batch size -> tokens/s per repeat
     perplexity: PerplexityResult | None = None
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    chat: ChatResponses | None = None  # greedy responses to the chat prompts (--chat-prompts)
 
     def to_dict(self) -> dict:
         """report.json's entry: sections that were not measured are absent; per-window mean NLL instead of the
@@ -114,6 +116,8 @@ class ModelResult:
                                  "window_mean_nll": [sum(row) / len(row) for row in ppl.nll]}
         if self.tasks:
             out["tasks"] = {name: task.to_dict() for name, task in self.tasks.items()}
+        if self.chat is not None:
+            out["chat"] = self.chat.to_dict()
         return out
 
 

@@ -1,7 +1,7 @@
 """Measure a dense baseline and its candidates on one runtime in one run, and compare them.
 
 The roles live in their own modules: ``artifacts`` (what each model opens, export-or-reuse), ``measure`` (latency,
-throughput, memory), ``quality`` (perplexity, multiple choice), ``compare`` (the typed per-candidate record and the
+throughput, memory), ``quality`` (perplexity, multiple choice, chat fidelity), ``compare`` (the typed per-candidate record and the
 Pareto fronts), ``report`` (markdown, JSON, plots). This module orders them and times each phase.
 """
 
@@ -18,7 +18,7 @@ from effideploy.bench.compare import compare, pareto
 from effideploy.bench.config import DENSE_LABEL, BenchConfig, expanded_candidates
 from effideploy.bench.environment import environment, load_average
 from effideploy.bench.measure import RuntimePool, measure_latency, measure_memory, measure_throughput
-from effideploy.bench.quality import measure_multiple_choice, measure_perplexity
+from effideploy.bench.quality import measure_chat, measure_multiple_choice, measure_perplexity
 from effideploy.bench.results import BenchReport, ModelResult
 
 
@@ -55,6 +55,17 @@ def run_bench(config: BenchConfig) -> BenchReport:
     tasks = [] if config.mc_limit == 0 else [load_task(path) for path in find_tasks(config.tasks, config.data_dir)]
     if config.mc_limit != 0 and not tasks:
         notes.append("no BIG-bench tasks found (give --task or --data-dir): multiple choice skipped")
+    chat_prompts, chat_ids = [], []
+    if config.chat_prompts:
+        from effideploy.eval.chat import chat_template_missing, load_chat_prompts, render_chat
+
+        reason = chat_template_missing(tokenizer)
+        if reason is None:
+            chat_prompts = load_chat_prompts(config.chat_prompts)
+            chat_ids = render_chat(tokenizer, chat_prompts)
+        else:
+            notes.append(f"chat fidelity not measured: {reason}; --chat-prompts needs a model served through a chat "
+                         "template")
     candidates = expanded_candidates(config)
     for spec in candidates:
         if spec.compression:  # exports get what the method needs (export_options), so only the method is checked
@@ -79,7 +90,9 @@ def run_bench(config: BenchConfig) -> BenchReport:
     n_prompt_windows = max(config.prompts, max(config.batch_sizes, default=1))
     prompt_windows = sample_windows(test_ids, n_prompt_windows, config.prompt_tokens, config.seed).tolist()
     prompts = prompt_windows[: config.prompts]
-    options = runtime_options(config, models, max(config.ppl_seqlen, config.prompt_tokens + config.new_tokens))
+    longest_chat = max((len(ids) + config.chat_new_tokens for ids in chat_ids), default=0)
+    options = runtime_options(config, models, max(config.ppl_seqlen, config.prompt_tokens + config.new_tokens,
+                                                  longest_chat))
 
     if config.memory:
         tick = time.perf_counter()
@@ -112,6 +125,13 @@ def run_bench(config: BenchConfig) -> BenchReport:
             if tasks:
                 measure_multiple_choice(model, pool[model.label], tasks, tokenizer, config)
             phases["multiple choice"] += time.perf_counter() - tick
+        if chat_ids:
+            from effideploy.eval.chat import stop_token_ids
+
+            tick = time.perf_counter()
+            measure_chat(models, pool, chat_ids, chat_prompts, tokenizer, config,
+                         stop_token_ids(tokenizer, models[0].config_dict))
+            phases["chat"] = time.perf_counter() - tick
     finally:
         pool.close()
 
@@ -129,7 +149,9 @@ def run_bench(config: BenchConfig) -> BenchReport:
         environment={**environment(), "load_average_start": load_before, "load_average_end": load_after},
         data={"wikitext2_test": resolve_text("wikitext2", "test", config.data_dir).path,
               "ppl_windows": 0 if windows is None else int(windows.shape[0]),
-              "tasks": [{"name": t.name, "path": t.path, "examples": len(t.examples)} for t in tasks]},
+              "tasks": [{"name": t.name, "path": t.path, "examples": len(t.examples)} for t in tasks],
+              **({"chat_prompts": {"source": "effideploy/data/chat_prompts.json", "prompts": len(chat_ids),
+                                   "prompt_tokens": [len(ids) for ids in chat_ids]}} if chat_ids else {})},
         models=models,
         comparisons=comparisons,
         pareto=pareto(comparisons),

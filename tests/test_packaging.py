@@ -73,6 +73,7 @@ def test_the_wheel_carries_the_data_the_code_reads(wheel_names):
     assert "effideploy/bench/policies/default.toml" in policies
     assert set(policies) <= wheel_names
     assert {f"effideploy/checkpoint/remote/{name}" for name in REMOTE_FILES} <= wheel_names
+    assert "effideploy/data/chat_prompts.json" in wheel_names  # read via importlib.resources (effideploy.eval.chat)
     # Any other tracked non-Python file in a package folder must be declared package data in pyproject.toml, or a
     # wheel install lacks it while the editable checkout has it.
     undeclared = sorted(name for name in _non_python_files() if name not in wheel_names)

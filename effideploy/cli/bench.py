@@ -51,7 +51,8 @@ def finish(report, output: Path, policy_path: Optional[Path], policy, overwrite:
         ppl = record.perplexity_increase
         echo(f"  {record.candidate}: decode {record.decode_speedup:.2f}x, TTFT {record.ttft_speedup:.2f}x"
              + (f", perplexity {ppl * 100:+.1f}%" if ppl is not None else "")
-             + f", OP {record.op:.3f}, OL {record.loyalty:.3f}")
+             + f", OP {record.op:.3f}, OL {record.loyalty:.3f}"
+             + (f", chat ROUGE-L {record.chat_rouge_l:.3f}" if record.chat_rouge_l is not None else ""))
     if policy is None:
         return
     section = report.policy
@@ -95,6 +96,8 @@ def bench(
     task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder, or a zero-shot task scored in lm-eval's format (acc and acc_norm): boolq | piqa | hellaswag | winogrande | arc_easy | arc_challenge | openbookqa | sciq | zeroshot (the seven) (repeatable; default: every task under shared/data/bigbench)."),
     mc_limit: int = typer.Option(default_of(BenchConfig, "mc_limit"), help="Multiple-choice examples per task (seeded subset; 0 skips, -1 takes all)."),
     seed: int = typer.Option(default_of(BenchConfig, "seed"), help="Seed of the prompt windows and the multiple-choice subset."),
+    chat_prompts: int = typer.Option(default_of(BenchConfig, "chat_prompts"), help="Chat fidelity: the first N prompts of the packaged chat set, each answered greedily through the model's chat template by every model and compared with dense's answers (exact match, token F1, ROUGE-L, dense log-likelihood); 0 skips it (docs/accuracy.md)."),
+    chat_new_tokens: int = typer.Option(default_of(BenchConfig, "chat_new_tokens"), help="Greedy tokens per chat response at most (a response ends at EOS)."),
     memory: bool = typer.Option(default_of(BenchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory (one extra process per model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     device: Optional[str] = typer.Option(default_of(BenchConfig, "device"), help="auto | cpu | cuda | cuda:N for the runtime (torch: CUDA when available; onnx: the CUDA execution provider with onnxruntime-gpu; vllm: where its build runs)."),
@@ -138,6 +141,7 @@ def bench(
         prompts=prompts, warmup=warmup, repeats=repeats, batch_sizes=parse_batch_sizes(batch_sizes),
         throughput_repeats=throughput_repeats, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen,
         tasks=tuple(str(t) for t in task or []), mc_limit=None if mc_limit < 0 else mc_limit, seed=seed,
+        chat_prompts=chat_prompts, chat_new_tokens=chat_new_tokens,
         quantize=tuple(quantize or ()), memory=memory, threads=threads, device=device, data_dir=str(data_dir) if data_dir else None,
     )
     finish(run_bench(config), output, policy, loaded_policy, overwrite)

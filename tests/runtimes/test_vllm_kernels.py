@@ -154,10 +154,10 @@ def test_tune_leaves_out_and_refuses_what_the_machine_cannot_serve(monkeypatch):
     pytest.importorskip("vllm")
     from effideploy.errors import OptionError
     from effideploy.search.feasibility import check_recipes, servable_default
-    from effideploy.search.space import Recipe
+    from effideploy.search.space import Recipe, WeightQuantization
 
     monkeypatch.setattr(vllm_kernels, "probe", lambda use_cache=True: AVX2_MACHINE)
-    kept, notes = servable_default((None, "int8", "int4"), "vllm")
+    kept, notes = servable_default(WeightQuantization(values=(None, "int8", "int4")), "vllm")
     assert kept == (None, "w8a8")  # the search's int8 is vLLM's W8A8
     assert len(notes) == 1 and "int4" in notes[0] and "kernel unavailable on this machine" in notes[0]
     check_recipes([Recipe(quantize="int8"), Recipe(ffn_sparsity=0.2, quantize="w8a8")], "vllm")

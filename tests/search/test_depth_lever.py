@@ -101,6 +101,19 @@ def test_tune_with_the_depth_lever_on_onnx_runtime(tmp_path, tiny_model_dir, tin
     # the cost model read the checkpoint's structure: fewer KV layers, fewer attention FLOPs than dense
     config = json.loads((Path(record["checkpoint"]) / "config.json").read_text())
     assert sum(b["attention"].get("no_op", False) for b in config["block_configs"]) == 1
+    from effideploy.models.resolve import read_config_dict
+    from effideploy.quantization.schemes import fitted_scheme
+    from effideploy.search.cost import recipe_features
+
+    def features(config_dict):  # --prompt-tokens 24 --new-tokens 4, float32 weights as ONNX Runtime stores them
+        return recipe_features(Recipe(), config_dict, 24, 4, fitted_scheme("onnx", None, config_dict))
+
+    dense = features(read_config_dict(Path(tiny_model_dir)))
+    assert record["features"]["decode_bytes"] == pytest.approx(features(config).decode_bytes)
+    one_attention = (2 * 128 * 128 + 2 * 128 * 64) * 4  # q, o [128, 128] and k, v [64, 128] in float32
+    one_kv_layer = 2 * 1 * 64 * 4 * (24 + 4 / 2)  # keys and values of 1 KV head of 64 over the prompt and half the new
+    assert dense.decode_bytes - record["features"]["decode_bytes"] == pytest.approx(one_attention + one_kv_layer)
+    assert record["features"]["prefill_flops_float"] < dense.prefill_flops_float
     assert data["cost_model"]["fitted_on"] == ["dense", "drop-attention-1"]
     assert record["stage"] == "benched" and record["measured"]["decode_speedup"] > 0
     assert data["recommended"] == "drop-attention-1"

@@ -1,6 +1,7 @@
 """``tune --output``: the search's own folder, under the output policy of ``effideploy.io``.
 
-The folder holds what a later run reuses (``cfsp-*/`` checkpoints, ``exports/``, ``screen.json``), the report
+The folder holds what a later run reuses (checkpoints named by their structural lever, ``cfsp-0.2/``,
+``drop-attention-0.05/``; ``exports/``, ``screen.json``), the report
 (``report/``, written atomically) and the ``recommended`` link. It is never replaced, only written into, so it is
 held to the policy as a whole:
 

@@ -73,10 +73,23 @@ class Comparison:
     loyalty_tokens_stderr: float | None = None
     loyalty_choices_stderr: float | None = None
     loyalty_units: dict[str, int] = field(default_factory=dict)  # {"tokens": windows, "choices": items}
-    # next-token distributions against dense: filled by `effideploy tune` from its PyTorch screen (fake-quantized
-    # weights where the recipe quantizes); the bench alone does not measure them (None)
+    # next-token distributions against dense, measured on the runtime's artifacts over the perplexity windows
+    # (bench/fidelity.py: KL on dense's top-20 support plus a tail bucket, top-5 and top-1 agreement; SEs over
+    # windows); None for a compressed candidate (scored on second halves) or without perplexity windows.
+    # effideploy tune's PyTorch screen predicts the same quantities; its values stay in the search record.
     kl_divergence: float | None = None
+    kl_divergence_stderr: float | None = None
     top_k_agreement: float | None = None
+    top_k_agreement_stderr: float | None = None
+    top1_agreement: float | None = None  # the same positions' argmax agreement as loyalty_tokens
+    fidelity_top_k: int | None = None
+    fidelity_kl_support: int | None = None  # dense's top-m ids the KL is estimated on (plus one tail bucket)
+    fidelity_positions: int | None = None
+    fidelity_source: str | None = None  # which artifact and text: "onnx runtime artifact, WikiText-2 test windows 1..8 ..."
+    # effideploy tune's prediction of the two from its PyTorch screen (other windows of WikiText-2 test, drawn after
+    # the perplexity windows); None in a plain bench. The policy reads the measured fields above.
+    kl_divergence_predicted: float | None = None
+    top_k_agreement_predicted: float | None = None
     # chat fidelity (--chat-prompts; effideploy.eval.chat): greedy responses through the chat template against dense's
     chat_prompts: int | None = None
     chat_exact_match: float | None = None
@@ -125,7 +138,20 @@ def compare(dense: ModelResult, candidate: ModelResult, config: BenchConfig) -> 
     _speed(record, dense, candidate)
     _size(record, dense, candidate, config)
     _chat(record, dense, candidate)
+    _fidelity(record, candidate)
     return record
+
+
+def _fidelity(record: Comparison, candidate: ModelResult) -> None:
+    """KL and top-k agreement to dense, measured where the perplexity windows were scored (bench/quality.py)."""
+    fidelity = candidate.fidelity
+    if fidelity is None:
+        return
+    record.kl_divergence, record.kl_divergence_stderr = fidelity.kl, fidelity.kl_stderr
+    record.top_k_agreement, record.top_k_agreement_stderr = fidelity.top_k_agreement, fidelity.top_k_agreement_stderr
+    record.top1_agreement, record.fidelity_top_k = fidelity.top1_agreement, fidelity.k
+    record.fidelity_kl_support = fidelity.kl_support
+    record.fidelity_positions, record.fidelity_source = fidelity.positions, fidelity.source
 
 
 def _accuracy(record: Comparison, dense: ModelResult, candidate: ModelResult) -> None:

@@ -60,9 +60,12 @@ THRESHOLDS = {
     "min_loyalty": Threshold("loyalty", "min", "", "OL, share of predictions identical to dense",
                              stderr="loyalty_stderr"),
     "max_kl_divergence": Threshold("kl_divergence", "max", "nats",
-                                   "mean KL(dense || candidate) of next-token distributions (effideploy tune's screen)"),
+                                   "mean KL(dense || candidate) of next-token distributions on the runtime's "
+                                   "artifacts (dense's top-20 support plus a tail bucket; perplexity windows)",
+                                   stderr="kl_divergence_stderr"),
     "min_top_k_agreement": Threshold("top_k_agreement", "min", "",
-                                     "mean overlap of dense and candidate top-5 next tokens (effideploy tune's screen)"),
+                                     "mean overlap of dense and candidate top-5 next tokens on the runtime's "
+                                     "artifacts (perplexity windows)", stderr="top_k_agreement_stderr"),
     "min_chat_rouge_l": Threshold("chat_rouge_l", "min", "",
                                   "mean ROUGE-L of the candidate's greedy chat responses against dense's (--chat-prompts)"),
     "max_chat_loglik_drop": Threshold("chat_loglik_drop", "max", "nats",
@@ -227,6 +230,8 @@ def _noise(record, spec: Threshold, value: float | None, limit: float) -> dict:
     stderr = getattr(record, spec.stderr, None)
     stderr = None if stderr is None or math.isnan(stderr) else float(stderr)
     scope = getattr(record, "accuracy_scope", None) if spec.metric == "accuracy_drop" else None
+    if spec.metric in ("kl_divergence", "top_k_agreement"):
+        scope = getattr(record, "fidelity_source", None)  # which artifact and text the value was measured on
     return {"stderr": stderr, "within_noise": within_noise(value, stderr) if spec.difference else None,
             "near_limit": None if value is None else within_noise(value - limit, stderr), "scope": scope}
 

@@ -15,6 +15,10 @@ their SEs, ``drop`` with its paired SE, McNemar's ``dense_only`` / ``candidate_o
 ``competent``), ``suite_accuracy`` (the same over the competent tasks, what ``accuracy_drop`` is),
 ``accuracy_drop_stderr``, ``accuracy_drop_within_noise``, ``loyalty*_stderr`` and ``loyalty_units``; a policy
 check of a metric with an SE also has ``stderr``, ``within_noise``, ``near_limit`` and ``scope``.
+Next-token fidelity (bench/fidelity.py): per comparison ``kl_divergence``, ``top_k_agreement`` (measured on the
+runtime's artifacts) with ``*_stderr``, ``top1_agreement``, ``fidelity_top_k``, ``fidelity_positions``,
+``fidelity_source`` (the artifact and text), and from tune ``kl_divergence_predicted`` /
+``top_k_agreement_predicted`` (its screen); per candidate model ``fidelity``.
 Added keys do not change the version; renamed or removed ones do.
 """
 
@@ -110,6 +114,10 @@ def _verdict_line(record) -> str:
         parts.append(f"accuracy drop {_pm(suite.drop, suite.drop_stderr)} over {len(suite.tasks)} competent "
                      f"task(s), {suite.n} items{noise}")
     parts.append(f"OP {_f(record.op, 3)}, OL {_f(record.loyalty, 3)}")
+    if record.kl_divergence is not None:
+        parts.append(f"KL to dense {_pm(record.kl_divergence, record.kl_divergence_stderr, 4)} nats and top-"
+                     f"{record.fidelity_top_k} agreement {_pm(record.top_k_agreement, record.top_k_agreement_stderr)} "
+                     "measured on the runtime")
     if record.chat_rouge_l is not None:
         parts.append(f"chat ROUGE-L {_f(record.chat_rouge_l, 3)} against dense's responses")
     slower = not math.isnan(record.decode_speedup) and round(record.decode_speedup, 2) < 1  # as printed
@@ -138,7 +146,7 @@ def markdown(report: BenchReport) -> str:
         out += ["", f"Policy **{policy['name']}** ({policy['require']} candidates must pass): "
                 f"**{'PASS' if policy['passed'] else 'FAIL'}**"]
     out += _speed_sections(report) + _memory_section(report) + _accuracy_section(report) + _effivlm_section(report)
-    out += _chat_section(report)
+    out += _fidelity_section(report) + _chat_section(report)
     out += _pareto_section(report) + _policy_section(report) + _method_section(report)
     return "\n".join(out)
 
@@ -274,6 +282,38 @@ def _effivlm_section(report: BenchReport) -> list[str]:
                         _loyalty_cell(r, "tokens"), _loyalty_cell(r, "choices"),
                         _f(r.ttft_speedup), _f(r.decode_speedup), _f(r.generation_match, 3)]
                        for r in report.comparisons]))
+    return out
+
+
+def _fidelity_section(report: BenchReport) -> list[str]:
+    """KL and top-k agreement to dense measured on the runtime's artifacts, beside tune's screen predictions."""
+    measured = [r for r in report.comparisons if r.kl_divergence is not None]
+    skipped = [r.candidate for r in report.comparisons if r.kl_divergence is None]
+    if not measured:
+        return []
+    predicted = any(r.kl_divergence_predicted is not None for r in report.comparisons)
+    k, m = measured[0].fidelity_top_k, measured[0].fidelity_kl_support
+    out = ["", "## Next-token fidelity (measured on the runtime)", "",
+           f"Each candidate's next-token distributions against dense's at the same positions, both from the "
+           f"{report.runtime.get('runtime')} runtime's artifacts: KL(dense || candidate) on dense's top-{m} tokens "
+           f"plus one tail bucket of the remaining mass (a lower bound of the full-vocabulary KL, close to it when the "
+           f"top-{m} hold most of the mass), the overlap of the two top-{k} sets, and top-1 agreement (OL's token "
+           "part). ± is the SE over windows. Text: " + (measured[0].fidelity_source or "n/a") + "."
+           + (" Predicted (screen): effideploy tune's PyTorch screen on other WikiText-2 test windows (drawn after "
+              "these), fake-quantized weights where the recipe quantizes." if predicted else ""), ""]
+    header = ["candidate", "KL (nats)", f"top-{k} agreement", "top-1 agreement", "positions"]
+    if predicted:
+        header += ["KL predicted (screen)", f"top-{k} predicted (screen)"]
+    rows = []
+    for r in measured:
+        row = [r.candidate, _pm(r.kl_divergence, r.kl_divergence_stderr, 4),
+               _pm(r.top_k_agreement, r.top_k_agreement_stderr), _f(r.top1_agreement, 3), str(r.fidelity_positions)]
+        if predicted:
+            row += [_f(r.kl_divergence_predicted, 4), _f(r.top_k_agreement_predicted, 3)]
+        rows.append(row)
+    out.append(_table(header, rows))
+    if skipped:
+        out += ["", "Not measured (compressed context, scored on second halves only): " + ", ".join(skipped) + "."]
     return out
 
 

@@ -13,6 +13,7 @@ from effideploy.bench import metrics
 
 if TYPE_CHECKING:
     from effideploy.bench.compare import Comparison
+    from effideploy.bench.fidelity import Fidelity
     from effideploy.eval.chat import ChatResponses
     from effideploy.eval.multiple_choice import TaskResult
     from effideploy.eval.perplexity import PerplexityResult
@@ -91,6 +92,7 @@ class ModelResult:
     kv_cache: dict | None = None  # what compression left in the KV cache (Runtime.kv_record)
     throughput: dict[str, list[float]] = field(default_factory=dict)  # batch size -> tokens/s per repeat
     perplexity: PerplexityResult | None = None
+    fidelity: Fidelity | None = None  # a candidate's next-token distributions against dense's (bench/fidelity.py)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     chat: ChatResponses | None = None  # greedy responses to the chat prompts (--chat-prompts)
 
@@ -114,6 +116,8 @@ class ModelResult:
             ppl = self.perplexity
             out["perplexity"] = {"scope": ppl.scope, "perplexity": ppl.perplexity, "mean_nll": ppl.mean_nll,
                                  "window_mean_nll": [sum(row) / len(row) for row in ppl.nll]}
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity.to_dict()
         if self.tasks:
             out["tasks"] = {name: task.to_dict() for name, task in self.tasks.items()}
         if self.chat is not None:

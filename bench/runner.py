@@ -118,8 +118,8 @@ def run_bench(config: BenchConfig) -> BenchReport:
         phases["perplexity"] = phases["multiple choice"] = 0.0
         for model in models:
             tick = time.perf_counter()
-            if windows is not None:
-                measure_perplexity(model, pool[model.label], windows)
+            if windows is not None:  # dense first: the candidates' fidelity reads its top-k
+                measure_perplexity(model, pool[model.label], windows, dense=None if model is models[0] else models[0])
             phases["perplexity"] += time.perf_counter() - tick
             tick = time.perf_counter()
             if tasks:

@@ -7,7 +7,9 @@ the bench and the evaluators never ask which backend they have.
 ``generate``                   greedy generation one prompt at a time (batch 1), with per-step timings
 ``generate_batch``             greedy generation of several prompts together (throughput); ``can_batch`` says
                                whether the runtime, with its current token compression, does it
-``score_windows``              next-token scores of whole sequences (``loglikelihood_rolling``)
+``score_windows``              next-token scores of whole sequences (``loglikelihood_rolling``); on request
+                               (``top_k``, ``support``) the top-k log-probabilities of every scored position and
+                               the log-probabilities of given ids there (distribution fidelity, bench/fidelity.py)
 ``score_continuations``        scores of continuation tokens after a context (``loglikelihood``); consecutive
                                requests with the same context are prefilled once, and token compression, when
                                attached, compresses the context's prefill
@@ -57,6 +59,10 @@ class TokenScores:
 
     nll: torch.Tensor  # float32
     argmax: torch.Tensor  # int64
+    # On request only (``score_windows(..., top_k=k, support=...)``), per scored position:
+    top_ids: torch.Tensor | None = None  # [n, k] int64, the k most probable next tokens, most probable first
+    top_logprobs: torch.Tensor | None = None  # [n, k] float32, their log-probabilities (log_softmax of the logits)
+    support_logprobs: torch.Tensor | None = None  # [n, m] float32, log-probabilities of the ``support`` ids
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,11 @@ class Runtime:
         """Whether ``generate_batch`` runs with the current settings (compression included)."""
         return self.capabilities.batching
 
-    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]], *, top_k: int = 0,
+                      support: list[torch.Tensor] | None = None) -> list[TokenScores]:
+        """Per sequence, the NLL and argmax of tokens 1..L-1. ``top_k`` > 0 adds each position's ``top_ids`` /
+        ``top_logprobs``; ``support`` (per sequence an [L-1, m] id tensor) adds ``support_logprobs``, the
+        log-probabilities of those ids at each position. Both default off: plain scoring computes neither."""
         raise NotImplementedError
 
     def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
@@ -158,16 +168,38 @@ class Runtime:
         self.close()
 
 
-def scores_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> TokenScores:
+def scores_from_logits(logits: torch.Tensor, ids: torch.Tensor, *, top_k: int = 0,
+                       support: torch.Tensor | None = None) -> TokenScores:
     """[L, V] logits and [L] ids of one sequence -> its TokenScores (tokens 1..L-1)."""
-    return scores_of(logits[:-1], ids[1:])
+    return scores_of(logits[:-1], ids[1:], top_k=top_k, support=support)
 
 
-def scores_of(logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
-    """[n, V] logits predicting the [n] ``targets`` -> TokenScores."""
+def scores_of(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int = 0,
+              support: torch.Tensor | None = None) -> TokenScores:
+    """[n, V] logits predicting the [n] ``targets`` -> TokenScores; ``top_k`` / ``support`` ([n, m] ids) as in
+    ``Runtime.score_windows``, read off the same full-vocabulary log_softmax (a top-k and a gather: no second
+    forward)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
-    return TokenScores(nll=nll.cpu(), argmax=logits.argmax(-1).cpu())  # no-op on the CPU; GPU results come home
+    nll = -log_probs.gather(-1, targets[:, None].to(log_probs.device)).squeeze(-1)
+    scores = TokenScores(nll=nll.cpu(), argmax=logits.argmax(-1).cpu())  # no-op on the CPU; GPU results come home
+    if top_k:
+        top = log_probs.topk(min(int(top_k), log_probs.shape[-1]), dim=-1)
+        scores.top_ids, scores.top_logprobs = top.indices.cpu(), top.values.cpu()
+    if support is not None:
+        check_support(support, len(targets))
+        scores.support_logprobs = log_probs.gather(-1, support.to(log_probs.device, torch.int64)).cpu()
+    return scores
+
+
+def check_support(support: torch.Tensor, positions: int) -> None:
+    if support.dim() != 2 or support.shape[0] != positions:
+        raise EffideployError(f"support ids must be [{positions}, m] for a sequence with {positions} scored "
+                              f"positions, got {list(support.shape)}")
+
+
+def support_of(support: list[torch.Tensor] | None, index: int) -> torch.Tensor | None:
+    """The support ids of sequence ``index`` (None when none were given)."""
+    return None if support is None else support[index]
 
 
 def check_requests(requests: list[ContinuationRequest]) -> None:

@@ -301,14 +301,18 @@ class LlamaCppRuntime(Runtime):
         self._clear()
         return torch.from_numpy(self._feed(list(sequence), 0, 0, all_logits=True)[:-1])
 
-    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
-        from effideploy.runtimes.base import scores_of
+    def score_windows(self, sequences: list[list[int]], *, top_k: int = 0,
+                      support: list[torch.Tensor] | None = None) -> list[TokenScores]:
+        """Top-k and support log-probabilities (on request) from llama.cpp's full logits of every position (the
+        scoring decode asks for logits at all positions)."""
+        from effideploy.runtimes.base import scores_of, support_of
 
         results = []
         for index, sequence in enumerate(sequences):
             if len(sequence) < 2:
                 raise EffideployError(f"sequence {index} needs at least 2 tokens to be scored")
-            results.append(scores_of(self.logits(sequence), torch.tensor(sequence[1:], dtype=torch.int64)))
+            results.append(scores_of(self.logits(sequence), torch.tensor(sequence[1:], dtype=torch.int64),
+                                     top_k=top_k, support=support_of(support, index)))
         return results
 
     def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:

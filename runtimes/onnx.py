@@ -28,7 +28,7 @@ import torch
 
 from effideploy.errors import EffideployError
 from effideploy.runtimes.base import (Capabilities, ContinuationRequest, Generation, Runtime, TokenScores,
-                                      check_requests, scores_from_logits, scores_of)
+                                      check_requests, scores_from_logits, scores_of, support_of)
 from effideploy.runtimes.onnx_cache import KVCache, Past
 
 MODEL_FILE = "model.onnx"
@@ -254,11 +254,14 @@ class OnnxRuntime(Runtime):
             feed[f"past_key_values.{index}.key"] = feed[f"past_key_values.{index}.value"] = empty
         return self.session.run(["logits"], feed)[0]
 
-    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]], *, top_k: int = 0,
+                      support: list[torch.Tensor] | None = None) -> list[TokenScores]:
+        """Top-k and support log-probabilities (on request) from the graph's full logits of every position."""
         results = []
-        for sequence in sequences:
+        for index, sequence in enumerate(sequences):
             logits = self.logits([sequence])[0].astype(np.float32)
-            results.append(scores_from_logits(torch.from_numpy(logits), torch.tensor(sequence)))
+            results.append(scores_from_logits(torch.from_numpy(logits), torch.tensor(sequence), top_k=top_k,
+                                              support=support_of(support, index)))
         return results
 
     def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:

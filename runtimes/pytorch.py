@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from effideploy.errors import EffideployError
 from effideploy.runtimes.base import (Capabilities, ContinuationRequest, Generation, Runtime, TokenScores,
-                                      check_requests, scores_from_logits, scores_of)
+                                      check_requests, scores_from_logits, scores_of, support_of)
 
 
 def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
@@ -136,15 +136,17 @@ class TorchRuntime(Runtime):
                           total_seconds=time.perf_counter() - start_all)
 
     @torch.no_grad()
-    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
+    def score_windows(self, sequences: list[list[int]], *, top_k: int = 0,
+                      support: list[torch.Tensor] | None = None) -> list[TokenScores]:
+        """Top-k and support log-probabilities (on request) from the full logits of every position."""
         if self.hooks is not None:
             raise EffideployError("a compressed model scores continuations after a compressed prefill "
                                   "(score_continuations), not whole windows in one forward")
         results = []
-        for sequence in sequences:
+        for index, sequence in enumerate(sequences):
             ids = self._ids([sequence])
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
-            results.append(scores_from_logits(logits, ids[0]))
+            results.append(scores_from_logits(logits, ids[0], top_k=top_k, support=support_of(support, index)))
         return results
 
     @torch.no_grad()

@@ -214,26 +214,60 @@ class VllmRuntime(Runtime):
         return Generation(tokens=tokens, prefill_seconds=prefill, decode_seconds=decode,
                           total_seconds=time.perf_counter() - start_all, extra={"timing": "engine step stamps"})
 
-    def score_windows(self, sequences: list[list[int]]) -> list[TokenScores]:
-        """Next-token NLL and argmax from ``prompt_logprobs=1``: for each position vLLM returns the actual token's
-        raw log-probability and the rank-1 token (the same entry when the actual token is the argmax)."""
+    def max_logprobs(self) -> int:
+        """The most log-probabilities per position this engine returns (vLLM's ``max_logprobs``, default 20)."""
+        return int(getattr(self.engine.model_config, "max_logprobs", 20) or 20)
+
+    def score_windows(self, sequences: list[list[int]], *, top_k: int = 0,
+                      support: list[torch.Tensor] | None = None) -> list[TokenScores]:
+        """Next-token NLL and argmax from ``prompt_logprobs``: for each position vLLM returns the actual token's
+        raw log-probability and the top-n tokens by rank (n = 1 by default; the actual token is added when it is
+        not among them).
+
+        vLLM gives no full logits: ``top_k`` is served by ``prompt_logprobs=top_k`` (at most ``max_logprobs``);
+        ``support`` by ``prompt_logprobs=max_logprobs``, each support id read from those entries, and an id outside
+        them (less probable than all of them) given the least returned log-probability, an upper bound on its own."""
         from vllm.inputs import TokensPrompt
 
         self._check_open()
+        limit = self.max_logprobs()
+        if top_k > limit:
+            raise EffideployError(f"vLLM returns at most max_logprobs={limit} log-probabilities per position, "
+                                  f"not top_k={top_k}")
+        wanted = limit if support is not None else max(1, int(top_k))
         for index, sequence in enumerate(sequences):
             if len(sequence) < 2:
                 raise EffideployError(f"sequence {index} needs at least 2 tokens to be scored")
             if len(sequence) + 1 > self.max_model_len:
                 raise EffideployError(f"sequence {index} ({len(sequence)} tokens) exceeds max_model_len {self.max_model_len}")
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
-                                    self._sampling(1, prompt_logprobs=1), use_tqdm=False)
+                                    self._sampling(1, prompt_logprobs=wanted), use_tqdm=False)
         results = []
-        for sequence, output in zip(sequences, outputs):
-            nll, argmax = [], []
-            for token, entry in zip(sequence[1:], output.prompt_logprobs[1:]):
+        for index, (sequence, output) in enumerate(zip(sequences, outputs)):
+            nll, argmax, top_ids, top_values, support_values = [], [], [], [], []
+            ids = None if support is None else support[index]
+            if ids is not None:
+                from effideploy.runtimes.base import check_support
+
+                check_support(ids, len(sequence) - 1)
+            for position, (token, entry) in enumerate(zip(sequence[1:], output.prompt_logprobs[1:])):
                 nll.append(-entry[token].logprob)
-                argmax.append(min(entry.items(), key=lambda item: item[1].rank)[0])
-            results.append(TokenScores(nll=torch.tensor(nll, dtype=torch.float32), argmax=torch.tensor(argmax, dtype=torch.int64)))
+                ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+                argmax.append(ranked[0][0])
+                if top_k:
+                    top = ranked[:top_k]
+                    top_ids.append([t for t, _ in top])
+                    top_values.append([v.logprob for _, v in top])
+                if ids is not None:
+                    floor = min(v.logprob for _, v in ranked[:wanted])
+                    support_values.append([entry[t].logprob if t in entry else floor for t in ids[position].tolist()])
+            scores = TokenScores(nll=torch.tensor(nll, dtype=torch.float32), argmax=torch.tensor(argmax, dtype=torch.int64))
+            if top_k:
+                scores.top_ids = torch.tensor(top_ids, dtype=torch.int64)
+                scores.top_logprobs = torch.tensor(top_values, dtype=torch.float32)
+            if ids is not None:
+                scores.support_logprobs = torch.tensor(support_values, dtype=torch.float32)
+            results.append(scores)
         return results
 
     def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:

@@ -231,8 +231,9 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     seconds["bench"] = time.perf_counter() - tick
     for comparison in report.comparisons:
         record = next(r for r in chosen if r.label == comparison.candidate)
-        if record.screen is not None and record.screen.scope == "full":
-            comparison.kl_divergence, comparison.top_k_agreement = record.screen.kl, record.screen.top_k_agreement
+        if record.screen is not None and record.screen.scope == "full":  # the screen's prediction, beside the measured
+            comparison.kl_divergence_predicted = record.screen.kl
+            comparison.top_k_agreement_predicted = record.screen.top_k_agreement
     checks = evaluate(policy, report.comparisons)
     for record in chosen:
         comparison = next(c for c in report.comparisons if c.candidate == record.label)

@@ -73,6 +73,20 @@ def test_scores_match_transformers(runtime, reference, prompts):
         assert torch.equal(a.argmax, b.argmax)
 
 
+def test_topk_and_support_logprobs_match_transformers(runtime, reference, prompts):
+    """The bench's fidelity inputs (bench/fidelity.py): llama.cpp's full logits give the same top-k and support
+    log-probabilities as transformers' log_softmax."""
+    from effideploy.bench.fidelity import KL_SUPPORT
+
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference.generate(prompts, 6).tokens)]
+    expected = reference.score_windows(sequences, top_k=KL_SUPPORT)
+    got = runtime.score_windows(sequences, top_k=KL_SUPPORT, support=[e.top_ids for e in expected])
+    for a, b in zip(got, expected):
+        assert torch.equal(a.top_ids[:, :5], b.top_ids[:, :5])
+        torch.testing.assert_close(a.top_logprobs, b.top_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.support_logprobs, b.top_logprobs, atol=1e-4, rtol=0)
+
+
 def test_continuations_share_the_context_and_equal_window_scores(runtime, reference, prompts):
     context = prompts[0]
     requests = [(context, [40, 41, 42]), (context, [7]), (prompts[1], [90, 91])]

@@ -63,6 +63,24 @@ def test_score_matches_transformers(runtime, reference, prompts):
         torch.testing.assert_close(got.nll, expected.nll, atol=1e-3, rtol=1e-4)
 
 
+def test_topk_and_support_logprobs_match_transformers(runtime, reference, prompts):
+    """The bench's fidelity inputs (bench/fidelity.py) from vLLM's prompt_logprobs: the top-k (k up to its
+    max_logprobs) equal transformers' log_softmax; support ids inside its top max_logprobs read exactly."""
+    from effideploy.bench.fidelity import KL_SUPPORT, TOP_K
+
+    assert runtime.max_logprobs() >= KL_SUPPORT
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference.generate(prompts, 6).tokens)]
+    expected = reference.score_windows(sequences, top_k=KL_SUPPORT)
+    dense = runtime.score_windows(sequences, top_k=KL_SUPPORT)
+    candidate = runtime.score_windows(sequences, top_k=TOP_K, support=[e.top_ids for e in expected])
+    for a, c, b in zip(dense, candidate, expected):
+        assert torch.equal(a.top_ids[:, :TOP_K], b.top_ids[:, :TOP_K]) and torch.equal(c.top_ids, b.top_ids[:, :TOP_K])
+        torch.testing.assert_close(a.top_logprobs, b.top_logprobs, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(c.support_logprobs, b.top_logprobs, atol=1e-3, rtol=1e-4)
+    with pytest.raises(EffideployError, match="max_logprobs"):
+        runtime.score_windows(sequences[:1], top_k=runtime.max_logprobs() + 1)
+
+
 def test_describe_names_the_engine_and_its_settings(runtime, pruned_dir):
     info = runtime.describe()
     assert info["runtime"] == "vllm" and info["engine"].startswith(f"vLLM {vllm.__version__}")

@@ -31,6 +31,7 @@ def test_onnx_bench_exports_and_compares(tmp_path, tiny_model_dir, tiny_pruned_d
     # streamingllm at budget 1.0 keeps every entry: identical to dense on the same positions
     assert compressed["loyalty"] == 1.0 and compressed["perplexity_scope"] == "second_half"
     assert compressed["perplexity_increase"] == pytest.approx(0.0, abs=1e-4)
+    assert pruned["kl_divergence"] > 0 and compressed["kl_divergence"] is None  # second halves: not measured
     assert set(payload["models"][2]["throughput"]) == {"2"}  # ONNX Runtime batches run the kv_hook too
 
 
@@ -68,6 +69,10 @@ def test_quantized_candidates_are_labelled_and_measured_by_stored_bytes(tmp_path
     formats = {m.label: m.weights.format for m in report.models}
     assert formats["dense"] == "float32" and "int4" in formats["dense+int4"]
     assert 0 < dense_int4.loyalty <= 1 and dense_int4.perplexity > 0
+    # KL and top-k to dense measured on the int4 graph itself (what ships), not on a fake-quantized PyTorch model
+    assert dense_int4.kl_divergence > 0 and 0 < dense_int4.top_k_agreement <= 1
+    assert dense_int4.top1_agreement == pytest.approx(dense_int4.loyalty_tokens)
+    assert dense_int4.fidelity_source.startswith("onnx runtime artifact, WikiText-2 test window 1 (1 x 64 tokens")
 
 
 def test_an_export_given_as_a_candidate_gets_its_ideal_and_label(tmp_path, tiny_model_dir, tiny_pruned_dir):

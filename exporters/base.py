@@ -1,5 +1,6 @@
 """What every exporter shares: the one ``ExportResult`` they return, the typed records behind it (export options,
-parity) and the parity helpers."""
+parity) and the parity helpers (token comparison; the prompts and the half-precision criterion the vLLM and GGUF
+checks share, so no exporter package imports another)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effideploy.errors import OptionError
+from effideploy.errors import EffideployError, OptionError
 
 
 @dataclass
@@ -130,3 +131,64 @@ def first_mismatch(expected: list[list[int]], got: list[list[int]]) -> tuple[int
 def matching_prefix(expected: list[list[int]], got: list[list[int]]) -> list[int]:
     """How many leading tokens of each prompt's run agree."""
     return [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref)) for ref, out in zip(expected, got)]
+
+
+# ------------------------------------------------------------------ prompts and criteria the vLLM and GGUF checks share
+
+PARITY_PROMPTS, PARITY_PROMPT_TOKENS = 3, 32
+HALF_PRECISION_LOGIT_GAP = 0.5  # bf16 keeps ~3 significant digits: logits of ~10-30 move by tenths through 30 layers
+FALLBACK_TEXTS = (  # parity prompts when WikiText is not available locally
+    "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
+    "In physics, the conservation of energy states that the total energy of an isolated system remains constant over time.",
+    "The album was recorded over three weeks in the summer and received positive reviews from most music critics.",
+)
+
+
+def parity_prompts(tokenizer, count: int = PARITY_PROMPTS, length: int = PARITY_PROMPT_TOKENS) -> tuple[list[list[int]], str]:
+    """``count`` prompts of ``length`` tokens: the starts of WikiText-2 test paragraphs spread over the file (fixed
+    English sentences where WikiText is not available locally), and the name of the text used."""
+    texts, name = list(FALLBACK_TEXTS), "built-in sentences"
+    try:
+        from effideploy.data.text import resolve_text
+
+        spec = resolve_text("wikitext2", "test")
+        if not spec.path.startswith("hub:"):
+            paragraphs = [line.strip() for line in Path(spec.path).read_text().splitlines()
+                          if len(line.strip()) > 400 and not line.strip().startswith("=")]
+            if len(paragraphs) >= count:
+                texts = [paragraphs[i * (len(paragraphs) - 1) // max(count - 1, 1)] for i in range(count)]
+                name = f"{Path(spec.path).name} (WikiText-2 test)"
+    except EffideployError:
+        pass
+    return tokenize_prompts(tokenizer, texts[:count], length), name
+
+
+def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, kind: str,
+                           tolerance: float = HALF_PRECISION_LOGIT_GAP) -> tuple[tuple, float, str]:
+    """Half-precision parity when the greedy tokens differ: every token ``runtime`` chose must be within
+    ``tolerance`` of transformers' top logit, teacher-forced on the same tokens. Returns what the parity record
+    keeps (the first mismatch, the largest gap, the criterion met); raises (the export is not kept) at the first
+    token that is not."""
+    gaps = teacher_forced_gaps(model, prompts, tokens)
+    for prompt, row in enumerate(gaps):
+        for position, gap in enumerate(row):
+            if gap > tolerance:
+                raise EffideployError(
+                    f"{runtime} parity failed ({kind}): prompt {prompt}, generated token {position}: {runtime} chose "
+                    f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance {tolerance}); the "
+                    "export was not kept")
+    return mismatch, max(map(max, gaps)), f"{kind}: {runtime}'s tokens within {tolerance} of transformers' top logit"
+
+
+def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:
+    """For each generated token: the model's top logit minus the token's logit, given the prompt and the tokens
+    generated before it (0 where the token is the model's own greedy choice)."""
+    import torch
+
+    gaps = []
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+            chosen = logits.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+            gaps.append((logits.max(-1).values - chosen).tolist())
+    return gaps

@@ -2,8 +2,9 @@
 engine with process-wide state).
 
 - ``check_f32_parity``: greedy tokens of the float32 GGUF against transformers (float32) on the parity prompts (the
-  vLLM export's prompts: WikiText-2 test paragraphs): identical, else EffideployError with the first mismatch. This
-  checks the layout (names, RoPE permutation, per-layer widths and heads, tied output) before anything is quantized.
+  vLLM export's prompts, ``base.parity_prompts``: WikiText-2 test paragraphs): identical, else EffideployError with
+  the first mismatch. This checks the layout (names, RoPE permutation, per-layer widths and heads, tied output)
+  before anything is quantized.
 - ``check_quantized``: the quantized (or f16/bf16) GGUF's greedy tokens against transformers', and its teacher-forced
   logits on the same sequences (prompt + transformers' greedy continuation) against the float32 GGUF's: top-1
   agreement and logit error. f16/bf16 must give identical tokens, or tokens each within HALF_PRECISION_LOGIT_GAP of
@@ -19,7 +20,8 @@ import torch
 
 from effideploy import progress
 from effideploy.errors import EffideployError
-from effideploy.exporters.base import first_mismatch, matching_prefix
+from effideploy.exporters.base import (HALF_PRECISION_LOGIT_GAP, first_mismatch, matching_prefix, parity_prompts,
+                                       require_near_top_logit)
 from effideploy.exporters.llamacpp.records import GgufTypeCheck, GgufVsFloat32, LlamacppParity
 
 PARITY_NEW_TOKENS = 16
@@ -47,7 +49,6 @@ def check_f32_parity(path: Path, source, *, realigned: list[dict] | None = None,
                      threads: int | None = None) -> tuple[LlamacppParity, list[list[int]], list[list[int]]]:
     """Greedy tokens of the float32 GGUF ``path`` == transformers' (float32). Returns the parity record, transformers'
     tokens and the prompts."""
-    from effideploy.exporters.vllm.checks import parity_prompts
     from effideploy.models.build import load_tokenizer
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
     from effideploy.runtimes.pytorch import TorchRuntime
@@ -79,7 +80,7 @@ def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]
                     realigned: list[dict] | None = None, realigned_config: dict | None = None,
                     threads: int | None = None) -> GgufTypeCheck:
     """The ``kind`` GGUF ``path`` against transformers' greedy tokens and the float32 GGUF ``base``'s logits."""
-    from effideploy.exporters.llamacpp.export import HALF_PRECISION_LOGIT_GAP, HALF_TYPES
+    from effideploy.exporters.llamacpp.export import HALF_TYPES
     from effideploy.runtimes.llamacpp import LlamaCppRuntime
 
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, reference)]
@@ -103,8 +104,6 @@ def check_quantized(path: Path, base: Path, kind: str, reference: list[list[int]
                                       sequences="parity prompts + transformers' greedy continuation, teacher-forced"),
     )
     if kind in HALF_TYPES and mismatch is not None:
-        from effideploy.exporters.vllm.checks import require_near_top_logit
-
         model = _reference_model(source, realigned, realigned_config)
         record.first_mismatch, record.teacher_forced_max_logit_gap, record.criterion = require_near_top_logit(
             model, prompts, tokens, mismatch, runtime="llama.cpp", kind=kind, tolerance=HALF_PRECISION_LOGIT_GAP)

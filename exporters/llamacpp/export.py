@@ -55,8 +55,6 @@ DEFAULT_TYPE = "f16"  # what convert_hf_to_gguf.py writes by default and llama.c
 HALF_TYPES = ("f16", "bf16")
 K_QUANT_ROW = 256  # QK_K: weights per k-quant super-block
 BLOCK_ROW = 32  # QK4_0 / QK8_0: weights per legacy-quant block
-# f16/bf16 keep ~3 significant digits; a greedy choice may flip at a near-tie (the vLLM export's tolerance).
-HALF_PRECISION_LOGIT_GAP = 0.5
 DEFAULT_CONTEXT = 2048
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
 from effideploy.errors import EffideployError
-from effideploy.exporters.base import first_mismatch, matching_prefix, tokenize_prompts
+from effideploy.exporters.base import first_mismatch, matching_prefix, parity_prompts, require_near_top_logit
 from effideploy.exporters.vllm.records import KvCacheCheck, VllmParity
 from effideploy.io import write_json
 from effideploy.models.resolve import resolve_model
 
-PARITY_PROMPTS, PARITY_PROMPT_TOKENS, PARITY_NEW_TOKENS = 3, 32, 16
+PARITY_NEW_TOKENS = 16
 PARITY_TIMEOUT_S = 1800
 # Quantized exports: the reference applies the stored integers and scales exactly, so what remains is kernel
 # arithmetic (int8 GEMM accumulation, per-token activation rounding ties, bf16 activations in W4A16 against an fp32
@@ -33,12 +33,7 @@ QUANTIZED_TOP1_AGREEMENT = 0.95
 # sequence's largest |logit| (as the ONNX check counts). A pruned SmolLM2 has many near-ties: over all positions
 # W4A16 (bf16 against an fp32 reference) agreed at 93.6% and dense W8A8 at 90.1%, each mismatch a near-tie.
 QUANTIZED_DECIDED_MARGIN = 0.02
-HALF_PRECISION_LOGIT_GAP = 0.5  # bf16 keeps ~3 significant digits: logits of ~10-30 move by tenths through 30 layers
-FALLBACK_TEXTS = (  # parity prompts when WikiText is not available locally
-    "The history of the city begins in the early medieval period, when a small settlement grew around a river crossing.",
-    "In physics, the conservation of energy states that the total energy of an isolated system remains constant over time.",
-    "The album was recorded over three weeks in the summer and received positive reviews from most music critics.",
-)
+
 
 
 # ----------------------------------------------------------------------------------------------------------- static
@@ -119,31 +114,12 @@ def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------------------------------------------------- parity
 
-def parity_prompts(tokenizer, count: int = PARITY_PROMPTS, length: int = PARITY_PROMPT_TOKENS) -> tuple[list[list[int]], str]:
-    """``count`` prompts of ``length`` tokens: the starts of WikiText-2 test paragraphs spread over the file (fixed
-    English sentences where WikiText is not available locally), and the name of the text used."""
-    texts, name = list(FALLBACK_TEXTS), "built-in sentences"
-    try:
-        from effideploy.data.text import resolve_text
-
-        spec = resolve_text("wikitext2", "test")
-        if not spec.path.startswith("hub:"):
-            paragraphs = [line.strip() for line in Path(spec.path).read_text().splitlines()
-                          if len(line.strip()) > 400 and not line.strip().startswith("=")]
-            if len(paragraphs) >= count:
-                texts = [paragraphs[i * (len(paragraphs) - 1) // max(count - 1, 1)] for i in range(count)]
-                name = f"{Path(spec.path).name} (WikiText-2 test)"
-    except EffideployError:
-        pass
-    return tokenize_prompts(tokenizer, texts[:count], length), name
-
-
 def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | None = None) -> VllmParity:
     """Greedy tokens of ``folder`` in vLLM (a subprocess) against transformers (fp32) on the same prompts.
 
     float32: the tokens must be identical. bfloat16/float16: half-precision kernels round differently, so greedy
     paths may part at a near-tie; then every token vLLM picked must be, given vLLM's own prefix (teacher forcing),
-    transformers' top-1 or within HALF_PRECISION_LOGIT_GAP of its logit. Raises at the first failure."""
+    transformers' top-1 or within ``base.HALF_PRECISION_LOGIT_GAP`` of its logit. Raises at the first failure."""
     import torch
 
     from effideploy.models.build import load_model, load_tokenizer
@@ -191,37 +167,6 @@ def _logits(model, sequences: list[list[int]]) -> list:
 
     with torch.no_grad():
         return [model(input_ids=torch.tensor([s])).logits[0, :-1].float() for s in sequences]
-
-
-def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, kind: str,
-                           tolerance: float = HALF_PRECISION_LOGIT_GAP) -> tuple[tuple, float, str]:
-    """Half-precision parity when the greedy tokens differ: every token ``runtime`` chose must be within
-    ``tolerance`` of transformers' top logit, teacher-forced on the same tokens. Returns what the parity record
-    keeps (the first mismatch, the largest gap, the criterion met); raises (the export is not kept) at the first
-    token that is not."""
-    gaps = teacher_forced_gaps(model, prompts, tokens)
-    for prompt, row in enumerate(gaps):
-        for position, gap in enumerate(row):
-            if gap > tolerance:
-                raise EffideployError(
-                    f"{runtime} parity failed ({kind}): prompt {prompt}, generated token {position}: {runtime} chose "
-                    f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance {tolerance}); the "
-                    "export was not kept")
-    return mismatch, max(map(max, gaps)), f"{kind}: {runtime}'s tokens within {tolerance} of transformers' top logit"
-
-
-def teacher_forced_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[list[float]]:
-    """For each generated token: the model's top logit minus the token's logit, given the prompt and the tokens
-    generated before it (0 where the token is the model's own greedy choice)."""
-    import torch
-
-    gaps = []
-    with torch.no_grad():
-        for prompt, tokens in zip(prompts, generated):
-            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
-            chosen = logits.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-            gaps.append((logits.max(-1).values - chosen).tolist())
-    return gaps
 
 
 def vllm_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, *, dtype: str,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from effideploy import progress
 from effideploy.errors import EffideployError
+from effideploy.exporters.base import parity_prompts
 from effideploy.exporters.vllm.checks import (PARITY_NEW_TOKENS, QUANTIZED_DECIDED_MARGIN, QUANTIZED_TOP1_AGREEMENT,
-                                              _logits, parity_prompts, vllm_scores)
+                                              _logits, vllm_scores)
 from effideploy.exporters.vllm.records import VllmQuantizedParity, VsUnquantized
 
 

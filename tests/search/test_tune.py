@@ -58,6 +58,7 @@ def test_search_recommends_a_recipe_that_passes_an_easy_policy(searched):
     # the fastest benched recipe that passes
     assert recommended["measured"]["decode_speedup"] == max(r["measured"]["decode_speedup"] for r in benched)
     # every recipe was screened: KL and top-k where the full distributions are scored, not under KV compression
+    measured_fidelity = 0
     for record in data["recipes"]:
         screen = record["screen"]
         assert screen["perplexity"] > 0 and 0 <= screen["top1_agreement"] <= 1
@@ -65,6 +66,13 @@ def test_search_recommends_a_recipe_that_passes_an_easy_policy(searched):
         if screen["kl"] is not None:
             assert screen["kl"] >= 0 and 0 <= screen["top_k_agreement"] <= 1
         assert record["predicted"]["decode_speedup"] > 0
+        if record["stage"] == "benched" and record["recipe"]["kv"] is None:  # measured on the artifact; screen kept
+            measured = record["measured"]
+            assert measured["kl_divergence"] >= 0 and "runtime artifact" in measured["fidelity_source"]
+            assert measured["kl_divergence_predicted"] == screen["kl"]
+            assert measured["top_k_agreement_predicted"] == screen["top_k_agreement"]
+            measured_fidelity += 1
+    assert measured_fidelity
     # the cost model's predictions are set beside the measurements of every timed recipe
     assert data["cost_check"] and all(c["decode_measured"] > 0 and c["decode_predicted"] > 0 for c in data["cost_check"])
     report = (out / "report" / "report.md").read_text()

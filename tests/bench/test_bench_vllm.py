@@ -23,5 +23,9 @@ def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny
     same, pruned = payload["comparisons"]
     assert same["loyalty"] == 1.0 and same["op"] == pytest.approx(1.0) and same["perplexity_increase"] == pytest.approx(0.0, abs=1e-6)
     assert pruned["size_reduction"] > 0
+    # next-token fidelity measured on the runtime's artifacts (bench/fidelity.py)
+    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-5) and same["top_k_agreement"] == 1.0
+    assert pruned["kl_divergence"] > 0 and pruned["top_k_agreement"] < 1
+    assert same["fidelity_source"].startswith(payload["runtime"]["runtime"] + " runtime artifact")
     for model in payload["models"]:
         assert set(model["throughput"]) == {"1", "3"} and model["memory"]["peak_rss_mb"] > model["memory"]["baseline_rss_mb"]

@@ -27,6 +27,10 @@ def test_llamacpp_bench_of_a_model_against_itself_its_pruned_copy_and_q8_0(tmp_p
     same, pruned, dense_q8, pruned_q8 = (by_label[k] for k in ("same", "cfsp-0.5", "dense+q8_0", "cfsp-0.5+q8_0"))
     assert same["loyalty"] == 1.0 and same["perplexity_increase"] == pytest.approx(0.0, abs=1e-6)
     assert pruned["size_reduction"] > 0
+    # next-token fidelity measured on the runtime's artifacts (bench/fidelity.py)
+    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-5) and same["top_k_agreement"] == 1.0
+    assert pruned["kl_divergence"] > 0 and pruned["top_k_agreement"] < 1
+    assert same["fidelity_source"].startswith(payload["runtime"]["runtime"] + " runtime artifact")
     # q8_0 stores ~8.5 bits a weight against f16's 16
     assert dense_q8["size_reduction"] > 0.3 and pruned_q8["size_reduction"] > dense_q8["size_reduction"]
     assert dense_q8["loyalty"] > 0.8

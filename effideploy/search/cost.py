@@ -1,8 +1,11 @@
 """The speed cost model: a few real measurements on the target runtime, a least-squares line through them, and
 predictions for every recipe that was only screened.
 
-Decode on a CPU is memory-bound: time per output token ~ a + b x (bytes one decode step reads: the matmul weights
-as stored, with their scales, plus the KV cache it attends over). Prefill is compute-bound, and quantized matmuls
+Decode on a CPU is memory-bound: time per output token ~ a + sum over kernels of b_k x (bytes that kernel reads in
+one decode step: the matmul weights as stored, with their scales; float kernels also the KV cache attended over).
+Each timed quantization-only recipe gives its kernel's slope (llama.cpp's q4_k_m reads fewer bytes than q8_0 but
+spends more per byte unpacking them), so a pruned + quantized recipe, whose float fallbacks and quantized bytes mix
+differently, is predicted from the slopes that read it; a kernel never timed falls back to one slope for all bytes. Prefill is compute-bound, and quantized matmuls
 compute in integers (MatMulNBits at accuracy level 4, vLLM's W8A8, llama.cpp's quantized dot products): TTFT ~ a +
 b_float x (FLOPs on float weights and attention) + b_quant x (FLOPs on quantized weights). Peak memory ~ a + b x
 stored weight bytes. What each tensor costs is the runtime's own weight scheme's answer
@@ -44,6 +47,9 @@ class Predicted:
         return asdict(self)
 
 
+DECODE_KERNEL = "decode_bytes:"  # + the kernel that reads them: a scheme's name, or "float"
+
+
 @dataclass(frozen=True)
 class Features:
     """What the cost model reads of a recipe, computed from its checkpoint's config alone (no export needed)."""
@@ -52,9 +58,15 @@ class Features:
     prefill_flops_float: float
     prefill_flops_quant: float
     stored_bytes: float
+    # decode_bytes split by the kernel that reads them: each kernel streams its bytes at its own rate (llama.cpp's
+    # q4_k_m dequantizes more per byte than q8_0; a tensor a scheme cannot hold falls back to float), so one slope
+    # for all bytes mispredicts every recipe whose mix differs from the fitted ones
+    decode_kernels: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.update({DECODE_KERNEL + kernel: value for kernel, value in out.pop("decode_kernels")})
+        return out
 
 
 def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_tokens: int, scheme,
@@ -76,10 +88,13 @@ def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_t
     kv_bytes = kv_layers * 2 * config.num_key_value_heads * head_dim * 4 * (inputs.kv_prompt_tokens + new_tokens / 2)
     attention_width = kv_layers * config.num_attention_heads * head_dim
     read = stored = quant_params = float_params = 0.0
+    kernels = {"float": kv_bytes}  # the KV cache is read as float
     for tensor in tensors:
         storage = scheme.storage(tensor)
         if tensor.role != "embedding":  # a decode step multiplies every projection and the head (the embedding
             read += storage.bytes       # lookup reads one row); prefill FLOPs split by how each matmul computes
+            kernel = scheme.name if storage.quantized else "float"
+            kernels[kernel] = kernels.get(kernel, 0.0) + storage.bytes
             quant_params, float_params = ((quant_params + tensor.parameters, float_params) if storage.quantized
                                           else (quant_params, float_params + tensor.parameters))
         if tensor.role != "lm_head" or not tensor.tied or storage.separate:  # a tied head is the embedding's bytes
@@ -89,7 +104,7 @@ def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_t
                     prefill_flops_float=2.0 * float_params * prompt_tokens
                     + 2.0 * attention_width * prompt_tokens * prompt_tokens,
                     prefill_flops_quant=2.0 * quant_params * prompt_tokens,
-                    stored_bytes=stored)
+                    stored_bytes=stored, decode_kernels=tuple(sorted(kernels.items())))
 
 
 @dataclass
@@ -109,9 +124,9 @@ class LinearFit:
     def fit(self, rows: list[dict], targets: list[float]) -> "LinearFit":
         import numpy as np
 
-        used = [n for n in self.names if any(abs(r[n]) > 0 for r in rows)]
-        scale = {n: max(abs(r[n]) for r in rows) for n in used}  # conditioning: features span ~1e8..1e12
-        matrix = np.array([[1.0] + [r[n] / scale[n] for n in used] for r in rows])
+        used = [n for n in self.names if any(abs(r.get(n, 0.0)) > 0 for r in rows)]
+        scale = {n: max(abs(r.get(n, 0.0)) for r in rows) for n in used}  # conditioning: features span ~1e8..1e12
+        matrix = np.array([[1.0] + [r.get(n, 0.0) / scale[n] for n in used] for r in rows])
         target = np.array(targets, dtype=float)
         solution, *_ = np.linalg.lstsq(matrix, target, rcond=None)
         self.intercept = float(solution[0])
@@ -125,7 +140,11 @@ class LinearFit:
         return self
 
     def predict(self, row: dict) -> float:
-        return self.intercept + sum(c * row[n] for n, c in self.coefficients.items())
+        return self.intercept + sum(c * row.get(n, 0.0) for n, c in self.coefficients.items())
+
+    def covers(self, row: dict) -> bool:
+        """Whether every feature of ``row`` this fit could read has a coefficient (one never measured has none)."""
+        return all(n in self.coefficients or not row.get(n) for n in self.names)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +152,10 @@ class LinearFit:
 
 @dataclass
 class CostModel:
-    decode: LinearFit = field(default_factory=lambda: LinearFit(("decode_bytes",)))
+    # decode: one slope per kernel (names set by ``fit`` from the timed recipes); decode_pooled: one slope for all
+    # bytes, for a recipe whose kernel was never timed
+    decode: LinearFit = field(default_factory=lambda: LinearFit(()))
+    decode_pooled: LinearFit = field(default_factory=lambda: LinearFit(("decode_bytes",)))
     ttft: LinearFit = field(default_factory=lambda: LinearFit(("prefill_flops_float", "prefill_flops_quant")))
     memory: LinearFit | None = None
     fitted_on: list[str] = field(default_factory=list)
@@ -141,7 +163,10 @@ class CostModel:
     def fit(self, points: list[tuple[str, Features, float, float]]) -> "CostModel":
         """``points``: (label, features, measured median TPOT s, measured median TTFT s)."""
         rows = [f.to_dict() for _, f, _, _ in points]
+        kernels = tuple(sorted({n for r in rows for n in r if n.startswith(DECODE_KERNEL)}))
+        self.decode = LinearFit(kernels or ("decode_bytes",))  # features without the split: one slope
         self.decode.fit(rows, [p[2] for p in points])
+        self.decode_pooled.fit(rows, [p[2] for p in points])
         self.ttft.fit(rows, [p[3] for p in points])
         self.fitted_on = [p[0] for p in points]
         return self
@@ -152,14 +177,15 @@ class CostModel:
 
     def speedups(self, dense: Features, recipe: Features) -> dict:
         d, r = dense.to_dict(), recipe.to_dict()
-        out = {"decode_speedup": _ratio(self.decode.predict(d), self.decode.predict(r)),
+        decode = self.decode if self.decode.covers(r) and self.decode.covers(d) else self.decode_pooled
+        out = {"decode_speedup": _ratio(decode.predict(d), decode.predict(r)),
                "ttft_speedup": _ratio(self.ttft.predict(d), self.ttft.predict(r))}
         if self.memory is not None:
             out["peak_memory_mb"] = self.memory.predict(r)
         return out
 
     def to_dict(self) -> dict:
-        return {"decode": self.decode.to_dict(), "ttft": self.ttft.to_dict(),
+        return {"decode": self.decode.to_dict(), "decode_pooled": self.decode_pooled.to_dict(), "ttft": self.ttft.to_dict(),
                 "memory": None if self.memory is None else self.memory.to_dict(), "fitted_on": self.fitted_on}
 
 

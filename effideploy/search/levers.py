@@ -46,14 +46,22 @@ class Lever:
         return str(value)
 
     # ------------------------------------------------------------------ the checkpoint (structural levers)
-    def prune_config(self, value, **calibration):
+    def prune_config(self, value, align: int = 1, **calibration):
         return None
 
-    def checkpoint_name(self, value) -> str:
-        return self.fragment(value)
+    def takes_align(self, value) -> bool:
+        """Whether this value's checkpoint has FFN widths chosen by pruning, which ``align`` then rounds."""
+        return False
 
-    def prune_flags(self, value) -> list[str]:
+    def checkpoint_name(self, value, align: int = 1) -> str:
+        return self.fragment(value) + (f"-align{align}" if align > 1 else "")
+
+    def prune_flags(self, value, align: int = 1) -> list[str]:
         return []
+
+    def width_multiple(self, value, runtime: str) -> int:
+        """The FFN width multiple this value needs on ``runtime`` (its kernels' blocks; 1: any width)."""
+        return 1
 
     # ------------------------------------------------------------------ before any work
     def for_runtime(self, runtime: str) -> "Lever":
@@ -98,6 +106,10 @@ def _number_text(value) -> str:
     return f"{value:g}"
 
 
+def _align_flags(align: int) -> list[str]:
+    return ["--align", str(align)] if align > 1 else []
+
+
 @dataclass(frozen=True)
 class FfnSparsity(Lever):
     """CFSP FFN channel pruning at these sparsities (0: keep the dense FFN); one calibration pass serves all."""
@@ -118,13 +130,16 @@ class FfnSparsity(Lever):
     def fragment(self, value) -> str:
         return f"cfsp-{value:g}"
 
-    def prune_config(self, value, **calibration):
+    def prune_config(self, value, align: int = 1, **calibration):
         from effideploy.pruning import PruneConfig
 
-        return PruneConfig(method="cfsp", sparsity=value, **calibration)
+        return PruneConfig(method="cfsp", sparsity=value, align=align, **calibration)
 
-    def prune_flags(self, value) -> list[str]:
-        return ["--method", "cfsp", "--sparsity", _number_text(value)]
+    def takes_align(self, value) -> bool:
+        return True
+
+    def prune_flags(self, value, align: int = 1) -> list[str]:
+        return ["--method", "cfsp", "--sparsity", _number_text(value)] + _align_flags(align)
 
     def candidate_fields(self, value, record) -> dict:
         return {"model": record.checkpoint} if value else {}
@@ -180,15 +195,20 @@ class Depth(Lever):
         method, amount = self.parse(value)
         return {"method": method, "count" if isinstance(amount, int) else "target_params": amount}
 
-    def prune_config(self, value, **calibration):
+    def prune_config(self, value, align: int = 1, **calibration):
         from effideploy.pruning import PruneConfig
 
-        return PruneConfig(**self._target(value), **calibration)
+        aligned = {"align": align} if self.takes_align(value) else {}
+        return PruneConfig(**self._target(value), **aligned, **calibration)
 
-    def prune_flags(self, value) -> list[str]:
+    def takes_align(self, value) -> bool:
+        return self.parse(value)[0] == "cfsp-joint"  # the other two keep every kept block's widths
+
+    def prune_flags(self, value, align: int = 1) -> list[str]:
         target = self._target(value)
         size = "count" if "count" in target else "target_params"
-        return ["--method", target["method"], "--" + size.replace("_", "-"), _number_text(target[size])]
+        return (["--method", target["method"], "--" + size.replace("_", "-"), _number_text(target[size])]
+                + (_align_flags(align) if self.takes_align(value) else []))
 
     def check_model(self, value, runtime: str, config_dict: dict) -> None:
         """A target the method cannot reach, refused before the calibration pass (the methods never remove the first
@@ -277,6 +297,17 @@ class WeightQuantization(Lever):
 
     def scheme_name(self, value) -> str | None:
         return value
+
+    def width_multiple(self, value, runtime: str) -> int:
+        # Kernels want whole blocks along the FFN width (down_proj's rows): a width that is not a multiple leaves
+        # llama.cpp's down projections in F16 and pads MatMulNBits' last block, so pruning for this scheme rounds
+        # to it (CFSP rounds the per-block budgets, then picks and compensates the channels of the rounded width).
+        from effideploy.quantization.schemes import declaration
+
+        try:
+            return declaration(runtime).resolve(value).ffn_multiple
+        except EffideployError:
+            return 1  # an unknown scheme is refused by check_runtime, with its own message
 
     def candidate_fields(self, value, record) -> dict:
         # every recipe's weights are stored by its fitted scheme (float ones too: llama.cpp's f16)

@@ -67,8 +67,8 @@ def _flags(options: dict) -> list[str]:
 def reproduce_argv(config: SearchConfig, record: RecipeRecord) -> list[list[str]]:
     """The commands that rebuild the recommended artifact, as argument lists."""
     recipe, commands, model = record.recipe, [], config.model
-    for lever, value in recipe.structure.used():  # one structural lever at most (Lever.conflicts)
-        commands.append(["effideploy", "prune", "--model", model, *lever.prune_flags(value),
+    if recipe.structural:  # one structural lever at most (Lever.conflicts)
+        commands.append(["effideploy", "prune", "--model", model, *recipe.checkpoint(config.runtime).prune_flags(),
                          "--calib-samples", str(config.calib_samples), "--calib-seqlen", str(config.calib_seqlen)]
                         + (["--data-dir", config.data_dir] if config.data_dir else []) + ["--output", REBUILT_CHECKPOINT])
         model = REBUILT_CHECKPOINT

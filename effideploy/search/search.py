@@ -176,8 +176,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     # 1. prune (the first write: the output folder is created and marked here)
     open_workspace(config.output)
-    structures = [Recipe()] + list(dict.fromkeys(r.structure for r in recipes if r.structural))
-    folders, seconds["prune"] = prune_all(config, source, structures, text)
+    checkpoints = list(dict.fromkeys(r.checkpoint(config.runtime) for r in [Recipe()] + recipes))
+    folders, seconds["prune"] = prune_all(config, source, checkpoints, text)
     configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
     records, dense_record = _records(config, recipes, folders, configs, notes)
     dense_features = dense_record.features
@@ -291,14 +291,14 @@ def _records(config: SearchConfig, recipes: list[Recipe], folders: dict, configs
     records, dense_record = [], None
     for recipe in [Recipe()] + recipes:
         try:
-            scheme = fitted_scheme(config.runtime, recipe.scheme_name, configs[recipe.structure])
+            checkpoint = recipe.checkpoint(config.runtime)
+            scheme = fitted_scheme(config.runtime, recipe.scheme_name, configs[checkpoint])
         except EffideployError as exc:
             notes.append(f"{recipe.label} left out: {exc}")
             continue
-        structure = recipe.structure
-        record = RecipeRecord(recipe=recipe, checkpoint=str(folders[structure]), scheme=scheme,
-                              features=recipe_features(recipe, configs[structure], config.prompt_tokens,
-                                                       config.new_tokens, scheme, tensors[structure]))
+        record = RecipeRecord(recipe=recipe, checkpoint=str(folders[checkpoint]), scheme=scheme,
+                              features=recipe_features(recipe, configs[checkpoint], config.prompt_tokens,
+                                                       config.new_tokens, scheme, tensors[checkpoint]))
         if recipe == Recipe():
             dense_record = record
         else:

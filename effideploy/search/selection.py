@@ -94,7 +94,12 @@ def shortlist(records: list[RecipeRecord], policy, size: int) -> list[RecipeReco
     """Predicted to pass, fastest predicted decode first (``size`` of them), plus the fastest predicted-passing
     recipe of each family (quantization only, pruning only) for the report's comparison; when none is predicted
     to pass, the ``size`` recipes closest to passing, so the verdict still rests on measurements."""
-    speed = lambda r: r.predicted.decode_speedup or 0.0
+    def speed(r) -> float:
+        # a recipe the cost model's run timed is ranked by that measurement, not by the fit through it
+        if r.stage == "calibration" and r.measured and r.measured.get("decode_speedup") is not None:
+            return r.measured["decode_speedup"]
+        return r.predicted.decode_speedup or 0.0
+
     passing = sorted([r for r in records if not r.screen_failed], key=speed, reverse=True)
     chosen = passing[:size]
     # A family's representative is its fastest recipe predicted to pass without the slack when there is one: a

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from effideploy.search.levers import LEVERS, Depth, FfnSparsity, KvBudget, Lever, WeightQuantization, lever
 
-__all__ = ["Depth", "FfnSparsity", "KvBudget", "Lever", "Recipe", "SearchSpace", "WeightQuantization"]
+__all__ = ["Checkpoint", "Depth", "FfnSparsity", "KvBudget", "Lever", "Recipe", "SearchSpace", "WeightQuantization"]
 
 
 class Recipe(Mapping):
@@ -76,6 +76,17 @@ class Recipe(Mapping):
     def structural(self) -> bool:
         return bool(self.structure)
 
+    def checkpoint(self, runtime: str) -> "Checkpoint":
+        """The checkpoint this recipe runs on ``runtime``: its structure, with FFN widths rounded to the multiple
+        every lever's kernels need there (the least common multiple; 1 when no structural lever chooses widths, so
+        a depth-only or dense recipe shares one checkpoint with every weight scheme)."""
+        import math
+
+        structure = self.structure
+        if not any(item.takes_align(value) for item, value in structure.used()):
+            return Checkpoint(structure, 1)
+        return Checkpoint(structure, math.lcm(*(item.width_multiple(value, runtime) for item, value in self.settings())))
+
     @property
     def family(self) -> str:
         """Which lever kinds the recipe uses: the report compares the best recipe of each family alone."""
@@ -100,6 +111,28 @@ class Recipe(Mapping):
     @classmethod
     def from_dict(cls, data: Mapping) -> "Recipe":
         return cls(data)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What decides a checkpoint: the structural levers' values and the FFN width multiple (``Recipe.checkpoint``)."""
+
+    structure: Recipe
+    align: int = 1
+
+    @property
+    def name(self) -> str:
+        """Its folder in the search's output: the lever's checkpoint name (``cfsp-0.2``, ``cfsp-0.2-align32``)."""
+        ((item, value),) = self.structure.used()  # structural levers exclude each other (Lever.conflicts)
+        return item.checkpoint_name(value, self.align)
+
+    def prune_config(self, **calibration):
+        ((item, value),) = self.structure.used()
+        return item.prune_config(value, align=self.align, **calibration)
+
+    def prune_flags(self) -> list[str]:
+        ((item, value),) = self.structure.used()
+        return item.prune_flags(value, align=self.align)
 
 
 def conflicting(pairs: list[tuple[Lever, object]]) -> bool:

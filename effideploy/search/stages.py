@@ -13,14 +13,14 @@ from effideploy.search.screen import ScreenResult
 
 if TYPE_CHECKING:
     from effideploy.search.search import RecipeRecord, SearchConfig
-    from effideploy.search.space import Recipe
+    from effideploy.search.space import Checkpoint
 
 SCREEN_CACHE = "screen.json"
 
 
-def prune_all(config: SearchConfig, source, structures: list[Recipe], text) -> tuple[dict[Recipe, Path], float]:
-    """One checkpoint per structure (a recipe of structural levers only; the empty one is the dense model itself),
-    each from its lever's pruning configuration, one calibration pass for all those not reusable."""
+def prune_all(config: SearchConfig, source, checkpoints: list[Checkpoint], text) -> tuple[dict[Checkpoint, Path], float]:
+    """One folder per checkpoint (structural levers' values and FFN width multiple; an empty structure is the dense
+    model itself), each from its lever's pruning configuration, one calibration pass for all those not reusable."""
     from effideploy.bench.pipeline import _reusable
     from effideploy.pruning import calibrate_source, prune_checkpoint
     from effideploy.pruning.engine import needs_gram
@@ -28,14 +28,13 @@ def prune_all(config: SearchConfig, source, structures: list[Recipe], text) -> t
     output = Path(config.output).expanduser()
     calibration = {"calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen}
     folders, todo = {}, []
-    for structure in structures:
-        if not structure:
-            folders[structure] = source.path
+    for checkpoint in checkpoints:
+        if not checkpoint.structure:
+            folders[checkpoint] = source.path
             continue
-        ((lever, value),) = structure.used()  # structural levers exclude each other (Lever.conflicts)
-        prune_config = lever.prune_config(value, **calibration)
-        folder = output / lever.checkpoint_name(value)  # cfsp-0.2: pipeline.checkpoint_folder's name, reused
-        folders[structure] = folder
+        prune_config = checkpoint.prune_config(**calibration)
+        folder = output / checkpoint.name  # cfsp-0.2: pipeline.checkpoint_folder's name, reused
+        folders[checkpoint] = folder
         if folder.exists() and not config.overwrite and _reusable(folder, source, prune_config):
             progress.console.print(f"reusing {folder} (same source and options)", highlight=False)
             continue

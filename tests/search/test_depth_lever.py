@@ -14,7 +14,7 @@ import pytest
 from effideploy.cli import main
 from effideploy.search.cost import Features
 from effideploy.search.search import RecipeRecord
-from effideploy.search.space import Depth, FfnSparsity, KvBudget, Recipe, SearchSpace, WeightQuantization
+from effideploy.search.space import Checkpoint, Depth, FfnSparsity, KvBudget, Recipe, SearchSpace, WeightQuantization
 from tests.conftest import DATA
 from tests.search.test_tune import policy, run
 from tests.test_safety import snapshot
@@ -60,12 +60,18 @@ def test_the_depth_lever_checkpoint_is_what_prune_drop_attention_writes(tmp_path
     monkeypatch.setattr(pruning, "calibrate_source", lambda *a, **k: passes.append(k) or calibrate(*a, **k))
     config = SearchConfig(model=str(tiny_model_dir), output=str(tmp_path / "search"), calib_samples=4,
                           calib_seqlen=64, data_dir=str(DATA))
-    structures = [Recipe(), Recipe(ffn_sparsity=0.25), Recipe(depth="drop-attention:1")]
+    structures = [Checkpoint(Recipe()), Checkpoint(Recipe(ffn_sparsity=0.25), 32),
+                  Checkpoint(Recipe(depth="drop-attention:1"))]
     folders, _ = prune_all(config, resolve_model(str(tiny_model_dir)), structures,
                            resolve_text("wikitext2", "calibration", str(DATA)))
     assert len(passes) == 1 and passes[0]["gram"] is True  # CFSP's lstsq needs the second moments
-    lever_folder = folders[Recipe(depth="drop-attention:1")]
-    assert lever_folder.name == "drop-attention-1" and folders[Recipe()] == resolve_model(str(tiny_model_dir)).path
+    lever_folder = folders[Checkpoint(Recipe(depth="drop-attention:1"))]
+    assert lever_folder.name == "drop-attention-1" and folders[Checkpoint(Recipe())] == resolve_model(str(tiny_model_dir)).path
+    # a width multiple is part of the checkpoint: its folder says so and every kept FFN width is a multiple of it
+    aligned = folders[Checkpoint(Recipe(ffn_sparsity=0.25), 32)]
+    blocks = json.loads((aligned / "config.json").read_text())["block_configs"]
+    widths = [block["ffn"]["intermediate_size"] for block in blocks]
+    assert aligned.name == "cfsp-0.25-align32" and widths and all(w % 32 == 0 for w in widths)
 
     direct = tmp_path / "direct"
     with pytest.raises(SystemExit) as exit_info:

@@ -55,6 +55,7 @@ def tune(
     prompt_tokens: int = typer.Option(default_of(SearchConfig, "prompt_tokens"), help="Tokens per latency prompt."),
     new_tokens: int = typer.Option(default_of(SearchConfig, "new_tokens"), help="Greedy tokens generated per prompt."),
     mc_limit: int = typer.Option(default_of(SearchConfig, "mc_limit"), help="Multiple-choice examples per task (0 skips)."),
+    chat_prompts: int = typer.Option(default_of(SearchConfig, "chat_prompts"), help="Chat prompts the final bench answers through the model's chat template, candidate against dense (0 skips)."),
     task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench task.json or folder, or a zero-shot task scored in lm-eval's format: boolq | piqa | hellaswag | winogrande | arc_easy | arc_challenge | openbookqa | sciq | zeroshot (the seven) (repeatable; default: the tasks the dense SmolLM2 is competent on)."),
     lm_eval_task: Optional[List[str]] = typer.Option(None, "--lm-eval-task", help="Also run this lm-evaluation-harness task on the dense and recommended models (repeatable; needs lm-eval and the task's data; offline: piqa_local, ..., or the tag effideploy_zeroshot)."),
     lm_eval_include: Optional[List[Path]] = typer.Option(None, "--lm-eval-include", help="A folder of your own lm-eval task YAML files (lm-eval's --include_path; repeatable)."),
@@ -98,7 +99,7 @@ def tune(
     config = SearchConfig(model=model, runtime=runtime, output=str(output), space=space, calib_samples=calib_samples,
                           calib_seqlen=calib_seqlen, screen_windows=screen_windows, screen_seqlen=screen_seqlen,
                           shortlist=shortlist, repeats=repeats, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen,
-                          prompt_tokens=prompt_tokens, new_tokens=new_tokens, mc_limit=mc_limit,
+                          prompt_tokens=prompt_tokens, new_tokens=new_tokens, mc_limit=mc_limit, chat_prompts=chat_prompts,
                           tasks=tuple(str(t) for t in task or ()), memory=memory, threads=threads,
                           data_dir=str(data_dir) if data_dir else None, lm_eval_tasks=tuple(lm_eval_task or ()),
                           lm_eval_limit=None if lm_eval_limit < 0 else lm_eval_limit, overwrite=overwrite)

@@ -62,6 +62,7 @@ class SearchConfig:
     ppl_windows: int = 4
     ppl_seqlen: int = 1024
     mc_limit: int = 100  # per task: 200 items a model over the two default tasks
+    chat_prompts: int = 12  # the final bench's chat-fidelity prompts (effideploy.eval.chat; 0: off)
     tasks: tuple[str, ...] = ()
     memory: bool = True
     threads: int | None = None
@@ -74,6 +75,8 @@ class SearchConfig:
         for name in ("calib_samples", "screen_windows", "shortlist", "calibration_repeats", "repeats"):
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.chat_prompts < 0:
+            raise OptionError("chat_prompts", f"must be 0 (off) or more, got {self.chat_prompts}")
         if self.screen_seqlen < 8 or self.calib_seqlen < 2:
             raise OptionError("screen_seqlen", "screen windows need at least 8 tokens")
 
@@ -225,7 +228,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                         batch_sizes=(), throughput_repeats=0, ppl_windows=config.ppl_windows,
                         ppl_seqlen=config.ppl_seqlen, tasks=tuple(tasks), mc_limit=config.mc_limit,
                         memory=config.memory, threads=config.threads, data_dir=config.data_dir,
-                        chat_prompts=getattr(config, "chat_prompts", 12),  # chat fidelity (effideploy.eval.chat)
+                        chat_prompts=config.chat_prompts,  # chat fidelity (effideploy.eval.chat)
                         export_root=str(Path(config.output).expanduser() / "exports"))
     report = run_bench(final)
     seconds["bench"] = time.perf_counter() - tick

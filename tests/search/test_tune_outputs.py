@@ -183,6 +183,7 @@ def test_a_search_folder_of_an_earlier_version_is_reused_and_still_held_to_the_p
     ("torch", ["--quantize", "none,int4"], r"--quantize int4: the torch runtime does not serve these weights"),
     ("torch", ["--ppl-seqlen", "100000"], r"--ppl-seqlen 100000 exceeds the model's max_position_embeddings"),
     ("torch", ["--prompt-tokens", "500", "--new-tokens", "100"], r"--prompt-tokens \+ --new-tokens 600 exceeds"),
+    ("torch", ["--chat-prompts", "-1"], r"--chat-prompts must be 0 \(off\) or more, got -1"),
 ])
 def test_an_infeasible_recipe_is_refused_in_one_line_before_any_work(tmp_path, tiny_model_dir, capsys, runtime,
                                                                      options, fragment):

@@ -34,12 +34,13 @@ def check_recipes(recipes: list[Recipe], runtime: str) -> None:
     from effideploy.runtimes import RUNTIMES
 
     runtime_class = RUNTIMES.get(runtime)  # an unknown runtime or a missing package: one line
-    checked: set = set()
-    for recipe in recipes:
-        for lever, value in recipe.used():
-            if (lever.name, value) not in checked:
-                checked.add((lever.name, value))
-                lever.check_runtime(value, runtime_class, runtime)
+    for lever, value in _lever_values(recipes):
+        lever.check_runtime(value, runtime_class, runtime)
+
+
+def _lever_values(recipes: list[Recipe]) -> list:
+    """Every (lever, value) the recipes use, each once, in order (each check runs once per value)."""
+    return list(dict.fromkeys(pair for recipe in recipes for pair in recipe.used()))
 
 
 def resolve_space(space, runtime: str):
@@ -51,12 +52,8 @@ def resolve_space(space, runtime: str):
 def fits_model(recipes: list[Recipe], runtime: str, config_dict: dict) -> None:
     """Refuse (one line, before any work) a lever value the dense model's shapes cannot take (``Lever.check_model``:
     a scheme the exporter cannot write for them, a depth target the method cannot reach)."""
-    checked: set = set()
-    for recipe in recipes:
-        for lever, value in recipe.used():
-            if (lever.name, value) not in checked:
-                checked.add((lever.name, value))
-                lever.check_model(value, runtime, config_dict)
+    for lever, value in _lever_values(recipes):
+        lever.check_model(value, runtime, config_dict)
 
 
 def servable_default(lever, runtime: str) -> tuple[tuple, list[str]]:

@@ -655,13 +655,14 @@ def _wait_for(predicate, timeout=120.0):
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        time.sleep(0.005)
     return False
 
 
 def test_sigkill_leftovers_are_cleaned_and_ctrl_c_writes_nothing(tmp_path, tiny_model_dir, calib_file):
     """A killed run leaves scratch folders named with its PID; the next run beside them removes them. Ctrl-C exits
-    130 with one line and leaves nothing."""
+    130 with one line and leaves nothing. The Ctrl-C run is stopped (SIGSTOP) the moment its scratch folder appears
+    and signalled while stopped, so a fast machine cannot finish the prune before the signal lands."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "effideploy", "prune", "--model", str(tiny_model_dir), "--calib", str(calib_file),
             "--calib-samples", "64", "--calib-seqlen", "256", "--batch-size", "1", "--threads", "1", "--output", str(out)]
@@ -682,8 +683,10 @@ def test_sigkill_leftovers_are_cleaned_and_ctrl_c_writes_nothing(tmp_path, tiny_
     interrupted = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _wait_for(lambda: any(str(interrupted.pid) in p.name for p in scratch()))
+        interrupted.send_signal(signal.SIGSTOP)
         assert not any(p.exists() for p in left)  # the dead run's folders were removed by this run
-        interrupted.send_signal(signal.SIGINT)
+        interrupted.send_signal(signal.SIGINT)  # pending until it resumes: the next bytecode raises KeyboardInterrupt
+        interrupted.send_signal(signal.SIGCONT)
         _, err = interrupted.communicate(timeout=120)
     finally:
         if interrupted.poll() is None:

@@ -103,8 +103,9 @@ def markdown(result) -> str:
                     line += f" (the levers it adds to {family} add little at this policy)"
             out.append(line + ".")
     out += ["", "## Recipes tried", "",
-            "Screen: PyTorch on held-out WikiText-2 windows (fake-quantized weights for quantized recipes). Predicted: "
-            "the cost model. Measured: the final bench (or the cost model's timing run, marked c). Front: on the "
+            "Predicted (screen): PyTorch on held-out WikiText-2 windows (fake-quantized weights for quantized "
+            "recipes), a prediction of what the artifact will do. Predicted (speed): the cost model. Measured: the "
+            "final bench on the shipped artifact (or the cost model's timing run, marked c). Front: on the "
             "Pareto front of screened quality (dense PPL / PPL) against decode speedup (d), TTFT speedup (t), "
             "memory (m).", ""]
     rows = []
@@ -114,12 +115,13 @@ def markdown(result) -> str:
         verdict = ("pass" if r.failed == [] else "FAIL: " + ", ".join(r.failed)) if r.failed is not None else \
             ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else "not benched")
         rows.append([f"`{r.label}`", r.recipe.family, _f(s.perplexity if s else None) + f" ({_pct(s.perplexity_increase if s else None)})",
-                     _f(s.kl if s else None, 4), _f(s.top1_agreement if s else None, 3),
+                     _f(s.kl if s else None, 4), _f(m.get("kl_divergence"), 4), _f(s.top1_agreement if s else None, 3),
                      _f(s.top_k_agreement if s else None, 3), _f(r.predicted.decode_speedup),
                      _f(m.get("decode_speedup")) + mark, _f(r.predicted.ttft_speedup),
                      _f(m.get("ttft_speedup")) + mark, _f(r.predicted.peak_memory_mb, 0),
                      "".join(k[0] for k, v in r.on_front.items() if v) or "-", verdict])
-    out.append(_table(["recipe", "levers", "screen PPL", "KL", "top-1", "top-5", "decode pred.", "decode meas.",
+    out.append(_table(["recipe", "levers", "PPL pred. (screen)", "KL pred. (screen)", "KL meas.", "top-1 pred. (screen)",
+                       "top-5 pred. (screen)", "decode pred.", "decode meas.",
                        "TTFT pred.", "TTFT meas.", "peak MiB pred.", "front", "policy"], rows))
     out += ["", "## Cost model", ""]
     cost = result.cost_model

@@ -44,6 +44,7 @@ def tune(
     depth: Optional[str] = typer.Option(None, help="Depth: METHOD:AMOUNT with METHOD drop-blocks | drop-attention | cfsp-joint and AMOUNT a fraction of the parameters (or, for drop-*, a number of sublayers), or none; comma-separated (default: none,drop-attention:0.05). Not combined with --sparsities (one pruning method per checkpoint)."),
     quantize: Optional[str] = typer.Option(None, help="Weight schemes (none = float), comma-separated (default: none,int8,int4, less what the runtime does not serve)."),
     kv: str = typer.Option("none", help="KV budgets: token-compression specs (e.g. snapkv:0.5) or none, comma-separated."),
+    recover: str = typer.Option("none", help="Recovery after pruning: METHOD:TOKENS with METHOD distil (KL to the dense model) | lora (LM loss) and a budget of training tokens of WikiText-2 validation (e.g. distil:32768 or distil:32k), or none; comma-separated (default: none: minutes per checkpoint on a CPU). Only on top of --sparsities above 0."),
     calib_samples: int = typer.Option(default_of(SearchConfig, "calib_samples"), help="Calibration windows (one pass for every sparsity)."),
     calib_seqlen: int = typer.Option(default_of(SearchConfig, "calib_seqlen"), help="Tokens per calibration window."),
     screen_windows: int = typer.Option(default_of(SearchConfig, "screen_windows"), help="Held-out windows of the PyTorch quality screen."),
@@ -71,13 +72,14 @@ def tune(
     from effideploy.search.report import verdict_lines, write_search_report
     from effideploy.search.search import run_search
     from effideploy.search.space import Depth, FfnSparsity, KvBudget, SearchSpace, WeightQuantization
+    from effideploy.search.recovery_lever import Recovery
     from effideploy.search.workspace import check_workspace, guarded
 
     # Everything that can be refused is refused here, before any work and before anything is written.
     RUNTIMES.target(runtime)
     loaded = load_policy(policy)
     for value, option in [*((t, "--lm-eval-task") for t in lm_eval_task or []), (kv, "--kv"), (quantize, "--quantize"),
-                          (depth, "--depth")]:
+                          (depth, "--depth"), (recover, "--recover")]:
         check_option_text(value, option)
     if quantize is None:
         schemes, left_out = servable_default(WeightQuantization(), runtime)
@@ -86,8 +88,10 @@ def tune(
     else:
         schemes = _values(quantize, "--quantize", str)
     depths = Depth.default_values if depth is None else _values(depth, "--depth", str)
+    recovery = Recovery(values=_values(recover, "--recover", str))  # a bad value: one line, before any work
     space = SearchSpace((FfnSparsity(values=_values(sparsities, "--sparsities", float)), Depth(values=depths),
-                         WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
+                         recovery, WeightQuantization(values=schemes), KvBudget(values=_values(kv, "--kv", str))))
+    Recovery.check_space(space)  # recovery values with no pruned checkpoint to train
     space = resolve_space(space, runtime)  # int8 / int4 named as this runtime's exporter names them
     check_recipes(space.recipes(), runtime)
     if lm_eval_include:

@@ -30,6 +30,9 @@ class Lever:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     structural: ClassVar[bool] = False  # changes the checkpoint (one pruning pass per value)
+    # a structural lever that trains the pruned checkpoint (recovery) instead of pruning the dense model: its
+    # checkpoint is the pruned one, then ``transform`` into a folder beside it
+    transforms: ClassVar[bool] = False
     unset: ClassVar[Any] = None
     # which recipes using this lever alone the cost model times: "each" value (every kernel has its own speed),
     # the "most" reduced one (structure only changes bytes and FLOPs, which the fit reads), or none
@@ -63,6 +66,18 @@ class Lever:
         """The FFN width multiple this value needs on ``runtime`` (its kernels' blocks; 1: any width)."""
         return 1
 
+    def transform(self, value, pruned, folder, *, dense, data_dir, overwrite: bool) -> None:
+        """Write ``folder`` from the pruned checkpoint ``pruned`` (``transforms`` levers only; reused if it may)."""
+        raise NotImplementedError(self.name)
+
+    def rebuild_argv(self, value, pruned: str, output: str, config) -> list[str]:
+        """The CLI command that does ``transform`` (reproduce.sh)."""
+        return []
+
+    def record_fields(self, value, checkpoint: str) -> dict:
+        """What this value adds to its recipe's record in search.json (e.g. the training it cost)."""
+        return {}
+
     # ------------------------------------------------------------------ before any work
     def for_runtime(self, runtime: str) -> "Lever":
         """This lever with its values named as ``runtime`` names them."""
@@ -77,8 +92,14 @@ class Lever:
     def conflicts(self, value, other: "Lever", other_value) -> bool:
         # Two structural levers are two pruning methods: composing them would prune an already pruned checkpoint,
         # which prune_checkpoint refuses (its statistics describe the dense model); cfsp-joint is the method that
-        # splits one target between width and depth, so FFN sparsity and depth exclude each other.
-        return self.structural and other.structural and other.name != self.name
+        # splits one target between width and depth, so FFN sparsity and depth exclude each other. A transforming
+        # lever trains a pruned checkpoint and says itself which it excludes.
+        return (self.structural and other.structural and other.name != self.name
+                and not (self.transforms or other.transforms))
+
+    def applies(self, value, used: list) -> bool:
+        """Whether ``value`` means anything among the (lever, value) pairs ``used`` of a combination."""
+        return True
 
     # ------------------------------------------------------------------ the screen
     def scheme_name(self, value) -> str | None:
@@ -368,7 +389,11 @@ class KvBudget(Lever):
 
 
 # Every lever, in label order: structural ones first (they name the checkpoint), then weights, then the KV budget.
-LEVERS: dict[str, Lever] = {lever.name: lever for lever in (FfnSparsity(), Depth(), WeightQuantization(), KvBudget())}
+# Recovery (recovery_lever.py: this module's size) follows the pruning levers it trains on: cfsp-0.3+distil32k+int8.
+from effideploy.search.recovery_lever import Recovery  # noqa: E402 - it subclasses Lever
+
+LEVERS: dict[str, Lever] = {lever.name: lever for lever in (FfnSparsity(), Depth(), Recovery(), WeightQuantization(),
+                                                           KvBudget())}
 
 
 def lever(name: str) -> Lever:

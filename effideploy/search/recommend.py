@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from effideploy.search.search import RecipeRecord, SearchConfig
 
 REBUILT_CHECKPOINT = "out/recommended-checkpoint"
+REBUILT_PRUNED = "out/recommended-pruned"  # the pruned checkpoint a transforming lever (recovery) trains
 REBUILT_EXPORT = "out/recommended"
 
 
@@ -67,10 +68,14 @@ def _flags(options: dict) -> list[str]:
 def reproduce_argv(config: SearchConfig, record: RecipeRecord) -> list[list[str]]:
     """The commands that rebuild the recommended artifact, as argument lists."""
     recipe, commands, model = record.recipe, [], config.model
-    if recipe.structural:  # one structural lever at most (Lever.conflicts)
-        commands.append(["effideploy", "prune", "--model", model, *recipe.checkpoint(config.runtime).prune_flags(),
+    if recipe.structural:  # one pruning lever at most (Lever.conflicts), then any transforming one (recovery)
+        checkpoint = recipe.checkpoint(config.runtime)
+        pruned = REBUILT_PRUNED if checkpoint.transforms else REBUILT_CHECKPOINT
+        commands.append(["effideploy", "prune", "--model", model, *checkpoint.prune_flags(),
                          "--calib-samples", str(config.calib_samples), "--calib-seqlen", str(config.calib_seqlen)]
-                        + (["--data-dir", config.data_dir] if config.data_dir else []) + ["--output", REBUILT_CHECKPOINT])
+                        + (["--data-dir", config.data_dir] if config.data_dir else []) + ["--output", pruned])
+        for item, value in checkpoint.transforms:
+            commands.append(item.rebuild_argv(value, pruned, REBUILT_CHECKPOINT, config))
         model = REBUILT_CHECKPOINT
     options = export_options(config, record)
     if options is not None:

@@ -107,7 +107,10 @@ class RecipeRecord:
         return self.recipe.label
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "recipe": self.recipe.to_dict(), "family": self.recipe.family,
+        levers = {}  # what a lever adds, e.g. the recovery's training seconds
+        for item, value in self.recipe.used():
+            levers.update(item.record_fields(value, self.checkpoint))
+        return {**levers, "label": self.label, "recipe": self.recipe.to_dict(), "family": self.recipe.family,
                 "checkpoint": self.checkpoint, "features": self.features.to_dict(),
                 "scheme": None if self.scheme is None else {"name": self.scheme.name,
                                                             "export_options": self.scheme.export_options()},
@@ -180,7 +183,8 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     # 1. prune (the first write: the output folder is created and marked here)
     open_workspace(config.output)
     checkpoints = list(dict.fromkeys(r.checkpoint(config.runtime) for r in [Recipe()] + recipes))
-    folders, seconds["prune"] = prune_all(config, source, checkpoints, text)
+    seconds["prune"] = 0.0  # first in the report's cost line; a transforming lever's training follows it
+    folders, seconds["prune"] = prune_all(config, source, checkpoints, text, timings=seconds)
     configs = {s: read_config_dict(Path(f)) for s, f in folders.items()}
     records, dense_record = _records(config, recipes, folders, configs, notes)
     dense_features = dense_record.features

@@ -122,23 +122,40 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        """Its folder in the search's output: the lever's checkpoint name (``cfsp-0.2``, ``cfsp-0.2-align32``)."""
-        ((item, value),) = self.structure.used()  # structural levers exclude each other (Lever.conflicts)
-        return item.checkpoint_name(value, self.align)
+        """Its folder in the search's output: the levers' checkpoint names (``cfsp-0.2``, ``cfsp-0.2-align32``,
+        ``cfsp-0.2-align32-distil32k`` for a transforming lever's folder beside the pruned one)."""
+        return "-".join(item.checkpoint_name(value, self.align) for item, value in self.structure.used())
+
+    def _pruning(self) -> tuple:
+        # pruning levers exclude each other (Lever.conflicts): one prunes, transforming ones train its result
+        ((item, value),) = self.pruned.structure.used()
+        return item, value
+
+    @property
+    def pruned(self) -> "Checkpoint":
+        """The checkpoint pruning writes, before any transforming lever (itself when there is none)."""
+        return Checkpoint(Recipe({l.name: v for l, v in self.structure.used() if not l.transforms}), self.align)
+
+    @property
+    def transforms(self) -> list[tuple[Lever, object]]:
+        """The transforming levers (recovery) applied to the pruned checkpoint, in order."""
+        return [(l, v) for l, v in self.structure.used() if l.transforms]
 
     def prune_config(self, **calibration):
-        ((item, value),) = self.structure.used()
+        item, value = self._pruning()
         return item.prune_config(value, align=self.align, **calibration)
 
     def prune_flags(self) -> list[str]:
-        ((item, value),) = self.structure.used()
+        item, value = self._pruning()
         return item.prune_flags(value, align=self.align)
 
 
 def conflicting(pairs: list[tuple[Lever, object]]) -> bool:
-    """Whether two set levers of a combination exclude each other (each lever says which it excludes)."""
+    """Whether two set levers of a combination exclude each other (each lever says which it excludes), or one
+    applies to nothing there."""
     used = [(l, v) for l, v in pairs if v != l.unset]
-    return any(a.conflicts(va, b, vb) for a, va in used for b, vb in used if a is not b)
+    return any(a.conflicts(va, b, vb) for a, va in used for b, vb in used if a is not b) or \
+        not all(l.applies(v, used) for l, v in used)  # e.g. recovery without a pruning value to train on
 
 
 @dataclass(frozen=True)

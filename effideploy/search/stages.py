@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 SCREEN_CACHE = "screen.json"
 
 
-def prune_all(config: SearchConfig, source, checkpoints: list[Checkpoint], text) -> tuple[dict[Checkpoint, Path], float]:
+def prune_all(config: SearchConfig, source, checkpoints: list[Checkpoint], text,
+              timings: dict | None = None) -> tuple[dict[Checkpoint, Path], float]:
     """One folder per checkpoint (structural levers' values and FFN width multiple; an empty structure is the dense
-    model itself), each from its lever's pruning configuration, one calibration pass for all those not reusable."""
+    model itself), each from its lever's pruning configuration, one calibration pass for all those not reusable;
+    then a checkpoint with a transforming lever (recovery) from its pruned one, into a folder beside it, its time
+    added to ``timings`` under the lever's name (the returned seconds are the pruning's)."""
     from effideploy.bench.pipeline import _reusable
     from effideploy.pruning import calibrate_source, prune_checkpoint
     from effideploy.pruning.engine import needs_gram
@@ -28,7 +31,7 @@ def prune_all(config: SearchConfig, source, checkpoints: list[Checkpoint], text)
     output = Path(config.output).expanduser()
     calibration = {"calib_samples": config.calib_samples, "calib_seqlen": config.calib_seqlen}
     folders, todo = {}, []
-    for checkpoint in checkpoints:
+    for checkpoint in dict.fromkeys(c.pruned for c in checkpoints):  # each pruned one once, transformed or not
         if not checkpoint.structure:
             folders[checkpoint] = source.path
             continue
@@ -48,7 +51,17 @@ def prune_all(config: SearchConfig, source, checkpoints: list[Checkpoint], text)
             stats = calibrate_source(source, (gram or [todo[0][0]])[0], text, gram=bool(gram))
         for prune_config, folder in progress.track(todo, "Pruning"):
             prune_checkpoint(source, prune_config, folder, calibration=text, overwrite=True, stats=stats)
-    return folders, time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    for checkpoint in (c for c in checkpoints if c.transforms):
+        folder = output / checkpoint.name  # beside its pruned folder: cfsp-0.2-align32-distil32k
+        ((item, value),) = checkpoint.transforms  # one transforming lever (recovery) at present
+        started = time.perf_counter()
+        item.transform(value, folders[checkpoint.pruned], folder, dense=source, data_dir=config.data_dir,
+                       overwrite=config.overwrite)
+        folders[checkpoint] = folder
+        if timings is not None:
+            timings[item.name] = timings.get(item.name, 0.0) + time.perf_counter() - started
+    return folders, seconds
 
 
 def bench_tokens(config: SearchConfig) -> int:

@@ -27,7 +27,7 @@ def test_a_recipe_round_trips_through_search_json():
                    Recipe(depth="drop-attention:0.05", quantize="int4"), Recipe(depth="Drop-Blocks:2")):
         record = RecipeRecord(recipe=recipe, checkpoint=".", features=Features(1.0, 0.0, 0.0, 1.0))
         written = json.loads(json.dumps(record.to_dict()))
-        assert set(written["recipe"]) == {"ffn_sparsity", "depth", "quantize", "kv"}  # every lever, by name
+        assert set(written["recipe"]) == {"ffn_sparsity", "depth", "recovery", "quantize", "kv"}  # every lever
         back = Recipe.from_dict(written["recipe"])
         assert back == recipe and hash(back) == hash(recipe) and written["label"] == back.label
     assert Recipe(depth="drop-blocks:2").label == "drop-blocks-2" and Recipe(depth="drop-blocks:2.0") == Recipe(

@@ -38,7 +38,7 @@ class ServedModel:
 
 
 def tokenizer_folder(spec: str) -> str:
-    """A local folder with the model's tokenizer for GuideLLM's synthetic prompts: the checkpoint, or an export's
+    """A local folder with the model's tokenizer for the load's prompts: the checkpoint, or an export's
     source checkpoint (a GGUF export keeps no tokenizer files)."""
     from effideploy.exporters.manifest import read_export_manifest
     from effideploy.models.resolve import resolve_model
@@ -112,11 +112,20 @@ def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> d
 
 
 def run_serve(runtime: str, models: list[ServedModel], slo: ServeSLO, *, tokenizer: str, work: Path,
-              endpoints: bool = False, max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> dict:
-    """Serve (or reach) every model in turn and load it; the report's ``serve`` section without the policy."""
+              endpoints: bool = False, max_model_len: int = DEFAULT_MAX_MODEL_LEN, prompts: str = "wikitext",
+              data_dir: str | None = None, seed: int = 0) -> dict:
+    """Serve (or reach) every model in turn and load it; the report's ``serve`` section without the policy.
+    ``prompts``: ``wikitext`` (WikiText-2 test windows from ``data_dir``, the same file for every model) or
+    ``synthetic`` (GuideLLM's text); bench/serve_prompts.py."""
+    from effideploy.bench.serve_prompts import check_source, synthetic_prompts, write_wikitext_prompts
     from effideploy.bench.serve_servers import endpoint, serving
 
     started = time.perf_counter()
+    if check_source(prompts) == "wikitext":
+        with progress.status("Writing WikiText-2 test prompts for the load"):
+            prompt_set = write_wikitext_prompts(work, tokenizer, slo, data_dir=data_dir, seed=seed)
+    else:
+        prompt_set = synthetic_prompts(slo)
     for model in models:
         tick = time.perf_counter()
         with progress.status(f"Serving {model.label} and loading it with GuideLLM ({slo.kind} "
@@ -124,16 +133,17 @@ def run_serve(runtime: str, models: list[ServedModel], slo: ServeSLO, *, tokeniz
             if endpoints:
                 server = endpoint(model.spec)
                 model.url, model.served_model = server.url, server.model
-                model.levels = run_load(server, slo, tokenizer, work, model.label)
+                model.levels = run_load(server, slo, tokenizer, work, model.label, prompt_set)
             else:
                 context = min(max_model_len, positions(Path(model.export)) or max_model_len)
                 with serving(runtime, Path(model.export), model.label, work, max_model_len=context) as server:
                     model.url, model.served_model = server.url, server.model
-                    model.levels = run_load(server, slo, tokenizer, work, model.label)
+                    model.levels = run_load(server, slo, tokenizer, work, model.label, prompt_set)
         model.seconds = time.perf_counter() - tick
     summaries = {model.label: analyse(model, slo) for model in models}
     return {"runtime": None if endpoints else runtime, "endpoints": endpoints, "slo": slo.to_dict(),
-            "tokenizer": tokenizer, "models": [vars(model) for model in models], "summaries": summaries,
+            "tokenizer": tokenizer, "prompts": prompt_set, "models": [vars(model) for model in models],
+            "summaries": summaries,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": time.perf_counter() - started}
 

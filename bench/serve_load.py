@@ -1,9 +1,10 @@
 """The load generator: GuideLLM (the vLLM project's load-testing tool), run as its own CLI on a scenario file.
 
 One ``guidellm run`` per server sweeps every load level (one sub-benchmark each), bounded per level by
-``max_requests`` and ``max_seconds``, against loopback or the user's endpoint. Prompts are GuideLLM's synthetic
-text at exactly ``prompt_tokens`` / ``output_tokens`` tokens of the model's own tokenizer (a local folder: nothing
-is downloaded); GuideLLM sends ``ignore_eos`` so every request generates its output length. The SLO objectives are
+``max_requests`` and ``max_seconds``, against loopback or the user's endpoint. Prompts are WikiText-2 test windows
+of ``prompt_tokens`` tokens of the model's own tokenizer (a local folder: nothing is downloaded), a file in the run's
+folder that GuideLLM reads as a data set, or GuideLLM's synthetic text of exactly ``prompt_tokens`` tokens where the
+user asks (bench/serve_prompts.py); GuideLLM sends ``ignore_eos`` so every request generates ``output_tokens``. The SLO objectives are
 passed to GuideLLM (``metrics.slo``), so goodput and attainment are its own numbers.
 
 It runs as a child process in its own process group, killed with the bench (timeout, failure, Ctrl-C): GuideLLM
@@ -44,8 +45,11 @@ def guidellm_unavailable() -> str | None:
     return None
 
 
-def scenario(server: Server, slo: ServeSLO, tokenizer: str, output: Path) -> dict:
-    """GuideLLM's scenario (``guidellm run -c FILE``): one sub-benchmark per load level."""
+def scenario(server: Server, slo: ServeSLO, tokenizer: str, output: Path, prompts: dict | None = None) -> dict:
+    """GuideLLM's scenario (``guidellm run -c FILE``): one sub-benchmark per load level, on ``prompts``
+    (bench/serve_prompts.py: the WikiText-2 file in the run's folder, or synthetic text when None)."""
+    from effideploy.bench.serve_prompts import guidellm_data, synthetic_prompts
+
     profile = ({"kind": "constant", "rate": [slo.levels[0]]} if slo.kind == "rate" else
                {"kind": "concurrent", "streams": [int(slo.levels[0])]})
     key = "profile.rate" if slo.kind == "rate" else "profile.streams"
@@ -57,7 +61,7 @@ def scenario(server: Server, slo: ServeSLO, tokenizer: str, output: Path) -> dic
                         "request_format": "/v1/completions", "api_routes": {"/health": "v1/models"}},
             "profile": profile,
             "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
-            "data": [{"kind": "synthetic_text", "prompt_tokens": slo.prompt_tokens, "output_tokens": slo.output_tokens}],
+            "data": [guidellm_data(prompts or synthetic_prompts(slo), output.parent, slo)],
             "constraints": [{"kind": "max_requests", "count": slo.max_requests},
                             {"kind": "max_duration", "seconds": slo.max_seconds}],
             "outputs": [{"kind": "json", "path": str(output)}],
@@ -67,21 +71,26 @@ def scenario(server: Server, slo: ServeSLO, tokenizer: str, output: Path) -> dic
     }
 
 
-def run_load(server: Server, slo: ServeSLO, tokenizer: str, folder: Path, label: str) -> list[dict]:
-    """Drive ``server`` through every load level of ``slo``; GuideLLM's raw JSON is kept as guidellm-LABEL.json."""
+def run_load(server: Server, slo: ServeSLO, tokenizer: str, folder: Path, label: str,
+             prompts: dict | None = None) -> list[dict]:
+    """Drive ``server`` through every load level of ``slo``; GuideLLM's raw JSON is kept as guidellm-LABEL.json.
+    ``prompts`` as :func:`scenario` takes them (their file already in ``folder``)."""
     reason = guidellm_unavailable()
     if reason:
         raise EffideployError(f"bench --serve needs GuideLLM: {reason}")
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / f"guidellm-{label}.json"
     config = folder / f"guidellm-{label}-scenario.json"
-    config.write_text(json.dumps(scenario(server, slo, tokenizer, raw), indent=1))
+    config.write_text(json.dumps(scenario(server, slo, tokenizer, raw, prompts), indent=1))
     log = folder / f"guidellm-{label}.log"
     executable = shutil.which("guidellm", path=str(Path(sys.executable).parent)) or shutil.which("guidellm")
     command = [executable, "run", "-c", str(config), "--disable-console-interactive"]
     # every level is bounded by max_seconds; the slack covers GuideLLM's start and each level's drain
     timeout = STARTUP_S + len(slo.levels) * (slo.max_seconds + 60.0)
-    env = {**os.environ, "GUIDELLM__LOGGING__CONSOLE_LOG_LEVEL": "WARNING"}
+    # GuideLLM reads a prompts file through `datasets`, whose cache goes into the run's folder (removed after the run),
+    # never into the user's home
+    cache = folder / ".datasets-cache"
+    env = {**os.environ, "GUIDELLM__LOGGING__CONSOLE_LOG_LEVEL": "WARNING", "HF_DATASETS_CACHE": str(cache)}
     with open(log, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)
@@ -91,6 +100,7 @@ def run_load(server: Server, slo: ServeSLO, tokenizer: str, folder: Path, label:
         raise EffideployError(f"GuideLLM did not finish within {timeout:.0f} s against {server.url} (log: {log})") from None
     finally:
         stop(process)
+        shutil.rmtree(cache, ignore_errors=True)
     if process.returncode != 0 or not raw.is_file():
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         raise EffideployError(f"GuideLLM failed against {server.url} (exit {process.returncode}): "

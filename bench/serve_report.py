@@ -32,7 +32,14 @@ def markdown(section: dict) -> str:
                   + f", judged at {kind} {slo['target_level']:g}.", ""]
     where = "user endpoints" if section["endpoints"] else f"{section['runtime']}'s own server on 127.0.0.1"
     objectives = ", ".join(f"{k} <= {slo[k]:g}" for k in ("ttft_p99_ms", "tpot_p99_ms", "e2el_p99_ms") if slo[k])
-    lines += [f"Load generator: GuideLLM, synthetic prompts of {slo['prompt_tokens']} tokens, {slo['output_tokens']} "
+    prompts = section.get("prompts") or {"source": "synthetic"}
+    if prompts["source"] == "wikitext":
+        described = (f"{prompts['count']} WikiText-2 test windows of {slo['prompt_tokens']} tokens (seed "
+                     f"{prompts['seed']}; {prompts['tokens_min']}-{prompts['tokens_max']} tokens re-tokenized; "
+                     f"[{prompts['file']}]({prompts['file']}))")
+    else:
+        described = f"GuideLLM's synthetic prompts of {slo['prompt_tokens']} tokens"
+    lines += [f"Load generator: GuideLLM, {described}, {slo['output_tokens']} "
               f"output tokens, {kind} {', '.join(f'{v:g}' for v in slo['levels'])}, at most {slo['max_requests']} "
               f"requests and {slo['max_seconds']:g} s per level; servers: {where}. SLO: {objectives or 'none'}, "
               f"failed requests <= {slo['max_failed_rate']:.0%}. TPOT here is GuideLLM's inter-token latency (ITL: per "

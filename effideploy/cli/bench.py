@@ -107,6 +107,7 @@ def bench(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Serving bench of a server you run: the dense model's OpenAI-compatible URL (implies --serve; candidates via --candidate-endpoint)."),
     candidate_endpoint: Optional[List[str]] = typer.Option(None, "--candidate-endpoint", help="A candidate's OpenAI-compatible URL (repeatable; with --endpoint)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer folder for the serving bench's prompts (default: the dense model's)."),
+    serve_prompts: str = typer.Option("wikitext", "--serve-prompts", help="The serving bench's prompts: wikitext (windows of WikiText-2 test text from --data-dir at the [serve] prompt_tokens, drawn with --seed) | synthetic (GuideLLM's synthetic text)."),
 ) -> None:
     """Dense vs candidates on one runtime: latency, throughput, memory, size, accuracy, OP/OG/OL/OE, Pareto front."""
     from effideploy.bench.config import CandidateSpec
@@ -120,7 +121,7 @@ def bench(
     loaded_policy = load_policy(policy) if policy is not None else None  # a bad policy fails before measuring
     if serve or endpoint or candidate_endpoint:
         serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output, policy,
-                    loaded_policy, overwrite)
+                    loaded_policy, overwrite, serve_prompts, data_dir, seed)
         return
     for spec in token_compression or []:
         check_option_text(spec, "--token-compression")
@@ -148,14 +149,21 @@ def bench(
 
 
 def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output: Path,
-                policy_path, policy, overwrite: bool) -> None:
+                policy_path, policy, overwrite: bool, prompts: str = "wikitext", data_dir: Optional[Path] = None,
+                seed: int = 0) -> None:
     """``bench --serve`` / ``--endpoint``: the serving bench (bench/serve.py); exit 1 naming the binding objective."""
     from effideploy.bench.config import CandidateSpec
     from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder
     from effideploy.bench.serve_policy import ServeSLO
+    from effideploy.bench.serve_prompts import check_source
     from effideploy.bench.serve_report import write_serve_report
     from effideploy.io import check_output_dir
 
+    check_source(prompts)
+    if prompts == "wikitext":  # a missing wiki.test.raw fails here, before any export, folder or server
+        from effideploy.data.text import resolve_text
+
+        resolve_text("wikitext2", "test", str(data_dir) if data_dir else None)
     if candidate_endpoint and not endpoint:
         raise EffideployError("--candidate-endpoint needs --endpoint (the dense model's server)")
     if endpoint and (candidate or quantize):
@@ -167,7 +175,7 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
     for url in [endpoint, *(candidate_endpoint or [])]:
         if url is not None and not str(url).startswith(("http://", "https://")):
             raise EffideployError(f"--endpoint / --candidate-endpoint must be an http(s) URL, got {url!r}")
-    inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer] if p is not None]
+    inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer, data_dir] if p is not None]
     check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
     slo = policy.serve if policy is not None else ServeSLO()
     if endpoint:
@@ -181,7 +189,8 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
         models = prepare_served(runtime, model, specs, quantize or [], "out/exports")
     folder = str(tokenizer) if tokenizer is not None else tokenizer_folder(model if endpoint else models[0].spec)
     work = work_folder(output)
-    section = run_serve(runtime, models, slo, tokenizer=folder, work=work, endpoints=bool(endpoint))
+    section = run_serve(runtime, models, slo, tokenizer=folder, work=work, endpoints=bool(endpoint), prompts=prompts,
+                        data_dir=str(data_dir) if data_dir else None, seed=seed)
     if policy is not None:
         section["policy"] = sign_off(policy, models, section["summaries"])
     target = write_serve_report(section, output, work, overwrite=overwrite)

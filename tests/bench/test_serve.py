@@ -42,6 +42,28 @@ def _survivors(marker) -> list[str]:
     return found
 
 
+def _wiki_dir(folder):
+    """A --data-dir whose wiki.test.raw is real WikiText-2 test text (ASCII only, so every decoded window of the
+    tiny byte-level tokenizer is a substring of it)."""
+    from tests.conftest import WIKI_TEST
+
+    text = WIKI_TEST.read_text()[:40_000] if WIKI_TEST.exists() else "The tower is 324 metres tall . " * 1500
+    text = text.encode("ascii", "ignore").decode()
+    (folder / "wiki").mkdir()
+    (folder / "wiki" / "wiki.test.raw").write_text(text)
+    return folder / "wiki", text
+
+
+def _sent_prompts(raw_report):
+    """The prompt of every request GuideLLM sent, from its per-request records (it keeps all by default)."""
+    prompts = []
+    for benchmark in json.loads(raw_report.read_text())["benchmarks"]:
+        for request in benchmark["requests"]["successful"]:
+            args = request["request_args"]
+            prompts.append((json.loads(args) if isinstance(args, str) else args)["body"]["prompt"])
+    return prompts
+
+
 def _assert_none_survive(marker):
     deadline = time.monotonic() + 15
     while _survivors(marker) and time.monotonic() < deadline:
@@ -108,7 +130,35 @@ def test_serve_input_errors_are_exit_2(tmp_path, tiny_model_dir):
     thresholds_only = _policy(tmp_path, "plain", "[thresholds]\nmin_op = 0.9\n")
     code, _, err = run_cli("bench", "--endpoint", "http://127.0.0.1:9/v1", "--policy", thresholds_only, "--output", out)
     assert_one_line_error(code, err, "has no [serve] table")
-    assert not out.exists()
+    code, _, err = run_cli("bench", "--endpoint", "http://127.0.0.1:9/v1", "--serve-prompts", "lorem", "--output", out)
+    assert_one_line_error(code, err, "--serve-prompts must be one of wikitext | synthetic")
+    code, _, err = run_cli("bench", "--endpoint", "http://127.0.0.1:9/v1", "--data-dir", tmp_path, "--output", out)
+    assert_one_line_error(code, err, "wiki.test.raw not found in --data-dir")
+    assert not out.exists() and not list(tmp_path.glob(".serve-work-*"))
+
+
+def test_wikitext_prompts_are_windows_of_the_text_at_the_set_lengths(tmp_path, tiny_model_dir):
+    from effideploy.bench.serve_load import scenario
+    from effideploy.bench.serve_prompts import prompt_count, write_wikitext_prompts
+    from effideploy.bench.serve_servers import Server
+
+    data, text = _wiki_dir(tmp_path)
+    slo = serve_from_dict(serve_from_dict_text(PASS))
+    info = write_wikitext_prompts(tmp_path / "run", str(tiny_model_dir), slo, data_dir=str(data), seed=3)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == info["count"] == prompt_count(slo) >= slo.max_requests * len(slo.levels)
+    assert info["source"] == "wikitext" and info["text"] == str((data / "wiki.test.raw").resolve())
+    assert all(row["prompt"] in text and row["output_tokens_count"] == 6 for row in rows)
+    assert len({row["prompt"] for row in rows}) > len(rows) // 2  # distinct windows, not one prompt repeated
+    assert slo.prompt_tokens - 2 <= info["tokens_min"] <= info["tokens_max"] <= slo.prompt_tokens
+    again = write_wikitext_prompts(tmp_path / "again", str(tiny_model_dir), slo, data_dir=str(data), seed=3)
+    assert (tmp_path / "again" / "prompts.jsonl").read_text() == (tmp_path / "run" / "prompts.jsonl").read_text()
+    assert again == info
+    spec = scenario(Server("http://127.0.0.1:9", "m", None), slo, str(tiny_model_dir), tmp_path / "run" / "g.json", info)
+    assert spec["spec"]["data"] == [{"kind": "json_file", "path": str(tmp_path / "run" / "prompts.jsonl"),
+                                     "load_kwargs": {"split": "train"}}]
+    assert scenario(Server("http://127.0.0.1:9", "m", None), slo, "t", tmp_path / "g.json")["spec"]["data"][0]["kind"] \
+        == "synthetic_text"
 
 
 # ------------------------------------------------------------------------------------------- real servers
@@ -126,8 +176,10 @@ def _llamacpp_ready():
 def test_llamacpp_serve_bench_fails_a_strict_slo_passes_a_loose_one_and_leaves_nothing(tmp_path, tiny_model_dir,
                                                                                       tiny_pruned_dir):
     fail = _policy(tmp_path, "strict", FAIL)
+    data, text = _wiki_dir(tmp_path)
     code, out, err = run_cli("bench", "--runtime", "llamacpp", "--serve", "--model", tiny_model_dir, "--candidate",
-                             tiny_pruned_dir, "--policy", fail, "--output", tmp_path / "report", cwd=tmp_path)
+                             tiny_pruned_dir, "--policy", fail, "--output", tmp_path / "report", "--data-dir", data,
+                             cwd=tmp_path)
     assert code == 1, out + err
     assert "cfsp-0.5: ttft_p99_ms" in " ".join((out + err).split())  # the binding objective, named
     payload = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -138,7 +190,15 @@ def test_llamacpp_serve_bench_fails_a_strict_slo_passes_a_loose_one_and_leaves_n
             assert level["requests"]["failed"] == 0 and level["requests"]["successful"] >= 1
             assert level["ttft_ms"]["p99"] > 0 and level["itl_ms"]["p50"] is not None and level["requests_per_second"] > 0
     assert (tmp_path / "report" / "latency_vs_load.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "report" / "raw" / "guidellm-dense.json").is_file()
+    # the default prompts: WikiText-2 windows from --data-dir, the file kept in raw/, and every request sent one
+    assert payload["prompts"]["source"] == "wikitext" and payload["prompts"]["file"] == "raw/prompts.jsonl"
+    written = {json.loads(line)["prompt"] for line in (tmp_path / "report" / "raw" / "prompts.jsonl").read_text().splitlines()}
+    for model in payload["models"]:
+        sent = _sent_prompts(tmp_path / "report" / "raw" / f"guidellm-{model['label']}.json")
+        assert len(sent) == sum(level["requests"]["successful"] for level in model["levels"])
+        assert all(prompt in written and prompt in text for prompt in sent), sent
+    assert "WikiText-2 test windows" in (tmp_path / "report" / "report.md").read_text()
+    assert not (tmp_path / "report" / "raw" / ".datasets-cache").exists()
     assert "cfsp-0.5" in (tmp_path / "report" / "report.md").read_text()
     assert not list(tmp_path.glob(".serve-work-*"))
     # the same measurements judged by a loose SLO pass (its p99 objectives: goodput is GuideLLM's count under the
@@ -176,12 +236,16 @@ def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(t
         wait_ready(f"http://127.0.0.1:{port}", server, None, 120)
         url = f"http://127.0.0.1:{port}/v1"
         code, out, err = run_cli("bench", "--endpoint", url, "--candidate-endpoint", url, "--tokenizer", tiny_model_dir,
-                                 "--policy", _policy(tmp_path, "loose", PASS), "--output", tmp_path / "report")
+                                 "--policy", _policy(tmp_path, "loose", PASS), "--output", tmp_path / "report",
+                                 "--serve-prompts", "synthetic")
         assert code == 0, out + err
         assert "serving policy passed" in out + err
         payload = json.loads((tmp_path / "report" / "report.json").read_text())
         assert payload["endpoints"] and payload["models"][1]["served_model"] == "tiny"
         assert payload["policy"]["passed"] and payload["summaries"]["candidate"]["goodput_ratio"] > 0
+        # synthetic where asked: GuideLLM's own text, no prompts file
+        assert payload["prompts"]["source"] == "synthetic" and not (tmp_path / "report" / "raw" / "prompts.jsonl").exists()
+        assert _sent_prompts(tmp_path / "report" / "raw" / "guidellm-dense.json")
     finally:
         stop(server)
     # Ctrl-C while the bench's own server is up: the server's process group goes with the bench

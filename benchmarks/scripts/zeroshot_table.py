@@ -8,7 +8,7 @@ checkpoints in PyTorch, on the same items (``samples=``), and the per-item agree
 
     python benchmarks/scripts/zeroshot_table.py --limit 40 --json benchmarks/results/zeroshot_table.json
 
-Every checkpoint comes from one calibration pass (``--calib-samples`` x ``--calib-seqlen`` WikiText-2 training
+Every checkpoint comes from one calibration pass (``--calib-samples`` x ``--calib-seqlen`` WikiText-2 validation
 tokens, with second moments; cached in ``--work``), exports and checkpoints are reused from ``--work`` when
 present. The JSON is rewritten after every model, so an interrupted run keeps what it measured.
 """

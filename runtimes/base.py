@@ -208,6 +208,19 @@ def check_requests(requests: list[ContinuationRequest]) -> None:
             raise EffideployError(f"request {index}: scoring needs a non-empty context and continuation")
 
 
+def by_context(requests: list[ContinuationRequest], *, row_budget: int):
+    """Consecutive requests sharing a context, split where the batch would pass ``row_budget`` padded positions."""
+    group: list[ContinuationRequest] = []
+    for request in requests:
+        widest = max([len(c) + len(t) for c, t in group + [request]])
+        if group and (request[0] != group[0][0] or widest * (len(group) + 1) > row_budget):
+            yield group
+            group = []
+        group.append(request)
+    if group:
+        yield group
+
+
 def check_prompts(prompts: list[list[int]], max_new_tokens: int, *, context: int, context_name: str,
                   vocab_size: int | None = None) -> None:
     """The one-line refusals every generating adapter shares: no new tokens, an empty prompt, a prompt that does not

@@ -28,12 +28,17 @@ import torch
 
 from effideploy.errors import EffideployError
 from effideploy.runtimes.base import (Capabilities, ContinuationRequest, Generation, Runtime, TokenScores,
-                                      check_requests, scores_from_logits, scores_of, support_of)
+                                      by_context, check_requests, scores_from_logits, scores_of,
+                                      support_of)
 from effideploy.runtimes.onnx_cache import KVCache, Past
 
 MODEL_FILE = "model.onnx"
 
 KVHook = Callable[[Past, "list[np.ndarray] | None", int], Past]
+
+# Logit cells (rows x tokens x vocabulary) one scoring forward may produce: 64 M floats, 256 MB in fp32, so a batch of
+# long continuations is split rather than allocated at once.
+SCORE_BATCH_CELLS = 64 * 1024 * 1024
 
 
 class OnnxRuntime(Runtime):
@@ -265,10 +270,30 @@ class OnnxRuntime(Runtime):
         return results
 
     def score_continuations(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
-        """Each distinct context is prefilled once (then the KV hook applies, if any), each continuation is
-        teacher-forced one decode step at a time (the graph takes one new token per decode step); the cache's valid
-        length is reset to the context's before the next continuation, since rows beyond it are scratch."""
+        """Without a KV hook, the continuations of one context (a multiple-choice item's options, which the callers
+        send consecutively) are scored in one full forward of [context + continuation] rows, right-padded to one
+        length: attention is causal, so padding after a row's last token cannot change that row's logits. That is
+        one graph run per item where teacher forcing took one per continuation token (zero-shot suites: 10-30x
+        fewer runs). With a KV hook the context must be compressed before the continuation sees it, so those
+        requests go through prefill, the hook, and teacher-forced decode steps."""
         check_requests(requests)
+        if self.kv_hook is not None:
+            return self._score_through_cache(requests)
+        results: list[TokenScores] = []
+        for group in by_context(requests, row_budget=SCORE_BATCH_CELLS // max(self.vocab_size, 1)):
+            length = max(len(c) + len(t) for c, t in group)
+            rows = [list(c) + list(t) + [0] * (length - len(c) - len(t)) for c, t in group]
+            logits = self.logits(rows)
+            for row, (context, continuation) in zip(logits, group):
+                start = len(context) - 1  # the logits at position i predict token i + 1
+                picked = row[start:start + len(continuation)].astype(np.float32)
+                results.append(scores_of(torch.from_numpy(picked), torch.tensor(continuation)))
+        return results
+
+    def _score_through_cache(self, requests: list[ContinuationRequest]) -> list[TokenScores]:
+        """Each distinct context is prefilled once and the KV hook applied; each continuation is teacher-forced one
+        decode step at a time (the graph takes one new token per decode step); the cache's valid length is reset
+        to the context's before the next continuation, since rows beyond it are scratch."""
         results, context, last, context_length = [], None, None, 0
         cache = self.new_cache(1, max(len(c) + len(t) for c, t in requests))
         for request_context, continuation in requests:
@@ -276,8 +301,7 @@ class OnnxRuntime(Runtime):
                 context, cache.length = request_context, 0
                 logits, attentions = self.prefill(np.array([context], dtype=np.int64), cache)
                 last = logits[0, -1].astype(np.float32).copy()
-                if self.kv_hook is not None:
-                    cache.replace(self.kv_hook(cache.past(), attentions, len(context)))
+                cache.replace(self.kv_hook(cache.past(), attentions, len(context)))
                 context_length = cache.length
             cache.length, rows = context_length, [last]
             for position, token in enumerate(continuation[:-1], start=len(context)):
@@ -335,3 +359,4 @@ class OnnxRuntime(Runtime):
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+

@@ -50,6 +50,22 @@ def test_shared_prompt_scoring_on_onnx_equals_scoring_whole_sequences(tmp_path, 
         for scores, whole, start in zip(shared, runtime.score_windows(sequences), starts):
             torch.testing.assert_close(scores.nll, whole.nll[start - 1 :], atol=1e-4, rtol=1e-4)
             assert torch.equal(scores.argmax, whole.argmax[start - 1 :])
+        # the one-forward-per-item path equals teacher forcing through the cache (prefill, then one decode step per
+        # token: the path a KV hook takes), and splitting a batch at the cell budget changes nothing
+        requests = [(s[:start], s[start:]) for s, start in zip(sequences, starts)]
+        runtime.kv_hook = lambda past, attentions, length: [(k.copy(), v.copy()) for k, v in past]
+        stepped = runtime.score_continuations(requests)
+        runtime.kv_hook = None
+        import effideploy.runtimes.onnx as onnx_runtime
+        budget, onnx_runtime.SCORE_BATCH_CELLS = onnx_runtime.SCORE_BATCH_CELLS, 10 * runtime.vocab_size
+        try:
+            split = runtime.score_continuations(requests)
+        finally:
+            onnx_runtime.SCORE_BATCH_CELLS = budget
+        for batched, one_step, alone in zip(shared, stepped, split):
+            torch.testing.assert_close(batched.nll, one_step.nll, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(batched.nll, alone.nll, atol=1e-4, rtol=1e-4)
+            assert torch.equal(batched.argmax, one_step.argmax) and torch.equal(batched.argmax, alone.argmax)
 
 
 def test_quantized_candidates_are_labelled_and_measured_by_stored_bytes(tmp_path, tiny_model_dir, tiny_pruned_dir):

@@ -112,7 +112,6 @@ def bench(
     """Dense vs candidates on one runtime: latency, throughput, memory, size, accuracy, OP/OG/OL/OE, Pareto front."""
     from effideploy.bench.config import CandidateSpec
     from effideploy.bench.policy import load_policy
-    from effideploy.bench.runner import run_bench
     from effideploy.io import check_output_dir
 
     from effideploy.runtimes import RUNTIMES
@@ -123,6 +122,8 @@ def bench(
         serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output, policy,
                     loaded_policy, overwrite, serve_prompts, data_dir, seed)
         return
+    from effideploy.bench.runner import run_bench  # seconds of imports (transformers): after the serve branch
+
     for spec in token_compression or []:
         check_option_text(spec, "--token-compression")
     for path in candidate or []:
@@ -153,12 +154,12 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
                 seed: int = 0) -> None:
     """``bench --serve`` / ``--endpoint``: the serving bench (bench/serve.py); exit 1 naming the binding objective."""
     from effideploy.bench.config import CandidateSpec
-    from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder
     from effideploy.bench.serve_policy import ServeSLO
     from effideploy.bench.serve_prompts import check_source
-    from effideploy.bench.serve_report import write_serve_report
     from effideploy.io import check_output_dir
 
+    # Every input check comes before bench.serve's imports (GuideLLM, transformers: seconds), so bad input is one
+    # line at once.
     check_source(prompts)
     if prompts == "wikitext":  # a missing wiki.test.raw fails here, before any export, folder or server
         from effideploy.data.text import resolve_text
@@ -175,8 +176,14 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
     for url in [endpoint, *(candidate_endpoint or [])]:
         if url is not None and not str(url).startswith(("http://", "https://")):
             raise EffideployError(f"--endpoint / --candidate-endpoint must be an http(s) URL, got {url!r}")
+    if not endpoint and runtime not in ("vllm", "llamacpp"):  # as prepare_served says, before its imports
+        raise EffideployError(f"--serve needs a runtime with an OpenAI-compatible server (vllm or llamacpp), "
+                              f"not {runtime!r}")
     inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer, data_dir] if p is not None]
     check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
+    from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder
+    from effideploy.bench.serve_report import write_serve_report
+
     slo = policy.serve if policy is not None else ServeSLO()
     if endpoint:
         models = [ServedModel("dense", "dense", endpoint)]

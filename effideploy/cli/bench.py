@@ -122,8 +122,6 @@ def bench(
         serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output, policy,
                     loaded_policy, overwrite, serve_prompts, data_dir, seed)
         return
-    from effideploy.bench.runner import run_bench  # seconds of imports (transformers): after the serve branch
-
     for spec in token_compression or []:
         check_option_text(spec, "--token-compression")
     for path in candidate or []:
@@ -146,6 +144,8 @@ def bench(
         chat_prompts=chat_prompts, chat_new_tokens=chat_new_tokens,
         quantize=tuple(quantize or ()), memory=memory, threads=threads, device=device, data_dir=str(data_dir) if data_dir else None,
     )
+    from effideploy.bench.runner import run_bench  # seconds of imports (transformers): after every input check above
+
     finish(run_bench(config), output, policy, loaded_policy, overwrite)
 
 

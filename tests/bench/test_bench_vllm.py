@@ -1,6 +1,8 @@
 """The bench on vLLM: checkpoints exported on the fly, two in-process engines interleaved, memory of each in a fresh
 process."""
 
+import functools
+
 import pytest
 
 from effideploy.bench.config import BenchConfig, CandidateSpec
@@ -11,7 +13,20 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 
-def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny_model_dir, tiny_pruned_dir, tiny_task_dir):
+@pytest.fixture
+def exports_without_parity(monkeypatch):
+    """The bench exports each checkpoint as ever, but its vLLM exporter skips the parity check: a vLLM engine in a
+    child process per export (about 30 s each on 2 loaded cores) that tests/exporters/test_vllm.py already runs on
+    these same two tiny models (test_dense_export_is_plain_llama_and_token_identical, test_pruned_export_is_...)."""
+    from effideploy.exporters import EXPORTERS
+
+    get = EXPORTERS.get
+    monkeypatch.setattr(EXPORTERS, "get", lambda name: functools.partial(get(name), verify=False) if name == "vllm"
+                        else get(name))
+
+
+def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny_model_dir, tiny_pruned_dir, tiny_task_dir,
+                                                                  exports_without_parity):
     config = BenchConfig(runtime="vllm", dense=str(tiny_model_dir),
                          candidates=(CandidateSpec(model=str(tiny_model_dir), label="same"),
                                      CandidateSpec(model=str(tiny_pruned_dir))),
@@ -29,3 +44,6 @@ def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny
     assert same["fidelity_source"].startswith(payload["runtime"]["runtime"] + " runtime artifact")
     for model in payload["models"]:
         assert set(model["throughput"]) == {"1", "3"} and model["memory"]["peak_rss_mb"] > model["memory"]["baseline_rss_mb"]
+    # exported here, once per distinct checkpoint: "same" is dense's content, so it reuses dense's export
+    exports = [model["export"] for model in payload["models"]]
+    assert [e["reused"] for e in exports] == [False, True, False] and exports[0]["path"] == exports[1]["path"]

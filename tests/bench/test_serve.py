@@ -275,12 +275,19 @@ def test_vllm_serve_bench_of_a_model_against_itself(tmp_path, tiny_model_dir):
 
     if guidellm_unavailable():
         pytest.skip(guidellm_unavailable())
-    code, out, err = run_cli("bench", "--runtime", "vllm", "--serve", "--model", tiny_model_dir, "--candidate",
-                             tiny_model_dir, "--policy", _policy(tmp_path, "loose", PASS.replace("[1, 2]", "[2]")),
+    from effideploy.exporters.vllm.export import export_vllm
+
+    # An export given as it is (the bench exports checkpoints on the fly in the llama.cpp test above and in
+    # test_bench_vllm.py), made without the parity check that tests/exporters/test_vllm.py runs on this model: a vLLM
+    # engine in a child process fewer. Inside tmp_path, so that the servers' command lines name it for the check below.
+    export = export_vllm(tiny_model_dir, tmp_path / "export", verify=False).output
+    code, out, err = run_cli("bench", "--runtime", "vllm", "--serve", "--model", export, "--candidate",
+                             export, "--policy", _policy(tmp_path, "loose", PASS.replace("[1, 2]", "[2]")),
                              "--output", tmp_path / "report", cwd=tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert code == 0, out + err
     payload = json.loads((tmp_path / "report" / "report.json").read_text())
     assert payload["runtime"] == "vllm" and payload["policy"]["passed"]
+    assert [m["export"] for m in payload["models"]] == [str(export)] * 2  # taken as it is, not exported again
     for model in payload["models"]:
         (level,) = model["levels"]
         assert level["requests"]["failed"] == 0 and level["ttft_ms"]["p99"] > 0 and level["goodput"] > 0

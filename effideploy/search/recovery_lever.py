@@ -111,7 +111,7 @@ class Recovery(Lever):
     @staticmethod
     def check_space(space) -> None:
         """Refuse recovery values that no recipe of ``space`` can use (no pruning lever value to train on)."""
-        recovery = next((item for item in space.levers if item.name == "recovery"), None)
+        recovery = next((item for item in space.levers if isinstance(item, Recovery)), None)
         asked = [v for v in (recovery.values if recovery else ()) if v is not None]
         if asked and not any(r.get("recovery") is not None for r in space.recipes()):
             raise OptionError("recover", f"{asked[0]}: recovery trains a pruned checkpoint; give an FFN sparsity "
@@ -146,7 +146,7 @@ class Recovery(Lever):
             progress.console.print(f"reusing {folder} (same pruned checkpoint, teacher and recovery options)",
                                    highlight=False)
             return
-        method, tokens = self.parse(value)
+        method = "distil" if config.teacher else "lora"
         progress.console.print(f"recovering {Path(pruned).name} -> {Path(folder).name}: {method} on "
                                f"{config.steps} steps x {BATCH_SIZE} x {SEQLEN} tokens of WikiText-2 validation",
                                highlight=False)

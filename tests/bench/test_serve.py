@@ -235,13 +235,15 @@ def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(t
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, None, 120)
         url = f"http://127.0.0.1:{port}/v1"
+        # one load level: the sweep over levels is the test above's (and goes the same way for an endpoint)
         code, out, err = run_cli("bench", "--endpoint", url, "--candidate-endpoint", url, "--tokenizer", tiny_model_dir,
-                                 "--policy", _policy(tmp_path, "loose", PASS), "--output", tmp_path / "report",
-                                 "--serve-prompts", "synthetic")
+                                 "--policy", _policy(tmp_path, "loose", PASS.replace("[1, 2]", "[2]")), "--output",
+                                 tmp_path / "report", "--serve-prompts", "synthetic")
         assert code == 0, out + err
         assert "serving policy passed" in out + err
         payload = json.loads((tmp_path / "report" / "report.json").read_text())
         assert payload["endpoints"] and payload["models"][1]["served_model"] == "tiny"
+        assert [[level["load"] for level in m["levels"]] for m in payload["models"]] == [[2.0], [2.0]]
         assert payload["policy"]["passed"] and payload["summaries"]["candidate"]["goodput_ratio"] > 0
         # synthetic where asked: GuideLLM's own text, no prompts file
         assert payload["prompts"]["source"] == "synthetic" and not (tmp_path / "report" / "raw" / "prompts.jsonl").exists()

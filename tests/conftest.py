@@ -225,3 +225,41 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(WIKI_VALID.read_text()[:60_000])
     return path
+
+
+@pytest.fixture
+def vllm_exports_without_parity(monkeypatch):
+    """vLLM exports made through the registry (the bench's export-or-reuse) skip the exporter's parity check, a vLLM
+    engine in a child process per export (30 s or more on 2 loaded cores), for tests whose subject is not the export
+    and whose exports tests/exporters/test_vllm.py checks for parity on the same tiny models: the dense and the pruned
+    float32 exports (test_dense_export_is_plain_llama_and_token_identical, test_pruned_export_is_token_identical)."""
+    import functools
+
+    from effideploy.exporters import EXPORTERS
+
+    get = EXPORTERS.get
+    monkeypatch.setattr(EXPORTERS, "get", lambda name: functools.partial(get(name), verify=False) if name == "vllm"
+                        else get(name))
+
+
+def _prune_smollm2(folder, calib_samples: int, calib_seqlen: int):
+    from effideploy.data.text import resolve_text
+    from effideploy.models.resolve import resolve_model
+    from effideploy.pruning import PruneConfig, prune_checkpoint
+
+    config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+    return prune_checkpoint(resolve_model("llama"), config, folder, calibration=resolve_text("wikitext2"))
+
+
+@pytest.fixture(scope="session")
+def pruned_smollm2_8x256(tmp_path_factory):
+    """SmolLM2-135M pruned by CFSP to 50% FFN sparsity from 8 x 256 calibration tokens of WikiText-2, and its plan:
+    pruned once per session for the exporters' SmolLM2 parity tests (read-only: copy before changing)."""
+    return _prune_smollm2(tmp_path_factory.mktemp("smollm2-8x256") / "pruned", 8, 256)
+
+
+@pytest.fixture(scope="session")
+def pruned_smollm2_4x128(tmp_path_factory):
+    """The same from 4 x 128 calibration tokens, and its plan: once per session for the llama.cpp q4_k_m export and
+    the short recovery (read-only: copy before changing)."""
+    return _prune_smollm2(tmp_path_factory.mktemp("smollm2-4x128") / "pruned", 4, 128)

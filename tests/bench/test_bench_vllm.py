@@ -1,8 +1,6 @@
 """The bench on vLLM: checkpoints exported on the fly, two in-process engines interleaved, memory of each in a fresh
 process."""
 
-import functools
-
 import pytest
 
 from effideploy.bench.config import BenchConfig, CandidateSpec
@@ -13,20 +11,8 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 
-@pytest.fixture
-def exports_without_parity(monkeypatch):
-    """The bench exports each checkpoint as ever, but its vLLM exporter skips the parity check: a vLLM engine in a
-    child process per export (about 30 s each on 2 loaded cores) that tests/exporters/test_vllm.py already runs on
-    these same two tiny models (test_dense_export_is_plain_llama_and_token_identical, test_pruned_export_is_...)."""
-    from effideploy.exporters import EXPORTERS
-
-    get = EXPORTERS.get
-    monkeypatch.setattr(EXPORTERS, "get", lambda name: functools.partial(get(name), verify=False) if name == "vllm"
-                        else get(name))
-
-
 def test_vllm_bench_of_a_model_against_itself_and_its_pruned_copy(tmp_path, tiny_model_dir, tiny_pruned_dir, tiny_task_dir,
-                                                                  exports_without_parity):
+                                                                  vllm_exports_without_parity):
     config = BenchConfig(runtime="vllm", dense=str(tiny_model_dir),
                          candidates=(CandidateSpec(model=str(tiny_model_dir), label="same"),
                                      CandidateSpec(model=str(tiny_pruned_dir))),

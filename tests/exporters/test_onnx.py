@@ -318,18 +318,15 @@ def test_cli_refuses_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------- SmolLM2
 
 @pytest.mark.smollm2
-def test_pruned_smollm2_exports_with_identical_greedy_tokens(tmp_path):
-    from effideploy.data.text import resolve_text
+def test_pruned_smollm2_exports_with_identical_greedy_tokens(tmp_path, pruned_smollm2_8x256):
     from effideploy.exporters.onnx.export import export_onnx
     from effideploy.models.build import load_tokenizer
     from effideploy.models.build import load_model
     from effideploy.models.resolve import resolve_model
-    from effideploy.pruning import PruneConfig, prune_checkpoint
     from effideploy.runtimes.onnx import OnnxRuntime
     from effideploy.runtimes.pytorch import TorchRuntime
 
-    config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=8, calib_seqlen=256)
-    checkpoint, _ = prune_checkpoint(resolve_model("llama"), config, tmp_path / "pruned", calibration=resolve_text("wikitext2"))
+    checkpoint, _ = pruned_smollm2_8x256  # CFSP 50%, 8 x 256 calibration tokens (tests/conftest.py)
     result = export_onnx(checkpoint, tmp_path / "onnx")
     assert result.parity.tokens_match
     source = resolve_model(checkpoint)

@@ -219,14 +219,9 @@ def test_realign_keeps_the_strongest_channels_and_loads_with_an_fp8_kv_cache(tin
 
 @pytest.mark.vllm
 @pytest.mark.smollm2
-def test_pruned_smollm2_export_is_token_identical(tmp_path):
+def test_pruned_smollm2_export_is_token_identical(tmp_path, pruned_smollm2_8x256):
     pytest.importorskip("vllm")
-    from effideploy.data.text import resolve_text
-    from effideploy.models.resolve import resolve_model
-    from effideploy.pruning import PruneConfig, prune_checkpoint
-
-    config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=8, calib_seqlen=256)
-    pruned, plan = prune_checkpoint(resolve_model("llama"), config, tmp_path / "pruned", calibration=resolve_text("wikitext2"))
+    pruned, plan = pruned_smollm2_8x256  # CFSP 50%, 8 x 256 calibration tokens (tests/conftest.py)
     result = export_vllm(pruned, tmp_path / "vllm")
     assert result.parity.match and result.parity.text.startswith("wiki.test.raw")
     assert result.details["ffn_widths"] == plan.widths

@@ -146,14 +146,30 @@ def evaluate_runtime(lm: LmEval, runtime, tokenizer, tasks, limit: int | None, s
             for task, values in (results or {}).get("results", {}).items()}
 
 
+def seeded_samples(tasks, limit: int | None, seed: int = 0) -> dict[str, list[int]] | None:
+    """lm-eval's ``samples`` for the shipped offline tasks (``piqa_local``, ..., the tag ``effideploy_zeroshot``):
+    the same seeded item subset the project's own scorer takes (``select_examples``), so lm-eval's numbers and the
+    bench's are on the same items. None (lm-eval's first ``limit`` documents) when any task is a user's own, whose
+    documents the project cannot count, or when every item is asked for."""
+    from effideploy.eval import zeroshot
+    from effideploy.eval.lm_eval_tasks import TAG, TASK_NAMES, lm_eval_task_name
+    from effideploy.eval.multiple_choice import load_suite_task, select_examples
+
+    names = [n for t in tasks for n in ([lm_eval_task_name(s) for s in zeroshot.SEVEN] if t == TAG else [t])]
+    if limit is None or not names or any(n not in TASK_NAMES for n in names):
+        return None
+    suite = {lm_eval_task_name(s): s for s in zeroshot.SUITE}
+    return {n: select_examples(len(load_suite_task(suite[n]).examples), limit, seed) for n in dict.fromkeys(names)}
+
+
 def evaluate_runtime_artifact(lm: LmEval, runtime_name: str, path: str, tokenizer, tasks, limit: int | None,
-                              compression=None) -> dict:
+                              compression=None, samples: dict | None = None) -> dict:
     from effideploy.runtimes import open_runtime
 
     runtime = open_runtime(runtime_name, path)
     try:
         if compression:
             runtime.compress(compression)
-        return evaluate_runtime(lm, runtime, tokenizer, tasks, limit)
+        return evaluate_runtime(lm, runtime, tokenizer, tasks, limit, samples)
     finally:
         runtime.close()

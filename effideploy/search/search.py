@@ -277,12 +277,16 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
         result.reproduce = reproduce_commands(config, best)
     if lm_eval is not None:
         tick = time.perf_counter()
-        from effideploy.eval.lm_eval_adapter import evaluate_runtime_artifact
+        from effideploy.eval.lm_eval_adapter import evaluate_runtime_artifact, seeded_samples
 
         targets = {"dense": models["dense"]} | ({best.label: models[best.label]} if best else {})
+        samples = seeded_samples(config.lm_eval_tasks, config.lm_eval_limit)  # the bench's own items, where known
+        if samples is None and config.lm_eval_limit is not None:
+            notes.append(f"lm-eval: the first {config.lm_eval_limit} documents of each task (a task of your own: "
+                         "the project's seeded subset applies to its shipped tasks only)")
         result.lm_eval = {label: evaluate_runtime_artifact(lm_eval, config.runtime, str(m.artifact), tokenizer,
                                                            config.lm_eval_tasks, config.lm_eval_limit,
-                                                           compression=m.compression)
+                                                           compression=m.compression, samples=samples)
                           for label, m in targets.items()}
         seconds["lm-eval"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started

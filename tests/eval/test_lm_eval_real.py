@@ -120,3 +120,17 @@ def test_lm_eval_through_the_adapter_on_onnx_runtime(suite, hf_results, long_mod
             assert np.allclose(np.concatenate(lls), np.concatenate(hf_lls), rtol=1e-4, atol=1e-2), name
     finally:
         runtime.close()
+
+
+def test_tune_gives_lm_eval_the_bench_s_own_seeded_items(suite):
+    """``tune --lm-eval-task`` on the shipped tasks asks lm-eval for the items the project's scorer takes (same seed,
+    same count), the tag expanding to the seven; a task of the user's own leaves lm-eval's first documents."""
+    from effideploy.eval.lm_eval_adapter import seeded_samples
+    from effideploy.eval.lm_eval_tasks import TAG, lm_eval_task_name
+
+    _, indices = suite
+    assert seeded_samples([TAG], ITEMS) == {lm_eval_task_name(n): indices[n] for n in zeroshot.SEVEN}
+    assert seeded_samples(["piqa_local", "sciq_local"], ITEMS) == {"piqa_local": indices["piqa"],
+                                                                   "sciq_local": indices["sciq"]}
+    assert seeded_samples(["piqa_local", "my_own_task"], ITEMS) is None
+    assert seeded_samples(["piqa_local"], None) is None

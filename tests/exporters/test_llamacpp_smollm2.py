@@ -11,15 +11,8 @@ pytestmark = [pytest.mark.smollm2, pytest.mark.llamacpp,
 
 
 @pytest.fixture(scope="module")
-def pruned_smollm2(tmp_path_factory):
-    from effideploy.data.text import resolve_text
-    from effideploy.models.resolve import resolve_model
-    from effideploy.pruning import PruneConfig, prune_checkpoint
-
-    config = PruneConfig(method="cfsp", sparsity=0.5, calib_samples=4, calib_seqlen=128)
-    folder, _ = prune_checkpoint(resolve_model("llama"), config, tmp_path_factory.mktemp("l") / "pruned",
-                                 calibration=resolve_text("wikitext2"))
-    return folder
+def pruned_smollm2(pruned_smollm2_4x128):
+    return pruned_smollm2_4x128[0]  # CFSP 50% from 4 x 128 calibration tokens (tests/conftest.py), shared with recovery
 
 
 def test_pruned_smollm2_q4_k_m_gguf(pruned_smollm2, tmp_path):

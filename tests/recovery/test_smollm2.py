@@ -7,7 +7,6 @@ from effideploy.checkpoint.writer import read_provenance
 from effideploy.data.text import resolve_text
 from effideploy.models.build import ffn_widths, load_model
 from effideploy.models.resolve import resolve_model
-from effideploy.pruning import PruneConfig, prune_checkpoint
 from effideploy.recovery import RecoveryConfig, recover_checkpoint
 from effideploy.recovery.train import training_windows
 
@@ -20,10 +19,8 @@ def mean_loss(folder, windows):
         return sum(float(model(input_ids=batch, labels=batch).loss) for batch in windows.split(4)) / len(windows.split(4))
 
 
-def test_short_recovery_of_pruned_smollm2(tmp_path):
-    pruned = tmp_path / "pruned"
-    prune_checkpoint(resolve_model("llama"), PruneConfig(sparsity=0.5, calib_samples=4, calib_seqlen=128), pruned,
-                     calibration=resolve_text("wikitext2"))
+def test_short_recovery_of_pruned_smollm2(tmp_path, pruned_smollm2_4x128):
+    pruned = pruned_smollm2_4x128[0]  # CFSP 50% from 4 x 128 calibration tokens (tests/conftest.py), read only
     config = RecoveryConfig(steps=6, batch_size=2, seqlen=64, lr=1e-3, warmup=0.0, mean_rank=8)
     windows = training_windows(resolve_model(pruned), resolve_text("wikitext2"), config)
     result = recover_checkpoint(pruned, tmp_path / "recovered", config)

@@ -42,6 +42,16 @@ KV_CACHE_TYPES = {"f16": "GGML_TYPE_F16", "f32": "GGML_TYPE_F32", "q8_0": "GGML_
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        return any(line.startswith("flags") and " amx_tile" in line
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def llamacpp_unavailable() -> str | None:
     """None when llama-cpp-python imports and its native library loads, else the reason (one line)."""
     try:
@@ -137,6 +147,11 @@ class LlamaCppRuntime(Runtime):
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0  # CPU: the runtime this adapter measures
+        # On CPUs with AMX tiles llama.cpp moves q8_0 / K-quant weights into its AMX buffer, and decoding these
+        # GGUFs there crashed the process (a segfault in llama_decode on a Xeon with amx_int8, where the same tests
+        # pass on AVX2 and AVX-512 EPYCs). The plain CPU buffer is what every other x86 machine uses; elsewhere the
+        # extra buffers (weight repacking) stay on, as a user's llama.cpp has them.
+        self.extra_buffers = model_params.use_extra_bufts = not cpu_has_amx()
         LAST_ERRORS.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self.model:
@@ -344,8 +359,9 @@ class LlamaCppRuntime(Runtime):
 
         return {"runtime": self.name, "engine": f"llama.cpp via llama-cpp-python {llamacpp_version()} (CPU, C API)",
                 "threads": self.n_threads if self.ctx is not None else self.threads, "n_ctx": self.n_ctx,
-                "max_batch": self.max_batch, "kv_cache_type": self.kv_cache_type, "flash_attn": self.flash_attn, "gguf": str(self.path), "gguf_type": self.manifest.get("gguf_type"),
-                "architecture": self.manifest.get("architecture"),
+                "max_batch": self.max_batch, "kv_cache_type": self.kv_cache_type, "flash_attn": self.flash_attn,
+                "gguf": str(self.path), "gguf_type": self.manifest.get("gguf_type"),
+                "architecture": self.manifest.get("architecture"), "extra_buffers": self.extra_buffers,
                 "system": self._lib.llama_print_system_info().decode(errors="replace").strip()}
 
     def close(self) -> None:

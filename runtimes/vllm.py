@@ -79,7 +79,8 @@ class VllmRuntime(Runtime):
         if scheme or self.kv_cache_dtype != "auto":  # one line before vLLM starts, not its traceback at the forward
             from effideploy.runtimes.vllm_kernels import probe
 
-            probe().require(scheme=scheme, kv_cache_dtype=None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype)
+            probe().require(scheme=scheme, kv_cache_dtype=None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+                            dtype=dtype)
         self.max_model_len = max_model_len
         self.dtype = dtype
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -17,6 +17,10 @@ the one the CPU allows, so the same install serves different schemes on differen
   comparing it with both models; ``int8_mm(..., saturating=True)`` reproduces the kernel (to float rounding; checked
   against the kernel in tests/runtimes/test_vllm_kernels.py, ``ONEDNN_MAX_CPU_ISA=AVX2`` forces that path on a
   VNNI machine).
+* **W8A8 in float32 on AMX**: where the CPU has AMX tiles, vLLM sends every symmetric int8 GEMM whose shape fits
+  its tiles to ``int8_scaled_mm_with_quant`` (``check_cpu_sgl_kernel``), which takes only bfloat16 / float16
+  activations: a float32 W8A8 engine loads and then fails at its first forward ("expect A to be bfloat16 or half").
+  Probed by asking vLLM's own ``check_cpu_sgl_kernel`` for a tile-sized int8 weight.
 
 The probe runs vLLM in a child process (importing it takes seconds and binds threads), once per machine, vLLM
 version and oneDNN ISA setting: the answer is cached under the effideploy cache folder.
@@ -43,16 +47,24 @@ INT8_EXACT, INT8_SATURATING = "exact", "u8s8-int16-saturating"
 @dataclass(frozen=True)
 class VllmKernels:
     """The answer of the probe. ``library``: the kernel library vLLM loaded; ``int8_mm``: INT8_EXACT or
-    INT8_SATURATING (what W8A8's GEMM computes); ``w4a16`` / ``fp8_kv``: whether they run here."""
+    INT8_SATURATING (what W8A8's GEMM computes); ``w4a16`` / ``fp8_kv``: whether they run here;
+    ``w8a8_float32``: whether a W8A8 engine may compute in float32 (False where AMX takes its GEMMs, see above)."""
 
     platform: str
     library: str
     w4a16: bool
     fp8_kv: bool
     int8_mm: str
+    w8a8_float32: bool
 
-    def missing(self, *, scheme: str | None = None, kv_cache_dtype: str | None = None) -> str | None:
-        """Why this machine's vLLM cannot serve ``scheme`` / ``kv_cache_dtype`` (one line), or None."""
+    def missing(self, *, scheme: str | None = None, kv_cache_dtype: str | None = None,
+                dtype: str | None = None) -> str | None:
+        """Why this machine's vLLM cannot serve ``scheme`` / ``kv_cache_dtype`` in ``dtype`` (None: float32, the
+        exports' default) (one line), or None."""
+        if scheme == "w8a8" and (dtype or "float32") == "float32" and not self.w8a8_float32:
+            return (f"{UNAVAILABLE}: vLLM runs W8A8 on this AMX CPU through int8_scaled_mm_with_quant, which takes "
+                    "only bfloat16/float16 activations, so a float32 w8a8 export fails at its first forward; "
+                    "export it with --dtype bfloat16")
         if scheme == "w4a16" and not self.w4a16:
             return (f"{UNAVAILABLE}: vLLM's {self.library} library has no cpu_gemm_wna16 op, so a w4a16 (int4) export "
                     "cannot run here (it needs an AVX-512 CPU); use w8a8 or no --quantize")
@@ -61,8 +73,9 @@ class VllmKernels:
                     "this CPU has neither")
         return None
 
-    def require(self, *, scheme: str | None = None, kv_cache_dtype: str | None = None) -> None:
-        reason = self.missing(scheme=scheme, kv_cache_dtype=kv_cache_dtype)
+    def require(self, *, scheme: str | None = None, kv_cache_dtype: str | None = None,
+                dtype: str | None = None) -> None:
+        reason = self.missing(scheme=scheme, kv_cache_dtype=kv_cache_dtype, dtype=dtype)
         if reason:
             raise EffideployError(reason)
 
@@ -182,7 +195,7 @@ def _probe_here() -> dict:
 
     if not current_platform.is_cpu():  # GPU builds: these CPU limits do not apply
         return {"platform": str(current_platform.device_type), "library": "cuda", "w4a16": True, "fp8_kv": True,
-                "int8_mm": INT8_EXACT}
+                "int8_mm": INT8_EXACT, "w8a8_float32": True}
     avx512, amx = torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()
     library = ("_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512") if avx512 else "_C_AVX2"
     generator = torch.Generator().manual_seed(0)
@@ -199,7 +212,19 @@ def _probe_here() -> dict:
     errors = {mode: float((got - int8_mm(xq, w, saturating=mode == INT8_SATURATING).double()).abs().max())
               for mode in (INT8_EXACT, INT8_SATURATING)}
     return {"platform": "cpu", "library": library, "w4a16": hasattr(torch.ops._C, "cpu_gemm_wna16"),
-            "fp8_kv": bool(avx512 or amx), "int8_mm": min(errors, key=errors.get)}
+            "fp8_kv": bool(avx512 or amx), "int8_mm": min(errors, key=errors.get),
+            "w8a8_float32": not _amx_int8_gemm()}
+
+
+def _amx_int8_gemm() -> bool:
+    """Whether vLLM would send a tile-sized symmetric int8 GEMM to its AMX kernel (bfloat16/float16 only)."""
+    import torch
+
+    try:
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    except ImportError:  # a vLLM without the AMX kernels: oneDNN takes every dtype
+        return False
+    return bool(check_cpu_sgl_kernel(64, 64, torch.int8))
 
 
 if __name__ == "__main__":

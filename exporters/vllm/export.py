@@ -112,7 +112,7 @@ def export_vllm(
         # Without it (--no-verify) the export is for another machine, whose kernels are not ours to judge.
         from effideploy.runtimes.vllm_kernels import probe
 
-        probe().require(scheme=scheme, kv_cache_dtype=kv_cache_dtype)
+        probe().require(scheme=scheme, kv_cache_dtype=kv_cache_dtype, dtype=dtype)
     target = check_output_dir(output, overwrite=overwrite, inputs=(source.path,))
 
     from effideploy.models.build import build_config, ffn_widths

@@ -101,6 +101,8 @@ def test_describe_names_the_engine_threads_and_type(runtime):
     described = runtime.describe()
     assert described["runtime"] == "llamacpp" and described["threads"] == 2
     assert described["architecture"] == "deci" and described["gguf_type"] == "f32"
+    # llama.cpp's extra CPU buffers (weight repacking) stay on except on AMX CPUs, where decoding in them crashed
+    assert described["extra_buffers"] is (not torch.cpu._is_amx_tile_supported())
 
 
 def test_refusals(runtime, gguf_dir, tmp_path):

@@ -17,7 +17,10 @@ from effideploy.runtimes import vllm_kernels
 from effideploy.runtimes.vllm_kernels import INT8_EXACT, INT8_SATURATING, VllmKernels, int8_mm
 from tests.exporters.test_vllm import tiny_pruned_dir  # noqa: F401 - the pruned tiny checkpoint fixture
 
-AVX2_MACHINE = VllmKernels(platform="cpu", library="_C_AVX2", w4a16=False, fp8_kv=False, int8_mm=INT8_SATURATING)
+AVX2_MACHINE = VllmKernels(platform="cpu", library="_C_AVX2", w4a16=False, fp8_kv=False, int8_mm=INT8_SATURATING,
+                           w8a8_float32=True)
+# Sapphire Rapids and later: vLLM sends W8A8 GEMMs to its AMX kernel, which takes bfloat16/float16 activations only
+AMX_MACHINE = VllmKernels(platform="cpu", library="_C", w4a16=True, fp8_kv=True, int8_mm=INT8_EXACT, w8a8_float32=False)
 
 # Run in a child: oneDNN reads ONEDNN_MAX_CPU_ISA once per process. Shapes cover decode (M=1), odd K and the widths
 # of SmolLM2 (576 / 1536); x has two large neighbouring columns so the AVX2 path's int16 pairs saturate.
@@ -108,8 +111,13 @@ def test_refusals_name_the_missing_kernel():
     kv = AVX2_MACHINE.missing(kv_cache_dtype="fp8_e5m2")
     assert w4.startswith("kernel unavailable on this machine: ") and "cpu_gemm_wna16" in w4 and "_C_AVX2" in w4
     assert kv.startswith("kernel unavailable on this machine: ") and "AVX-512 or AMX" in kv
-    full = VllmKernels(platform="cpu", library="_C", w4a16=True, fp8_kv=True, int8_mm=INT8_EXACT)
+    full = VllmKernels(platform="cpu", library="_C", w4a16=True, fp8_kv=True, int8_mm=INT8_EXACT, w8a8_float32=True)
     assert full.missing(scheme="w4a16", kv_cache_dtype="fp8") is None
+    amx = AMX_MACHINE.missing(scheme="w8a8")
+    assert amx.startswith("kernel unavailable on this machine: ") and "int8_scaled_mm_with_quant" in amx
+    assert "--dtype bfloat16" in amx and "\n" not in amx
+    assert AMX_MACHINE.missing(scheme="w8a8", dtype="float32") == amx
+    assert AMX_MACHINE.missing(scheme="w8a8", dtype="bfloat16") is None and AMX_MACHINE.missing(scheme="w4a16") is None
 
 
 @pytest.mark.parametrize("options", [{"quantize": "w4a16", "group_size": 32, "realign": True}, {"token_compression": "kv-dtype:fp8"},
@@ -136,16 +144,19 @@ def test_export_refuses_what_the_machine_cannot_serve_before_any_work(tiny_prune
 
 @pytest.mark.vllm
 def test_probe_answers_are_what_vllm_does_here():
-    """The probe's fp8-KV and W4A16 answers agree with vLLM's own checks in a fresh process."""
+    """The probe's fp8-KV, W4A16 and float32-W8A8 answers agree with vLLM's own checks in a fresh process (the last:
+    whether SmolLM2's q_proj, 576 x 576 int8, would go to the AMX kernel)."""
     pytest.importorskip("vllm")
     kernels = vllm_kernels.probe()
     script = ("import json, torch; from vllm import _custom_ops; "
+              "from vllm.model_executor.layers.utils import check_cpu_sgl_kernel; "
               "print(json.dumps([hasattr(torch.ops._C, 'cpu_gemm_wna16'), "
-              "bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())]))")
+              "bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()), "
+              "not check_cpu_sgl_kernel(576, 576, torch.int8)]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    w4a16, fp8 = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (kernels.w4a16, kernels.fp8_kv) == (w4a16, fp8)
+    w4a16, fp8, w8a8_float32 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (kernels.w4a16, kernels.fp8_kv, kernels.w8a8_float32) == (w4a16, fp8, w8a8_float32)
 
 
 def test_tune_leaves_out_and_refuses_what_the_machine_cannot_serve(monkeypatch):

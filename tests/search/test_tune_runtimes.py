@@ -2,12 +2,12 @@
 int8 becomes the runtime's scheme (q8_0, w8a8), the screen rounds as that runtime stores, the cost model's bytes are
 that scheme's, and the bench exports it. Kept as small as tune allows (one quantized recipe, tiny windows)."""
 
-import importlib.util
 import json
 
 import pytest
 
 from tests.conftest import DATA
+from tests.kernels import require_vllm_kernel
 from tests.search.test_tune_onnx import loose_policy, tune
 
 SMALL = ["--depth", "none", "--calib-samples", "4", "--calib-seqlen", "64", "--screen-windows", "2", "--screen-seqlen", "64",
@@ -43,8 +43,7 @@ def test_tune_on_llamacpp_screens_and_costs_q8_0(tmp_path, tiny_model_dir, tiny_
 
 @pytest.mark.vllm
 def test_tune_on_vllm_screens_and_costs_w8a8(tmp_path, tiny_model_dir, tiny_task_dir):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("needs vLLM")
+    require_vllm_kernel(scheme="w8a8")  # float32 W8A8 does not run on AMX CPUs (runtimes/vllm_kernels.py)
     data, record = run(tmp_path, tiny_model_dir, tiny_task_dir, "vllm", "w8a8")
     bench = json.loads((tmp_path / "search" / "report" / "bench" / "report.json").read_text())
     assert record["screen"]["kl"] > 0  # activations and weights quantized in the screen

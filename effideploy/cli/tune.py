@@ -62,6 +62,8 @@ def tune(
     lm_eval_include: Optional[List[Path]] = typer.Option(None, "--lm-eval-include", help="A folder of your own lm-eval task YAML files (lm-eval's --include_path; repeatable)."),
     lm_eval_limit: int = typer.Option(100, help="Examples per lm-eval task (-1: all)."),
     memory: bool = typer.Option(default_of(SearchConfig, "memory"), "--memory/--no-memory", help="Measure peak memory in the final bench."),
+    serve: bool = typer.Option(False, "--serve", help="Also judge the recipes that pass the thresholds under load: dense and each behind the runtime's own server (vllm, llamacpp), driven by GuideLLM at the policy's [serve] load; the recommendation is the one meeting the [serve] objectives with the highest goodput at the target load (docs/serve.md)."),
+    serve_prompts: str = typer.Option(default_of(SearchConfig, "serve_prompts"), "--serve-prompts", help="--serve's prompts: wikitext (WikiText-2 test windows) | synthetic (GuideLLM's)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads per model."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Prune and screen again (otherwise reused when the options match)."),
@@ -98,6 +100,12 @@ def tune(
         from effideploy.eval.lm_eval_adapter import use_include_paths
 
         use_include_paths(lm_eval_include)  # a missing folder is refused here, before any work
+    if serve:
+        from effideploy.bench.serve_prompts import check_source
+        from effideploy.search.serve_stage import check_serve
+
+        check_serve(runtime, loaded, policy)  # no [serve] table, no server, no GuideLLM: one line, before any work
+        check_source(serve_prompts)
     check_workspace(output, [model, policy, data_dir, *(task or [])])
     set_threads(threads)
     config = SearchConfig(model=model, runtime=runtime, output=str(output), space=space, calib_samples=calib_samples,
@@ -106,7 +114,8 @@ def tune(
                           prompt_tokens=prompt_tokens, new_tokens=new_tokens, mc_limit=mc_limit, chat_prompts=chat_prompts,
                           tasks=tuple(str(t) for t in task or ()), memory=memory, threads=threads,
                           data_dir=str(data_dir) if data_dir else None, lm_eval_tasks=tuple(lm_eval_task or ()),
-                          lm_eval_limit=None if lm_eval_limit < 0 else lm_eval_limit, overwrite=overwrite)
+                          lm_eval_limit=None if lm_eval_limit < 0 else lm_eval_limit, serve=serve,
+                          serve_prompts=serve_prompts, overwrite=overwrite)
     with guarded(output):  # Ctrl-C names what stays in the output folder; a failure before any result leaves none
         result = run_search(config, loaded)
         target = write_search_report(result, output / "report")

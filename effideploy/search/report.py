@@ -45,6 +45,10 @@ def write_search_report(result, output: Path) -> Path:
         if result.reproduce:
             (staging / "reproduce.sh").write_text(reproduce_script(result.reproduce))
         write_report(result.bench_report, staging / "bench", overwrite=True)
+        if result.serve is not None:
+            from effideploy.bench.serve_report import write_serve_report
+
+            write_serve_report(result.serve, staging / "serve", overwrite=True)
         apply_link(output.parent, result.link)
     return output.resolve()
 
@@ -63,22 +67,40 @@ def verdict_lines(result) -> list[str]:
     if result.recommended:
         r = records[result.recommended]
         m = r.measured
-        lines = [f"**Verdict: ship `{r.label}`**, the fastest recipe that passes policy `{policy['name']}` on "
-                 f"{result.config['runtime']}: decode {_f(m['decode_speedup'])}x and TTFT {_f(m['ttft_speedup'])}x "
+        which = (f"the fastest recipe that passes policy `{policy['name']}`" if result.serve is None else
+                 f"of the recipes that pass policy `{policy['name']}`, the one carrying the most load under it")
+        lines = [f"**Verdict: ship `{r.label}`**, {which} on {result.config['runtime']}: decode "
+                 f"{_f(m['decode_speedup'])}x and TTFT {_f(m['ttft_speedup'])}x "
                  f"over the dense model on the same runtime (measured, interleaved), WikiText-2 perplexity "
                  f"{_f(m.get('perplexity'))} ({_pct(m.get('perplexity_increase'))}), KL to dense "
                  f"{_f(m.get('kl_divergence'), 4)} nats, loyalty {_f(m.get('loyalty'), 3)}, OP {_f(m.get('op'), 3)}, "
                  f"size {_pct(-(m.get('size_reduction') or 0))}.",
                  f"Artifact: `{result.artifact}` ({_link_text(result.link)}); rebuild it with `reproduce.sh`:",
                  "", "```"] + result.reproduce + ["```"]
+        if result.serve is not None:
+            lines[1:1] = [_under_load(result.serve, r.label)]
     else:
         b = result.binding or {}
         lines = [f"**Verdict: no recipe passes policy `{policy['name']}`** on {result.config['runtime']}."]
-        if b:
+        if "serve" in b:
+            slo = result.serve["slo"]
+            lines.append(f"Under load ({slo['kind']} {slo['target_level']:g}, the runtime's own server): every recipe "
+                         f"that passed the thresholds misses the [serve] objectives: {'; '.join(b['serve']) or 'none served'}.")
+        elif b:
             detail = ", ".join(f"{n} (measured {_f(b['values'].get(n), 3)}, limit {b['limits'][n]:g}; fails "
                                f"{b['failing_counts'][n]} of the benched)" for n in b["thresholds"])
             lines.append(f"Binding threshold(s): {detail}. Closest candidate: `{b['closest']}`.")
     return lines
+
+
+def _under_load(serve: dict, label: str) -> str:
+    slo, summaries = serve["slo"], serve["summaries"]
+    mine, dense = summaries[label], summaries["dense"]
+    best = mine.get("max_load_meeting_slo")
+    return (f"Under load (its {serve['runtime']} server, GuideLLM, {slo['kind']} {slo['target_level']:g}) it meets every "
+            f"[serve] objective: goodput {_f(mine.get('goodput_at_target'))} req/s against dense's "
+            f"{_f(dense.get('goodput_at_target'))} (ratio {_f(mine.get('goodput_ratio'))}), highest {slo['kind']} meeting "
+            f"the SLO {'none' if best is None else f'{best:g}'}; it carries the most load of the recipes that pass.")
 
 
 def markdown(result) -> str:
@@ -114,6 +136,8 @@ def markdown(result) -> str:
         mark = "" if m.get("run") != "calibration" else " (c)"
         verdict = ("pass" if r.failed == [] else "FAIL: " + ", ".join(r.failed)) if r.failed is not None else \
             ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else "not benched")
+        if r.serve_failed is not None:
+            verdict += "; under load: " + ("pass" if not r.serve_failed else "FAIL " + ", ".join(r.serve_failed))
         rows.append([f"`{r.label}`", r.recipe.family, _f(s.perplexity if s else None) + f" ({_pct(s.perplexity_increase if s else None)})",
                      _f(s.kl if s else None, 4), _f(m.get("kl_divergence"), 4), _f(s.top1_agreement if s else None, 3),
                      _f(s.top_k_agreement if s else None, 3), _f(r.predicted.decode_speedup),
@@ -143,6 +167,10 @@ def markdown(result) -> str:
         errors = [abs(c["decode_predicted"] / c["decode_measured"] - 1) for c in held]
         out += ["", f"On the {len(held)} benched recipe(s) the model was not fitted on, the predicted decode speedup is "
                 f"off by {sum(errors) / len(errors) * 100:.0f}% on average (at most {max(errors) * 100:.0f}%)."]
+    if result.serve is not None:
+        from effideploy.search.serve_stage import markdown as serve_markdown
+
+        out += [""] + serve_markdown(result.serve, result.recommended)
     if result.lm_eval:
         out += ["", "## lm-evaluation-harness", ""]
         for label, tasks in result.lm_eval.items():

@@ -69,6 +69,8 @@ class SearchConfig:
     data_dir: str | None = None
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = 100
+    serve: bool = False  # judge the offline-passing shortlist under load too (effideploy.search.serve_stage)
+    serve_prompts: str = "wikitext"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -100,6 +102,7 @@ class RecipeRecord:
     stage: str = "screened"  # screened | calibration | benched
     measured: dict | None = None  # from the final bench (Comparison fields) or the calibration run (speed only)
     failed: list[str] | None = None  # thresholds the measured candidate fails (None: not benched)
+    serve_failed: list[str] | None = None  # [serve] objectives it misses under load (None: not served)
     on_front: dict = field(default_factory=dict)
 
     @property
@@ -116,7 +119,7 @@ class RecipeRecord:
                                                             "export_options": self.scheme.export_options()},
                 "screen": None if self.screen is None else self.screen.to_dict(), "screen_failed": self.screen_failed,
                 "predicted": self.predicted.to_dict(), "stage": self.stage, "measured": self.measured, "failed": self.failed,
-                "on_front": self.on_front}
+                "serve_failed": self.serve_failed, "on_front": self.on_front}
 
 
 @dataclass
@@ -136,13 +139,14 @@ class SearchResult:
     reproduce: list[str] = field(default_factory=list)
     artifact: str | None = None
     link: dict | None = None  # the ``recommended`` link: made, or why not (workspace.plan_link)
+    serve: dict | None = None  # tune --serve: the serving section with its [serve] verdict
 
     def to_dict(self) -> dict:
         return {"config": self.config, "policy": self.policy, "recipes": [r.to_dict() for r in self.records],
                 "cost_model": self.cost_model, "cost_check": self.cost_check, "recommended": self.recommended,
                 "binding": self.binding, "comparisons": self.comparisons, "seconds": self.seconds,
                 "notes": self.notes, "lm_eval": self.lm_eval, "reproduce": self.reproduce, "artifact": self.artifact,
-                "link": self.link}
+                "link": self.link, "serve": self.serve}
 
 
 # ------------------------------------------------------------------------------------------------ the whole search
@@ -258,6 +262,15 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     # 6. verdict, cost-model check, fronts
     passing = [r for r in chosen if r.failed == []]
     best = max(passing, key=lambda r: r.measured["decode_speedup"]) if passing else None
+    serve = None
+    if config.serve and passing:  # 6a. the offline-passing recipes under load: the most load carried wins
+        from effideploy.search.serve_stage import choose, serve_shortlist
+
+        progress.console.print("serve: dense + " + ", ".join(r.label for r in passing) + f" behind {config.runtime}'s "
+                               "server, loaded by GuideLLM", highlight=False)
+        serve = serve_shortlist(config, policy, passing, models, str(source.path))
+        seconds["serve"] = serve["seconds"]
+        best = choose(passing, serve)
     cost_check = [{"label": r.label, "fitted_on": r.label in cost.fitted_on,
                    "decode_predicted": r.predicted.decode_speedup, "decode_measured": r.measured["decode_speedup"],
                    "ttft_predicted": r.predicted.ttft_speedup, "ttft_measured": r.measured["ttft_speedup"]}
@@ -269,9 +282,10 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
     result = SearchResult(config=config.to_dict(), policy=policy.to_dict(), records=records,
                           cost_model=cost.to_dict(), cost_check=cost_check,
                           recommended=best.label if best else None,
-                          binding=None if best else binding_thresholds(records, policy),
+                          binding=None if best else ({"serve": serve["policy"]["binding"]} if serve is not None
+                                                     else binding_thresholds(records, policy)),
                           comparisons=family_comparisons(records, best), bench_report=report, seconds=seconds,
-                          notes=notes)
+                          notes=notes, serve=serve)
     if best is not None:
         result.artifact = str(recommended_artifact(config, best, models[best.label].artifact))
         result.reproduce = reproduce_commands(config, best)

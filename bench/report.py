@@ -124,6 +124,28 @@ def _verdict_line(record) -> str:
     return f"- **{record.candidate}**: " + ", ".join(parts) + (" — **slower than dense**" if slower else "")
 
 
+def _lm_eval_section(report: BenchReport) -> list[str]:
+    """``--lm-eval-task``: lm-evaluation-harness's own numbers on each model's runtime artifact."""
+    section = report.lm_eval
+    if not section:
+        return []
+    items = ("the bench's own seeded items (the same as its multiple-choice scorer's)" if section["samples"]
+             else "all documents" if section["limit"] is None else f"lm-eval's first {section['limit']} documents")
+    out = ["", "## lm-evaluation-harness", "",
+           f"lm-eval's `simple_evaluate` through effideploy's adapter on each model's {report.runtime.get('runtime')} "
+           f"artifact, tasks {', '.join(section['tasks'])}, on {items}. ± is lm-eval's stderr.", "",
+           "| model | task | metric | value |", "|---|---|---|---|"]
+    for label, tasks in section["models"].items():
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                if "," not in metric or "_stderr" in metric or not isinstance(value, (int, float)):
+                    continue
+                err = metrics.get(metric.replace(",", "_stderr,", 1))
+                shown = f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+                out.append(f"| {label} | {task} | {metric} | {shown} |")
+    return out
+
+
 def markdown(report: BenchReport) -> str:
     config, comparisons = report.config, report.comparisons
     env, runtime = report.environment, report.runtime
@@ -146,7 +168,7 @@ def markdown(report: BenchReport) -> str:
         out += ["", f"Policy **{policy['name']}** ({policy['require']} candidates must pass): "
                 f"**{'PASS' if policy['passed'] else 'FAIL'}**"]
     out += _speed_sections(report) + _memory_section(report) + _accuracy_section(report) + _effivlm_section(report)
-    out += _fidelity_section(report) + _chat_section(report)
+    out += _fidelity_section(report) + _chat_section(report) + _lm_eval_section(report)
     out += _pareto_section(report) + _policy_section(report) + _method_section(report)
     return "\n".join(out)
 

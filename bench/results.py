@@ -144,6 +144,7 @@ class BenchReport:
     policy: dict | None = None
     pipeline: dict | None = None
     plots: list[str] = field(default_factory=list)
+    lm_eval: dict | None = None  # --lm-eval-task: {"tasks", "limit", "samples", "models": {label: {task: {metric: value}}}}
 
     @property
     def dense(self) -> ModelResult:
@@ -157,7 +158,7 @@ class BenchReport:
                "pareto": {quality: {axis: [dataclasses.asdict(p) for p in points] for axis, points in by_axis.items()}
                           for quality, by_axis in self.pareto.items()},
                "notes": self.notes, "phase_seconds": self.phase_seconds, "seconds": self.seconds}
-        for name in ("policy", "pipeline"):
+        for name in ("policy", "pipeline", "lm_eval"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.plots:

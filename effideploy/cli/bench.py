@@ -103,6 +103,9 @@ def bench(
     device: Optional[str] = typer.Option(default_of(BenchConfig, "device"), help="auto | cpu | cuda | cuda:N for the runtime (torch: CUDA when available; onnx: the CUDA execution provider with onnxruntime-gpu; vllm: where its build runs)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding wikitext-2-raw-v1/ and bigbench/."),
     overwrite: bool = typer.Option(False, help="Replace an existing report folder."),
+    lm_eval_task: Optional[List[str]] = typer.Option(None, "--lm-eval-task", help="Also run this lm-evaluation-harness task on every model's artifact through the runtime (repeatable; needs lm-eval and the task's data; offline: piqa_local, ..., or the tag effideploy_zeroshot)."),
+    lm_eval_include: Optional[List[Path]] = typer.Option(None, "--lm-eval-include", help="A folder of your own lm-eval task YAML files (lm-eval's --include_path; repeatable)."),
+    lm_eval_limit: int = typer.Option(100, help="Examples per lm-eval task (-1: all); on the shipped tasks the bench's own seeded subset."),
     serve: bool = typer.Option(False, "--serve", help="Bench under load instead: each model behind the runtime's own server (vllm, llamacpp) on 127.0.0.1, driven by GuideLLM at the policy's [serve] load and SLO (docs/serve.md)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Serving bench of a server you run: the dense model's OpenAI-compatible URL (implies --serve; candidates via --candidate-endpoint)."),
     candidate_endpoint: Optional[List[str]] = typer.Option(None, "--candidate-endpoint", help="A candidate's OpenAI-compatible URL (repeatable; with --endpoint)."),
@@ -124,6 +127,16 @@ def bench(
         return
     for spec in token_compression or []:
         check_option_text(spec, "--token-compression")
+    lm_eval = None
+    if lm_eval_task:  # a missing lm-eval, task or folder: one line, before any work
+        from effideploy.eval.lm_eval_adapter import check_lm_eval, use_include_paths
+
+        for name in lm_eval_task:
+            check_option_text(name, "--lm-eval-task")
+        use_include_paths(lm_eval_include or [])
+        lm_eval = check_lm_eval(lm_eval_task)
+    elif lm_eval_include:
+        raise EffideployError("--lm-eval-include needs --lm-eval-task (the tasks to run from it)")
     for path in candidate or []:
         check_option_text(path, "--candidate")
     # Every input: --overwrite must never delete a model, a candidate, the policy, a task or the data.
@@ -146,7 +159,30 @@ def bench(
     )
     from effideploy.bench.runner import run_bench  # seconds of imports (transformers): after every input check above
 
-    finish(run_bench(config), output, policy, loaded_policy, overwrite)
+    report = run_bench(config)
+    if lm_eval is not None:
+        report.lm_eval = lm_eval_models(report, lm_eval, list(lm_eval_task), None if lm_eval_limit < 0 else lm_eval_limit,
+                                        seed)
+    finish(report, output, policy, loaded_policy, overwrite)
+
+
+def lm_eval_models(report, lm, tasks: list[str], limit, seed: int) -> dict:
+    """lm-eval's scores of every benched model, each on its own artifact through the bench's runtime (token
+    compression attached as the bench ran it); on the shipped tasks the bench's own seeded items."""
+    from effideploy import progress
+    from effideploy.eval.lm_eval_adapter import evaluate_runtime_artifact, seeded_samples
+    from effideploy.models.build import load_tokenizer
+    from effideploy.models.resolve import resolve_model
+
+    samples = seeded_samples(tasks, limit, seed)
+    tokenizer = load_tokenizer(resolve_model(report.config["dense"]))
+    runtime = report.runtime.get("runtime")
+    scores = {}
+    for model in report.models:
+        with progress.status(f"lm-eval {', '.join(tasks)} on {model.label}"):
+            scores[model.label] = evaluate_runtime_artifact(lm, runtime, str(model.artifact), tokenizer, tasks, limit,
+                                                            compression=model.compression, samples=samples)
+    return {"tasks": tasks, "limit": limit, "samples": samples, "models": scores}
 
 
 def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output: Path,

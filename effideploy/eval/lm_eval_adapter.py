@@ -86,7 +86,12 @@ def check_lm_eval(tasks) -> LmEval:
 
 def adapter_class(lm_eval_module):
     """``EffideployLM``, a subclass of ``lm_eval.api.model.LM`` over an open effideploy runtime."""
-    base = lm_eval_module.api.model.LM
+    import importlib
+
+    try:
+        base = lm_eval_module.api.model.LM
+    except AttributeError:  # ``import lm_eval`` does not import api.model; in bench nothing else has yet
+        base = importlib.import_module(f"{lm_eval_module.__name__}.api.model").LM
 
     class EffideployLM(base):
         def __init__(self, runtime, tokenizer) -> None:

@@ -134,3 +134,34 @@ def test_tune_gives_lm_eval_the_bench_s_own_seeded_items(suite):
                                                                    "sciq_local": indices["sciq"]}
     assert seeded_samples(["piqa_local", "my_own_task"], ITEMS) is None
     assert seeded_samples(["piqa_local"], None) is None
+
+
+def test_bench_lm_eval_task_scores_every_model_on_its_artifact_as_lm_eval_hf_does(suite, hf_results, long_model_dir,
+                                                                                  tmp_path):
+    """``bench --runtime onnx --lm-eval-task piqa_local --lm-eval-task arc_easy_local``: lm-eval through the adapter on
+    each model's ONNX export (dense and a candidate, here the same checkpoint) gives lm-eval's own hf numbers on the
+    bench's seeded items, recorded in report.json and report.md; --lm-eval-include without a task is one line."""
+    import json
+
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "report"
+    small = ["--prompt-tokens", "8", "--new-tokens", "2", "--prompts", "1", "--repeats", "1", "--warmup", "0",
+             "--batch-sizes", "", "--throughput-repeats", "0", "--ppl-windows", "1", "--ppl-seqlen", "32",
+             "--mc-limit", "0", "--chat-prompts", "0", "--no-memory", "--threads", "1"]
+    code, stdout, stderr = run_cli("bench", "--runtime", "onnx", "--model", long_model_dir, "--candidate",
+                                   long_model_dir, "--lm-eval-task", "piqa_local", "--lm-eval-task", "arc_easy_local",
+                                   "--lm-eval-limit", str(ITEMS), "--output", out, *small)
+    assert code == 0, stdout + stderr
+    section = json.loads((out / "report.json").read_text())["lm_eval"]
+    _, indices = suite
+    assert section["samples"] == {"piqa_local": indices["piqa"], "arc_easy_local": indices["arc_easy"]}
+    assert len(section["models"]) == 2 and "dense" in section["models"]  # dense and the candidate, each scored
+    for scores in section["models"].values():
+        for task in ("piqa_local", "arc_easy_local"):
+            for metric in ("acc,none", "acc_norm,none"):
+                assert scores[task][metric] == pytest.approx(hf_results["results"][task][metric]), (task, metric)
+    assert "## lm-evaluation-harness" in (out / "report.md").read_text()
+    code, _, stderr = run_cli("bench", "--runtime", "onnx", "--lm-eval-include", tmp_path, "--output", tmp_path / "x")
+    assert_one_line_error(code, stderr, "--lm-eval-include needs --lm-eval-task")

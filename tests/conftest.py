@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,10 @@ def pruned_smollm2_4x128(tmp_path_factory):
     """The same from 4 x 128 calibration tokens, and its plan: once per session for the llama.cpp q4_k_m export and
     the short recovery (read-only: copy before changing)."""
     return _prune_smollm2(tmp_path_factory.mktemp("smollm2-4x128") / "pruned", 4, 128)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child a test interrupts with SIGINT. A suite started in the background by a shell without
+    job control (``cmd &``) runs with SIGINT ignored; children inherit that and Python then installs no
+    KeyboardInterrupt handler, so the test's "Ctrl-C" would never arrive. A user's terminal delivers it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from effideploy.errors import EffideployError
+from tests.conftest import default_sigint
 from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -680,7 +681,8 @@ def test_sigkill_leftovers_are_cleaned_and_ctrl_c_writes_nothing(tmp_path, tiny_
     left = scratch()
     assert left and all(str(killed.pid) in p.name for p in left), left
 
-    interrupted = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    interrupted = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=default_sigint)
     try:
         assert _wait_for(lambda: any(str(interrupted.pid) in p.name for p in scratch()))
         interrupted.send_signal(signal.SIGSTOP)

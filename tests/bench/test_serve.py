@@ -17,6 +17,7 @@ from effideploy.bench.policy import policy_from_dict
 from effideploy.bench.serve import ServedModel, analyse, sign_off
 from effideploy.bench.serve_policy import serve_from_dict
 from effideploy.errors import EffideployError
+from tests.conftest import default_sigint
 from tests.test_cli import run_cli
 
 LOAD = "concurrency = [1, 2]\nprompt_tokens = 24\noutput_tokens = 6\nmax_requests = 4\nmax_seconds = 20\n"
@@ -254,7 +255,8 @@ def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(t
     env = {**os.environ, "EFFIDEPLOY_PROGRESS": "0"}
     bench = subprocess.Popen([sys.executable, "-m", "effideploy", "bench", "--runtime", "llamacpp", "--serve", "--model",
                               str(export), "--candidate", str(export), "--output", str(tmp_path / "interrupted")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                             preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not any("llama_cpp.server" in s for s in _survivors(export)):

@@ -19,6 +19,7 @@ from effideploy.search.recommend import reproduce_argv, reproduce_commands, repr
 from effideploy.search.search import RecipeRecord, SearchConfig
 from effideploy.search.space import Recipe
 from effideploy.search.workspace import LINK_NAME, LINK_RECORD, apply_link, guarded, open_workspace, plan_link
+from tests.conftest import default_sigint
 from tests.search.test_tune import HOSTILE, TINY, policy, run
 from tests.test_safety import snapshot
 
@@ -249,7 +250,8 @@ def test_ctrl_c_during_the_cost_model_says_what_stays_where(tmp_path, tiny_model
     args = [sys.executable, "-c", INTERRUPT_AT_THE_COST_MODEL, str(ready), "tune", "--model", str(tiny_model_dir),
             "--policy", str(easy), "--output", str(out), "--task", str(tiny_task_dir), *map(str, TINY)]
     env = {**os.environ, "EFFIDEPLOY_PROGRESS": "0"}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 300
         while not ready.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -42,7 +42,6 @@ KV_CACHE_TYPES = {"f16": "GGML_TYPE_F16", "f32": "GGML_TYPE_F32", "q8_0": "GGML_
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
     try:
@@ -52,6 +51,7 @@ def cpu_has_amx() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def llamacpp_unavailable() -> str | None:
     """None when llama-cpp-python imports and its native library loads, else the reason (one line)."""
     try:

@@ -17,7 +17,6 @@ cannot be recommended under ``--serve`` (said in the notes).
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 from effideploy.errors import EffideployError
@@ -46,6 +45,11 @@ def rank_key(summary: dict, decode_speedup) -> tuple:
             decode_speedup or 0.0)
 
 
+def missed(verdict: dict, label: str) -> list[str]:
+    """The [serve] objectives ``label`` misses in ``bench.serve.sign_off``'s verdict."""
+    return [c["objective"] for c in verdict["checks"] if c["candidate"] == label and not c["passed"]]
+
+
 def choose(passing: list, section: dict):
     """The recommended record among ``passing`` (offline-passing records) given the serving ``section`` (with its
     ``policy`` verdict), or None; each record's serving verdict is set on it (``serve_failed``)."""
@@ -55,8 +59,7 @@ def choose(passing: list, section: dict):
         if record.label not in verdict["candidates"]:
             record.serve_failed = ["not served (token compression runs in-process only)"]
             continue
-        record.serve_failed = [c["objective"] for c in verdict["checks"]
-                               if c["candidate"] == record.label and not c["passed"]]
+        record.serve_failed = missed(verdict, record.label)
         if not record.serve_failed:
             served.append(record)
     if not served:
@@ -72,13 +75,12 @@ def serve_shortlist(config, policy, passing: list, models: dict, tokenizer_dir: 
     served = [ServedModel("dense", "dense", config.model, export=str(models["dense"].artifact))]
     served += [ServedModel(r.label, "candidate", r.checkpoint, export=str(models[r.label].artifact))
                for r in passing if r.recipe.compression is None]
-    tick = time.perf_counter()
+    # inside the search's own output folder (bench --serve's work_folder puts it beside its report): tune writes
+    # nowhere else
     work = Path(tempfile.mkdtemp(prefix=".serve-work-", dir=Path(config.output).expanduser()))
     section = run_serve(config.runtime, served, policy.serve, tokenizer=tokenizer_dir, work=work,
                         prompts=config.serve_prompts, data_dir=config.data_dir)
-    section["policy"] = sign_off(policy, served, section["summaries"]) if len(served) > 1 else {
-        "name": policy.name, "checks": [], "candidates": {}, "passed": False, "binding": []}
-    section["seconds"] = time.perf_counter() - tick
+    section["policy"] = sign_off(policy, served, section["summaries"])  # no candidate served: nothing passes
     discard(work)
     return section
 
@@ -110,8 +112,8 @@ def markdown(section: dict | None, recommended: str | None) -> list[str]:
         if label == "dense":
             state = "baseline"
         else:
-            missed = [c["objective"] for c in verdict["checks"] if c["candidate"] == label and not c["passed"]]
-            state = ("**recommended**" if label == recommended else "pass") if not missed else "FAIL: " + ", ".join(missed)
+            misses = missed(verdict, label)
+            state = ("**recommended**" if label == recommended else "pass") if not misses else "FAIL: " + ", ".join(misses)
         best = summary.get("max_load_meeting_slo")
         lines.append(f"| `{label}` | {'none' if best is None else f'{best:g}'} | {_f(summary.get('goodput_at_target'))} | "
                      f"{_f(ttft, 0)} | {_f(tpot, 1)} | {_f(summary.get('goodput_ratio'))} | {state} |")

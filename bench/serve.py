@@ -152,11 +152,9 @@ def prepare_served(runtime: str, dense: str, candidates, quantize, export_root: 
     """Dense and candidates as exports for ``runtime`` (export-or-reuse, as the in-process bench)."""
     from effideploy.bench.artifacts import candidate_label, prepare_model
     from effideploy.bench.config import DENSE_LABEL, BenchConfig, expanded_candidates
-    from effideploy.runtimes import RUNTIMES
+    from effideploy.runtimes import RUNTIMES, require_server
 
-    if runtime not in ("vllm", "llamacpp"):
-        raise EffideployError(f"--serve needs a runtime with an OpenAI-compatible server (vllm or llamacpp), "
-                              f"not {runtime!r}")
+    require_server(runtime)
     config = BenchConfig(runtime=runtime, dense=dense, candidates=tuple(candidates), quantize=tuple(quantize),
                          export_root=export_root)
     runtime_class = RUNTIMES.get(runtime)

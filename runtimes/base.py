@@ -69,12 +69,14 @@ class TokenScores:
 class Capabilities:
     """What a runtime runs. ``compression_kinds``: the token-compression kinds (``CompressionMethod.kind``: "kv",
     "llm", "vision", "kv-dtype") it can attach; ``batching``: ``generate_batch`` exists; ``weight_formats``: the
-    weight storage it serves; ``exporter``: the exporter whose folder it opens (None: it reads checkpoints)."""
+    weight storage it serves; ``exporter``: the exporter whose folder it opens (None: it reads checkpoints);
+    ``server``: it has an OpenAI-compatible server that the serving bench starts (``bench/serve_servers.py``)."""
 
     compression_kinds: frozenset[str] = frozenset()
     batching: bool = True
     weight_formats: tuple[str, ...] = ("float32",)
     exporter: str | None = None
+    server: bool = False
 
 
 ContinuationRequest = tuple[list[int], list[int]]  # (context, continuation) token ids

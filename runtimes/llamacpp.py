@@ -125,7 +125,7 @@ class LlamaCppRuntime(Runtime):
                                 weight_formats=("float32", "float16", "f32", "f16", "bf16", "q8_0", "q6_k", "q5_0",
                                                 "q5_1", "q5_k_s", "q5_k_m", "q4_0", "q4_1", "q4_k_s", "q4_k_m",
                                                 "q3_k_s", "q3_k_m", "q3_k_l", "q2_k", "int8"),
-                                exporter="llamacpp")
+                                exporter="llamacpp", server=True)
 
     def __init__(self, path, *, threads: int | None = None, n_ctx: int = DEFAULT_CONTEXT, n_batch: int = 512,
                  max_batch: int = 8, kv_cache_type: str = "f16", flash_attn: str = "auto") -> None:

@@ -50,7 +50,7 @@ class VllmRuntime(Runtime):
     name = "vllm"
     capabilities = Capabilities(compression_kinds=frozenset({"kv-dtype"}), batching=True,
                                 weight_formats=("float32", "bfloat16", "float16", "w8a8", "w4a16", "int8", "int4"),
-                                exporter="vllm")
+                                exporter="vllm", server=True)
     _open: list[VllmRuntime] = []  # in-process engines share vLLM's process-wide state (parallel groups, threads)
     _set_num_threads = staticmethod(torch.set_num_threads)
 

@@ -212,9 +212,10 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
     for url in [endpoint, *(candidate_endpoint or [])]:
         if url is not None and not str(url).startswith(("http://", "https://")):
             raise EffideployError(f"--endpoint / --candidate-endpoint must be an http(s) URL, got {url!r}")
-    if not endpoint and runtime not in ("vllm", "llamacpp"):  # as prepare_served says, before its imports
-        raise EffideployError(f"--serve needs a runtime with an OpenAI-compatible server (vllm or llamacpp), "
-                              f"not {runtime!r}")
+    if not endpoint:
+        from effideploy.runtimes import require_server
+
+        require_server(runtime)
     inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer, data_dir] if p is not None]
     check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
     from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder

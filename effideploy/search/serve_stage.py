@@ -21,14 +21,11 @@ from pathlib import Path
 
 from effideploy.errors import EffideployError
 
-SERVE_RUNTIMES = ("vllm", "llamacpp")  # the runtimes with an OpenAI-compatible server (bench/serve_servers.py)
-
-
 def check_serve(runtime: str, policy, policy_path) -> None:
     """Refuse (one line, before any work) a ``--serve`` the search could not carry out."""
-    if runtime not in SERVE_RUNTIMES:
-        raise EffideployError(f"--serve needs a runtime with an OpenAI-compatible server "
-                              f"({' or '.join(SERVE_RUNTIMES)}), not {runtime!r}")
+    from effideploy.runtimes import require_server
+
+    require_server(runtime)
     if policy.serve is None:
         raise EffideployError(f"policy {policy_path} has no [serve] table: --serve judges the shortlist at its load "
                               "and objectives (see docs/serve.md)")

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -141,11 +140,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from effideploy.bench.environment import environment, load_average
     from effideploy.data.text import consecutive_windows, load_text, resolve_text, tokenize_text
     from effideploy.eval import zeroshot
     from effideploy.eval.multiple_choice import load_suite_task
     from effideploy.models.build import load_model, load_tokenizer
     from effideploy.models.resolve import resolve_model
+    from effideploy.search.recovery_lever import _tokens_text as tokens_text  # 65536 -> 64k, as recipe labels read
     from effideploy.search.screen import Screener
 
     started = time.perf_counter()
@@ -158,7 +159,7 @@ def main() -> None:
     with torch.no_grad():
         screener = Screener(load_model(dense).eval(), windows)
     record = {"command": "python " + shlex.join(sys.argv), "model": args.model, "threads": torch.get_num_threads(),
-              "cpu": _cpu(), "limit": args.limit, "seed": args.seed, "competent": args.competent,
+              "cpu": environment()["cpu"], "limit": args.limit, "seed": args.seed, "competent": args.competent,
               "metrics": {n: t.metric for n, t in tasks.items()},
               "held_out": f"wikitext2 test, first {args.windows} windows of {args.seqlen} tokens",
               "training_text": "wikitext2 validation (2 x 256-token windows, seed 0)", "models": {}}
@@ -172,11 +173,11 @@ def main() -> None:
     # The control first, then one pruned checkpoint at a time, so that a run cut short keeps whole rows.
     plan = [("dense", "dense", dense.path, None, None)]
     if args.dense_control:
-        plan.append((f"dense+lora-uniform:{max(baseline) // 1024}k", "dense", dense.path, "lora-uniform",
+        plan.append((f"dense+lora-uniform:{tokens_text(max(baseline))}", "dense", dense.path, "lora-uniform",
                      max(baseline)))
     for label, path in pruned.items():
         plan.append((label, label, path, None, None))
-        plan += [(f"{label}+{method}:{t // 1024}k", label, path, method, t)
+        plan += [(f"{label}+{method}:{tokens_text(t)}", label, path, method, t)
                  for method, amounts in (("distil", budgets), ("lora-uniform", baseline)) if method in args.methods
                  for t in amounts]
     for label, base, path, method, tokens in plan:
@@ -196,7 +197,7 @@ def main() -> None:
                                                          args.competent)
         record["models"][label] = entry
         record["seconds"] = time.perf_counter() - started
-        record["load_average"] = os.getloadavg()
+        record["load_average"] = load_average()
         args.json.write_text(json.dumps(record, indent=1))
         s = entry["summary"]
         print(f"  {label}: competent {s['mean_competent']:.3f}, mean {s['mean']:.3f}, KL {entry['kl']:.4f}, "
@@ -207,16 +208,6 @@ def main() -> None:
         commands = "; then ".join(f"`{c}`" for c in record.get("commands", [record["command"]]))
         args.markdown.write_text(f"Commands: {commands}. {record['cpu']}, {record['threads']} threads; the last "
                                  f"invocation {record['seconds'] / 60:.1f} min.\n\n{table}\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,27 @@ def test_the_shipped_policy_parses_and_documents_every_threshold():
         assert name in text, name
 
 
+def test_the_packaged_policies_are_ordered_strict_default_loose():
+    """strict is at least as tight as default on every threshold default sets, loose at most as tight, and each
+    quality gate moves in its direction (otherwise the three-policy verdicts of docs/search.md compare nothing)."""
+    shipped = packaged_policies()
+    assert {"strict", "default", "loose"} <= set(shipped)
+    strict, default, loose = (load_policy(name) for name in ("strict", "default", "loose"))
+    assert (strict.name, loose.name) == ("strict", "loose") and strict.require == loose.require == "all"
+    assert set(default.thresholds) <= set(strict.thresholds)
+    assert set(loose.thresholds) <= set(default.thresholds)
+    tighter = {"max": lambda a, b: a <= b, "min": lambda a, b: a >= b}
+    moved = 0
+    for name, limit in default.thresholds.items():
+        better = tighter[THRESHOLDS[name].direction]
+        assert better(strict.thresholds[name], limit), name
+        if name in loose.thresholds:
+            assert better(limit, loose.thresholds[name]), name
+            moved += loose.thresholds[name] != limit
+    assert moved >= 3  # loose really is looser on quality, not a copy
+    assert {"max_kl_divergence", "min_top_k_agreement"} <= set(strict.thresholds) - set(default.thresholds)
+
+
 def test_load_policy_from_toml(tmp_path):
     path = tmp_path / "gate.toml"
     path.write_text('name = "ci"\nrequire = "any"\n[thresholds]\nmin_loyalty = 0.9\nmax_p99_latency_ms = 250\n')

@@ -126,6 +126,18 @@ def _config_dict(folder: Path) -> dict | None:
     return read_config_dict(folder) if (folder / "config.json").is_file() else None
 
 
+def _amount(record: dict) -> str:
+    """What the pruning was asked for, as tune's labels write it: a depth method's sublayer count or parameter
+    fraction (drop-attention-0.05, drop-blocks-2), else the FFN sparsity (cfsp-0.2). A depth checkpoint's
+    ``ffn_requested`` is the unused default sparsity, not its amount."""
+    config = record.get("config") or {}
+    if config.get("count") is not None:
+        return f"{config['count']:d}"
+    if config.get("target_params") is not None:
+        return f"{config['target_params']:g}"
+    return f"{record['sparsity'].get('ffn_requested', 0):g}"
+
+
 def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
     """The candidate's name in the report: given, else method-sparsity from its provenance, else the folder name;
     made unique with #2, #3..."""
@@ -140,9 +152,9 @@ def candidate_label(spec: CandidateSpec, taken: set[str]) -> str:
         record = read_provenance(path) if path.is_dir() else None
         manifest = read_export_manifest(path) if path.is_dir() else None
         if record is None and manifest and manifest.get("provenance"):
-            record = {"method": manifest["provenance"].get("method"), "sparsity": manifest["provenance"].get("sparsity")}
+            record = {key: manifest["provenance"].get(key) for key in ("method", "sparsity", "config")}
         if record and record.get("method") and record.get("sparsity"):
-            label = f"{record['method']}-{record['sparsity'].get('ffn_requested', 0):g}"
+            label = f"{record['method']}-{_amount(record)}"
         elif manifest is not None:
             label = "dense"
         else:

@@ -23,6 +23,8 @@ def manifest_header(runtime: str, source, provenance: dict | None) -> dict:
         "provenance": None if provenance is None else {
             "file": PROVENANCE_FILE, "method": provenance.get("method"),
             "sparsity": provenance.get("sparsity"), "created": provenance.get("created"),
+            # a depth method's amount (the label of an export benched as a candidate: drop-attention-0.05)
+            "config": {key: (provenance.get("config") or {}).get(key) for key in ("count", "target_params")},
         },
     }
 

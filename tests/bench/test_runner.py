@@ -116,6 +116,26 @@ def test_labels_come_from_provenance_and_stay_unique(tiny_pruned_dir, tiny_model
     assert candidate_label(CandidateSpec(model=str(tiny_model_dir), label="mine"), taken) == "mine"
 
 
+@pytest.mark.parametrize("amount, label", [({"target_params": 0.05}, "drop-attention-0.05"),
+                                           ({"count": 1}, "drop-attention-1")])
+def test_a_depth_checkpoint_is_labelled_by_its_amount(tmp_path, tiny_model_dir, calib_file, amount, label):
+    """As tune names it, not by the FFN sparsity its config leaves at the default (it once read drop-attention-0.5)."""
+    from effideploy.data.text import TextSpec
+    from effideploy.models.resolve import resolve_model
+    from effideploy.pruning import PruneConfig, prune_checkpoint
+
+    spec = TextSpec(name=str(calib_file), path=str(calib_file), split="calibration")
+    target, _ = prune_checkpoint(resolve_model(tiny_model_dir),
+                                 PruneConfig(method="drop-attention", calib_samples=2, calib_seqlen=32, **amount),
+                                 tmp_path / "depth", calibration=spec)
+    assert candidate_label(CandidateSpec(model=str(target)), {"dense"}) == label
+    from effideploy.exporters import export
+
+    exported = tmp_path / "vllm"  # an export benched as a candidate: the label comes from its manifest
+    export("vllm", resolve_model(target), exported, verify=False)
+    assert candidate_label(CandidateSpec(model=str(exported)), {"dense"}) == label
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     ({"repeats": 0}, "repeats must be at least 1"),
     ({"new_tokens": 1}, "new_tokens must be at least 2"),

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from effideploy.bench.config import BenchConfig
+from effideploy.bench.config import EXPORT_ROOT, BenchConfig
 from effideploy.cli.app import DEFAULT_PRUNED, app, check_option_text, default_of, echo, set_threads
 from effideploy.errors import EffideployError
 
@@ -142,6 +143,7 @@ def bench(
     # Every input: --overwrite must never delete a model, a candidate, the policy, a task or the data.
     inputs = [path for path in [model, *(candidate or []), policy, *(task or []), data_dir] if path is not None]
     check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
+    check_exports_apart(output, EXPORT_ROOT)
     set_threads(threads)
     specs = [CandidateSpec(model=path) for path in candidate or []]
     specs += [CandidateSpec(compression=spec) for spec in token_compression or []]
@@ -185,6 +187,16 @@ def lm_eval_models(report, lm, tasks: list[str], limit, seed: int) -> dict:
     return {"tasks": tasks, "limit": limit, "samples": samples, "models": scores}
 
 
+def check_exports_apart(output: Path, exports: str) -> None:
+    """The report folder is written last, staged and renamed over ``output``: exports made inside it (``--output
+    out`` beside the default ``out/exports``) would make it exist by then and the run fail after all its work, and
+    ``--overwrite`` would replace them with the report. One line before any work instead."""
+    target, root = (Path(os.path.abspath(Path(path).expanduser())) for path in (output, exports))
+    if target == root or target in root.parents or root in target.parents:
+        raise EffideployError(f"--output {output} overlaps the folder bench exports candidates to ({exports}); "
+                              "choose another --output, e.g. out/bench")
+
+
 def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoint, tokenizer, output: Path,
                 policy_path, policy, overwrite: bool, prompts: str = "wikitext", data_dir: Optional[Path] = None,
                 seed: int = 0) -> None:
@@ -218,6 +230,8 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
         require_server(runtime)
     inputs = [p for p in [model, *(candidate or []), policy_path, tokenizer, data_dir] if p is not None]
     check_output_dir(output, overwrite=overwrite, inputs=[p for p in inputs if Path(str(p)).expanduser().exists()])
+    if not endpoint:
+        check_exports_apart(output, EXPORT_ROOT)
     from effideploy.bench.serve import ServedModel, discard, prepare_served, run_serve, sign_off, tokenizer_folder, work_folder
     from effideploy.bench.serve_report import write_serve_report
 
@@ -230,7 +244,7 @@ def serve_bench(runtime, model, candidate, quantize, endpoint, candidate_endpoin
         specs = [CandidateSpec(model=path) for path in candidate or []]
         if not specs and not quantize:
             specs = [CandidateSpec(model=default_candidate(runtime))]
-        models = prepare_served(runtime, model, specs, quantize or [], "out/exports")
+        models = prepare_served(runtime, model, specs, quantize or [], EXPORT_ROOT)
     folder = str(tokenizer) if tokenizer is not None else tokenizer_folder(model if endpoint else models[0].spec)
     work = work_folder(output)
     section = run_serve(runtime, models, slo, tokenizer=folder, work=work, endpoints=bool(endpoint), prompts=prompts,

@@ -93,15 +93,23 @@ def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> d
         limits["max_failed_rate"] = slo.max_failed_rate
         summary["goodput_ratio"] = _ratio(summary["goodput_at_target"], dense["goodput_at_target"])
         summary["load_ratio"] = _ratio(summary["max_load_meeting_slo"], dense["max_load_meeting_slo"])
-        for name in ("min_goodput_ratio", "min_load_ratio"):
+        beyond_dense = {}  # a ratio whose dense side is nothing: the candidate carries what dense cannot
+        for name, mine, theirs in (("min_goodput_ratio", "goodput_at_target", "goodput_at_target"),
+                                   ("min_load_ratio", "max_load_meeting_slo", "max_load_meeting_slo")):
             if getattr(slo, name) is not None:
                 values[name] = summary["goodput_ratio" if name == "min_goodput_ratio" else "load_ratio"]
                 limits[name] = getattr(slo, name)
+                if not dense[theirs] and (summary[mine] or 0) > 0:
+                    beyond_dense[name] = ("dense has no goodput at the target" if name == "min_goodput_ratio"
+                                          else "dense meets the SLO at no load")
         for name, limit in limits.items():
             value = values[name]
-            ok = value is not None and (value >= limit if name.startswith("min_") else value <= limit)
-            checks.append({"candidate": model.label, "objective": name, "limit": limit, "value": value,
-                           "load": slo.target_level, "passed": ok})
+            ok = name in beyond_dense or (value is not None and (value >= limit if name.startswith("min_") else value <= limit))
+            check = {"candidate": model.label, "objective": name, "limit": limit, "value": value,
+                     "load": slo.target_level, "passed": ok}
+            if name in beyond_dense:  # the ratio is infinite: passed, and the report says why it has no number
+                check["note"] = beyond_dense[name]
+            checks.append(check)
     verdict: dict[str, bool] = {}
     for check in checks:
         verdict[check["candidate"]] = verdict.get(check["candidate"], True) and check["passed"]

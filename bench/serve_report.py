@@ -72,7 +72,7 @@ def markdown(section: dict) -> str:
     if policy is not None:
         lines += ["", "## Sign-off checks", ""]
         lines += _table(["candidate", "objective", "limit", "value", "result"],
-                        [[c["candidate"], c["objective"], f"{c['limit']:g}", _f(c["value"], 3),
+                        [[c["candidate"], c["objective"], f"{c['limit']:g}", c.get("note") or _f(c["value"], 3),
                           "pass" if c["passed"] else "**FAIL**"] for c in policy["checks"]])
     if section.get("plots"):
         lines += ["", *(f"![{name}]({name})" for name in section["plots"])]

@@ -119,6 +119,32 @@ def test_goodput_and_highest_load_meeting_the_slo_name_the_binding_objective():
     assert not any(b.startswith("good") for b in section["binding"])
 
 
+def test_a_candidate_carrying_load_where_dense_carries_none_passes_the_ratios():
+    """dense misses the SLO at the target (goodput 0) and at every load: the ratios are infinite, not "n/a" (which
+    failed the one candidate that met the SLO); a candidate with no goodput either still fails them."""
+    policy = policy_from_dict({"serve": {"concurrency": [1, 2], "ttft_p99_ms": 100, "min_goodput_ratio": 0.9,
+                                         "min_load_ratio": 1.0}})
+    # goodput is per request (GuideLLM's records against the objectives): none of a level above the TTFT limit
+    dense = ServedModel("dense", "dense", "d", levels=[_level(1, 150, 5, 0.0), _level(2, 300, 5, 0.0)])
+    fast = ServedModel("fast", "candidate", "f", levels=[_level(1, 50, 5, 1.2), _level(2, 90, 5, 2.0)])
+    slow = ServedModel("slow", "candidate", "s", levels=[_level(1, 200, 5, 0.0), _level(2, 400, 5, 0.0)])
+    models = [dense, fast, slow]
+    summaries = {m.label: analyse(m, policy.serve) for m in models}
+    assert summaries["dense"]["goodput_at_target"] == 0 and summaries["dense"]["max_load_meeting_slo"] is None
+    section = sign_off(policy, models, summaries)
+    assert section["candidates"] == {"fast": True, "slow": False}
+    notes = {c["objective"]: c.get("note") for c in section["checks"] if c["candidate"] == "fast"}
+    assert notes["min_goodput_ratio"] == "dense has no goodput at the target"
+    assert notes["min_load_ratio"] == "dense meets the SLO at no load"
+    assert {"slow: min_goodput_ratio", "slow: min_load_ratio", "slow: ttft_p99_ms"} <= set(section["binding"])
+    from effideploy.bench.serve_report import markdown
+
+    text = markdown({"runtime": "vllm", "endpoints": False, "slo": policy.serve.to_dict(), "tokenizer": "t",
+                     "prompts": {"source": "synthetic"}, "models": [vars(m) for m in models],
+                     "summaries": summaries, "policy": section, "seconds": 1.0})
+    assert "| fast | min_goodput_ratio | 0.9 | dense has no goodput at the target | pass |" in text
+
+
 def test_serve_input_errors_are_exit_2(tmp_path, tiny_model_dir):
     from tests.test_cli import assert_one_line_error
 

@@ -20,3 +20,9 @@ class OptionError(EffideployError):
 
     def as_flag(self) -> str:
         return f"{self.flag} {self.problem}"
+
+
+class ParityError(EffideployError):
+    """An export did not reproduce its reference (transformers, or the fake-quantized weights for a quantized
+    export) within its tolerance; the artifact was not kept. Its own type so a search can drop that one recipe and go
+    on (``effideploy.search.stages.export_shortlist``), where a single ``export`` or ``bench`` stops on it."""

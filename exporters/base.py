@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effideploy.errors import EffideployError, OptionError
+from effideploy.errors import EffideployError, OptionError, ParityError
 
 
 @dataclass
@@ -173,7 +173,7 @@ def require_near_top_logit(model, prompts, tokens, mismatch, *, runtime: str, ki
     for prompt, row in enumerate(gaps):
         for position, gap in enumerate(row):
             if gap > tolerance:
-                raise EffideployError(
+                raise ParityError(
                     f"{runtime} parity failed ({kind}): prompt {prompt}, generated token {position}: {runtime} chose "
                     f"{tokens[prompt][position]}, {gap:.2f} below transformers' top logit (tolerance {tolerance}); the "
                     "export was not kept")

@@ -135,7 +135,8 @@ def markdown(result) -> str:
         s, m = r.screen, r.measured or {}
         mark = "" if m.get("run") != "calibration" else " (c)"
         verdict = ("pass" if r.failed == [] else "FAIL: " + ", ".join(r.failed)) if r.failed is not None else \
-            ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else "not benched")
+            ("screened out: " + ", ".join(r.screen_failed) if r.screen_failed else
+             "export failed its parity check (search.json: export_error)" if r.export_error else "not benched")
         if r.serve_failed is not None:
             verdict += "; under load: " + ("pass" if not r.serve_failed else "FAIL " + ", ".join(r.serve_failed))
         rows.append([f"`{r.label}`", r.recipe.family, _f(s.perplexity if s else None) + f" ({_pct(s.perplexity_increase if s else None)})",

@@ -14,12 +14,14 @@ Stages (each shows progress; a second run reuses checkpoints, exports and screen
    exported and timed (latency only) on the target runtime (cost.py);
 4. shortlist: the recipes the screen and the cost model predict to pass, fastest first, plus the best
    quantization-only and pruning-only ones (the report compares against them);
-5. bench: the dense model and the shortlist, every policy metric measured in one interleaved run;
+5. bench: the dense model and the shortlist, every policy metric measured in one interleaved run (a shortlisted
+   recipe whose export fails its parity check is dropped with the reason and the next one taken: stages.py);
 6. verdict: the fastest benched recipe that passes, or none and the binding threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from effideploy.search.cost import CostModel, Features, Predicted, recipe_featur
 from effideploy.search.feasibility import check_recipes, check_shapes, fits_model
 from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
-from effideploy.search.stages import prune_all, screen_all
+from effideploy.search.stages import export_shortlist, prune_all, screen_all
 from effideploy.search.selection import (binding_thresholds, calibration_recipes, candidate_spec,
                                          family_comparisons, mark_fronts, predicted_failures, shortlist)
 from effideploy.search.space import Recipe, SearchSpace
@@ -99,7 +101,8 @@ class RecipeRecord:
     screen: ScreenResult | None = None
     screen_failed: list[str] = field(default_factory=list)
     predicted: Predicted = field(default_factory=Predicted)
-    stage: str = "screened"  # screened | calibration | benched
+    stage: str = "screened"  # screened | calibration | export failed | benched
+    export_error: str | None = None  # why its export was not kept (a failed parity check): dropped before the bench
     measured: dict | None = None  # from the final bench (Comparison fields) or the calibration run (speed only)
     failed: list[str] | None = None  # thresholds the measured candidate fails (None: not benched)
     serve_failed: list[str] | None = None  # [serve] objectives it misses under load (None: not served)
@@ -118,7 +121,8 @@ class RecipeRecord:
                 "scheme": None if self.scheme is None else {"name": self.scheme.name,
                                                             "export_options": self.scheme.export_options()},
                 "screen": None if self.screen is None else self.screen.to_dict(), "screen_failed": self.screen_failed,
-                "predicted": self.predicted.to_dict(), "stage": self.stage, "measured": self.measured, "failed": self.failed,
+                "predicted": self.predicted.to_dict(), "stage": self.stage, "export_error": self.export_error,
+                "measured": self.measured, "failed": self.failed,
                 "serve_failed": self.serve_failed, "on_front": self.on_front}
 
 
@@ -227,10 +231,9 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                                      size_reduction=1 - record.features.stored_bytes / size_dense)
         record.screen_failed = sorted(predicted_failures(record, policy))
 
-    # 4-5. shortlist and bench for real
-    chosen = shortlist(records, policy, config.shortlist)
-    progress.console.print("bench: dense + " + ", ".join(r.label for r in chosen), highlight=False)
+    # 4-5. shortlist, its exports (a recipe whose export fails parity is replaced by the next), bench for real
     tick = time.perf_counter()
+    chosen = shortlist(records, policy, config.shortlist)
     final = BenchConfig(runtime=config.runtime, dense=config.model, candidates=tuple(candidate_spec(r) for r in chosen),
                         prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, repeats=config.repeats,
                         batch_sizes=(), throughput_repeats=0, ppl_windows=config.ppl_windows,
@@ -238,6 +241,13 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                         memory=config.memory, threads=config.threads, data_dir=config.data_dir,
                         chat_prompts=config.chat_prompts,  # chat fidelity (effideploy.eval.chat)
                         export_root=str(Path(config.output).expanduser() / "exports"))
+    while export_shortlist(final, chosen):  # each pass drops at least one recipe, so this ends
+        chosen = shortlist([r for r in records if r.export_error is None], policy, config.shortlist)
+    if not chosen:
+        raise EffideployError("no shortlisted recipe could be exported: every export failed its parity check "
+                              "(see search.json's export_error)")
+    final = dataclasses.replace(final, candidates=tuple(candidate_spec(r) for r in chosen))
+    progress.console.print("bench: dense + " + ", ".join(r.label for r in chosen), highlight=False)
     report = run_bench(final)
     seconds["bench"] = time.perf_counter() - tick
     for comparison in report.comparisons:

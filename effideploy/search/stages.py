@@ -1,5 +1,6 @@
-"""The search's two model-building stages: one calibration pass and a checkpoint per structural variant
-(``prune_all``), and the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``)."""
+"""The search's model-building stages: one calibration pass and a checkpoint per structural variant
+(``prune_all``), the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``), and the
+shortlist's exports before its bench (``export_shortlist``)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,30 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=1) + "\n")
     return time.perf_counter() - tick
+
+
+def export_shortlist(final, records: list[RecipeRecord]) -> list[RecipeRecord]:
+    """Export (or reuse) each shortlisted recipe's artifact as the final bench will ask for it, so that one whose
+    export fails its parity check is dropped with the reason (``record.export_error``) instead of stopping the run
+    after every other stage: that artifact was not kept, and the bench then reuses the others' by content. Returns
+    the records that failed here."""
+    from effideploy.bench.artifacts import prepare_model
+    from effideploy.errors import ParityError
+    from effideploy.runtimes import RUNTIMES
+    from effideploy.search.selection import candidate_spec
+
+    runtime_class = RUNTIMES.get(final.runtime)
+    failed = []
+    for record in records:
+        spec = candidate_spec(record)
+        kind = "compression" if spec.model is None and spec.compression else "checkpoint"
+        try:
+            prepare_model(final, runtime_class, record.label, kind, spec.model or final.dense, spec.compression,
+                          spec.quantize, spec.export_options)
+        except ParityError as exc:
+            record.stage, record.export_error = "export failed", str(exc)
+            failed.append(record)
+            progress.console.print(f"{record.label}: its export failed its parity check, dropped from the "
+                                   f"shortlist ({exc})", highlight=False)
+    return failed
+

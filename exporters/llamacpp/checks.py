@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from effideploy import progress
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, ParityError
 from effideploy.exporters.base import (HALF_PRECISION_LOGIT_GAP, first_mismatch, matching_prefix, parity_prompts,
                                        require_near_top_logit)
 from effideploy.exporters.llamacpp.records import GgufTypeCheck, GgufVsFloat32, LlamacppParity
@@ -67,7 +67,7 @@ def check_f32_parity(path: Path, source, *, realigned: list[dict] | None = None,
     mismatch = first_mismatch(reference, tokens)
     if mismatch is not None:
         prompt, position, expected, got = mismatch
-        raise EffideployError(f"llama.cpp parity failed (float32 GGUF): prompt {prompt}, generated token {position}: "
+        raise ParityError(f"llama.cpp parity failed (float32 GGUF): prompt {prompt}, generated token {position}: "
                               f"llama.cpp gave {got}, transformers (float32) gave {expected}; the export was not kept")
     record = LlamacppParity(prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
                             text=text, match=True, checked="float32 GGUF",

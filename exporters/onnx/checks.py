@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, ParityError
 from effideploy.exporters.base import first_mismatch, tokenize_prompts
 from effideploy.exporters.onnx.records import OnnxParity, OnnxQuantizedParity, OnnxVsFloat
 from effideploy.models.resolve import ModelSource
@@ -64,14 +64,14 @@ def check_parity(folder: Path, reference, source: ModelSource, *, dtype: str) ->
             worst, tolerance = max(worst, difference), min(tolerance, limit)
             if not difference <= limit:
                 position = int(np.abs(got - expected).max(-1).argmax()) if np.isfinite(got).all() else -1
-                raise EffideployError(
+                raise ParityError(
                     f"ONNX parity failed: logits differ from transformers by {difference:.3g} (tolerance "
                     f"{limit:.3g}, {dtype}) at prompt position {position}; the export was not kept")
         expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
     mismatch = first_mismatch(expected_tokens, tokens)
     if mismatch is not None:
         prompt, step, want, got_token = mismatch
-        raise EffideployError(
+        raise ParityError(
             f"ONNX parity failed: greedy token {step} of prompt {prompt}: ONNX Runtime gave {got_token}, "
             f"transformers gave {want} (logits within {worst:.2g}); the export was not kept")
     return OnnxParity(
@@ -91,7 +91,7 @@ def measure_deviation(folder: Path, reference, source: ModelSource) -> dict:
         differences = []
         for expected, got in _logits(runtime, reference, prompts):
             if not np.isfinite(got).all():
-                raise EffideployError("the quantized graph produced non-finite logits; the export was not kept")
+                raise ParityError("the quantized graph produced non-finite logits; the export was not kept")
             differences.append(float(np.abs(got - expected).max()))
         expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
     same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
@@ -154,7 +154,7 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
         for prompt in prompts:
             logits = runtime.logits([prompt])[0].astype(np.float32)
             if not np.isfinite(logits).all():
-                raise EffideployError(f"the {scheme} graph produced non-finite logits; the export was not kept")
+                raise ParityError(f"the {scheme} graph produced non-finite logits; the export was not kept")
             got.append(logits)
             with torch.no_grad():
                 fake.append(fake_reference(input_ids=torch.tensor([prompt])).logits[0].numpy())
@@ -185,7 +185,7 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
         ),
     )
     if not (difference <= tolerance and decided_agreement >= QUANT_TOP1_REQUIRED):
-        raise EffideployError(
+        raise ParityError(
             f"ONNX {scheme} parity failed against the fake-quant reference: max |logit diff| {difference:.3g} "
             f"(tolerance {tolerance:.3g}), top-1 agreement {decided_agreement:.1%} over {int(decided.sum())} decided "
             f"positions (required {QUANT_TOP1_REQUIRED:.0%}; {agreement:.1%} over all {len(same)}); the export was "

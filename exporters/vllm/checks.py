@@ -15,7 +15,7 @@ from pathlib import Path
 
 from effideploy import progress
 from effideploy.checkpoint.config import REMOTE_FILES
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, ParityError
 from effideploy.exporters.base import first_mismatch, matching_prefix, parity_prompts, require_near_top_logit
 from effideploy.exporters.vllm.records import KvCacheCheck, VllmParity
 from effideploy.io import write_json
@@ -148,7 +148,7 @@ def check_parity(folder: Path, *, dtype: str = "float32", kv_cache_dtype: str | 
     )
     if mismatch is not None and dtype == "float32":
         prompt, position, expected, got = mismatch
-        raise EffideployError(f"vLLM parity failed: prompt {prompt}, generated token {position}: vLLM gave {got}, "
+        raise ParityError(f"vLLM parity failed: prompt {prompt}, generated token {position}: vLLM gave {got}, "
                               f"transformers (float32) gave {expected}; the export was not kept")
     if mismatch is not None:
         result.first_mismatch, result.teacher_forced_max_logit_gap, result.criterion = require_near_top_logit(

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from effideploy import progress
-from effideploy.errors import EffideployError
+from effideploy.errors import EffideployError, ParityError
 from effideploy.exporters.base import parity_prompts
 from effideploy.exporters.vllm.checks import (PARITY_NEW_TOKENS, QUANTIZED_DECIDED_MARGIN, QUANTIZED_TOP1_AGREEMENT,
                                               _logits, vllm_scores)
@@ -91,7 +91,7 @@ def check_quantized_parity(folder: Path, source, *, dtype: str, kv_cache_dtype: 
         seconds={"transformers": transformers_seconds, "vllm": vllm_seconds, "vllm_engine_start": run["start_seconds"]},
     )
     if require and agreement < QUANTIZED_TOP1_AGREEMENT:
-        raise EffideployError(
+        raise ParityError(
             f"vLLM parity failed for the quantized export: teacher-forced top-1 agreement with the fake-quant reference "
             f"{agreement:.1%} < {QUANTIZED_TOP1_AGREEMENT:.0%} on {total} decided positions ({agree_all}/{positions} "
             f"over all), max |log-prob diff| {logprob_gap:.3g}; the export was not kept")

@@ -150,3 +150,35 @@ def test_lm_eval_task_without_lm_eval_is_one_line(tmp_path, tiny_model_dir, caps
                          "--lm-eval-task", "hellaswag", *TINY)
     assert code == 2 and "lm-evaluation-harness" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_recipe_whose_export_fails_parity_is_dropped_and_the_next_benched(searched, tiny_task_dir, capsys,
+                                                                             monkeypatch):
+    """One shortlisted export failing its parity check (ONNX int4 of a pruned model did, under `--policy loose`)
+    once stopped the whole search with exit 2 after every stage; the recipe is recorded and the search goes on."""
+    from effideploy.bench import artifacts
+    from effideploy.errors import ParityError
+
+    _, out, model, easy = searched
+    real, dropped = artifacts.prepare_model, []
+
+    def failing(config, runtime_class, label, *args, **kwargs):  # the first shortlisted recipe's export fails
+        if not dropped or label == dropped[0]:
+            dropped[:1] = [label]
+            raise ParityError(f"test parity failed for {label}; the export was not kept")
+        return real(config, runtime_class, label, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "prepare_model", failing)
+    code, captured = run(capsys, "tune", "--model", model, "--policy", easy, "--output", out,
+                         "--task", tiny_task_dir, *TINY)
+    assert code == 0, captured.err
+    data = json.loads((out / "report" / "search.json").read_text())
+    first = dropped[0]
+    record = next(r for r in data["recipes"] if r["label"] == first)
+    assert record["stage"] == "export failed" and "test parity failed" in record["export_error"]
+    assert record["failed"] is None and data["recommended"] not in (None, first)  # no final-bench verdict
+    benched = [r["label"] for r in data["recipes"] if r["stage"] == "benched"]
+    assert len(benched) >= 2 and first not in benched  # the next recipe took its place
+    said = " ".join(captured.err.split())
+    assert f"{first}: its export failed its parity check, dropped from the shortlist" in said
+    assert f"`{first}`" in (out / "report" / "report.md").read_text().split("export failed its parity check")[0]

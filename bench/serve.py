@@ -74,6 +74,11 @@ def analyse(model: ServedModel, slo: ServeSLO) -> dict:
             "target": target, "goodput_at_target": None if target is None else target["goodput"]}
 
 
+# objective -> (the ratio in a summary, the figure it divides, why it passes when dense's figure is nothing)
+RATIO_CHECKS = {"min_goodput_ratio": ("goodput_ratio", "goodput_at_target", "dense has no goodput at the target"),
+                "min_load_ratio": ("load_ratio", "max_load_meeting_slo", "dense meets the SLO at no load")}
+
+
 def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
@@ -91,17 +96,14 @@ def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> d
         total = (target.get("requests") or {}).get("successful", 0) + (target.get("requests") or {}).get("failed", 0)
         values["max_failed_rate"] = (target["requests"]["failed"] / total) if total else None
         limits["max_failed_rate"] = slo.max_failed_rate
-        summary["goodput_ratio"] = _ratio(summary["goodput_at_target"], dense["goodput_at_target"])
-        summary["load_ratio"] = _ratio(summary["max_load_meeting_slo"], dense["max_load_meeting_slo"])
+        for ratio, figure, _ in RATIO_CHECKS.values():
+            summary[ratio] = _ratio(summary[figure], dense[figure])
         beyond_dense = {}  # a ratio whose dense side is nothing: the candidate carries what dense cannot
-        for name, mine, theirs in (("min_goodput_ratio", "goodput_at_target", "goodput_at_target"),
-                                   ("min_load_ratio", "max_load_meeting_slo", "max_load_meeting_slo")):
+        for name, (ratio, figure, why) in RATIO_CHECKS.items():
             if getattr(slo, name) is not None:
-                values[name] = summary["goodput_ratio" if name == "min_goodput_ratio" else "load_ratio"]
-                limits[name] = getattr(slo, name)
-                if not dense[theirs] and (summary[mine] or 0) > 0:
-                    beyond_dense[name] = ("dense has no goodput at the target" if name == "min_goodput_ratio"
-                                          else "dense meets the SLO at no load")
+                values[name], limits[name] = summary[ratio], getattr(slo, name)
+                if not dense[figure] and (summary[figure] or 0) > 0:
+                    beyond_dense[name] = why
         for name, limit in limits.items():
             value = values[name]
             ok = name in beyond_dense or (value is not None and (value >= limit if name.startswith("min_") else value <= limit))

@@ -60,6 +60,12 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two folders are the same, or one lies inside the other (paths resolved)."""
+    first, second = _resolve(a), _resolve(b)
+    return first == second or first in second.parents or second in first.parents
+
+
 def check_output_dir(output: str | os.PathLike, *, overwrite: bool,
                      inputs: tuple[str | os.PathLike, ...] | list = ()) -> Path:
     """Validate an output folder before any work starts (nothing is created), so a long run does not fail at the end.
@@ -72,7 +78,7 @@ def check_output_dir(output: str | os.PathLike, *, overwrite: bool,
         if source is None:
             continue
         source_path = _resolve(source)
-        if target == source_path or source_path in target.parents or target in source_path.parents:
+        if overlaps(target, source_path):
             raise EffideployError(f"output {target} overlaps the input {source_path}; choose another --output")
     if target == Path(target.anchor):
         raise EffideployError(f"output {target} is not a folder effideploy may write; choose a new folder")

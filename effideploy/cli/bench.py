@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -191,8 +190,9 @@ def check_exports_apart(output: Path, exports: str) -> None:
     """The report folder is written last, staged and renamed over ``output``: exports made inside it (``--output
     out`` beside the default ``out/exports``) would make it exist by then and the run fail after all its work, and
     ``--overwrite`` would replace them with the report. One line before any work instead."""
-    target, root = (Path(os.path.abspath(Path(path).expanduser())) for path in (output, exports))
-    if target == root or target in root.parents or root in target.parents:
+    from effideploy.io import overlaps
+
+    if overlaps(output, exports):
         raise EffideployError(f"--output {output} overlaps the folder bench exports candidates to ({exports}); "
                               "choose another --output, e.g. out/bench")
 

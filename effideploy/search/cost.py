@@ -109,8 +109,14 @@ def recipe_features(recipe: Recipe, config_dict: dict, prompt_tokens: int, new_t
 
 @dataclass
 class LinearFit:
-    """target ~ intercept + sum_i coef_i x feature_i, least squares; features that are zero at every fitted point
-    (e.g. quantized FLOPs when no quantized recipe was measured) are left out and contribute nothing."""
+    """target ~ intercept + sum_i coef_i x feature_i, least squares with every slope >= 0; features that are zero at
+    every fitted point (e.g. quantized FLOPs when no quantized recipe was measured) are left out and contribute
+    nothing.
+
+    Why non-negative: a byte read or a FLOP computed never makes a token faster, but an unconstrained exact fit on
+    four noisy timings can say so (llama.cpp on SmolLM2 fitted -52 ms/GB for q4_k_m bytes and a 14.5 ms intercept,
+    predicting pruned GGUFs 4-10% slow). A slope the data pushes below zero is held at zero (``pinned``) and the
+    intercept absorbs it."""
 
     names: tuple[str, ...]
     coefficients: dict[str, float] = field(default_factory=dict)
@@ -120,6 +126,7 @@ class LinearFit:
     # (an exact fit by construction: its residual says nothing of the model, only held-out recipes test it)
     residual_pct: float | None = None
     degrees_of_freedom: int = 0
+    pinned: list[str] = field(default_factory=list)  # features whose unconstrained slope was negative, held at 0
 
     def fit(self, rows: list[dict], targets: list[float]) -> "LinearFit":
         import numpy as np
@@ -128,13 +135,14 @@ class LinearFit:
         scale = {n: max(abs(r.get(n, 0.0)) for r in rows) for n in used}  # conditioning: features span ~1e8..1e12
         matrix = np.array([[1.0] + [r.get(n, 0.0) / scale[n] for n in used] for r in rows])
         target = np.array(targets, dtype=float)
-        solution, *_ = np.linalg.lstsq(matrix, target, rcond=None)
+        solution = _nonnegative_slopes(matrix, target)
         self.intercept = float(solution[0])
         self.coefficients = {n: float(c) / scale[n] for n, c in zip(used, solution[1:])}
+        self.pinned = [n for n, c in zip(used, solution[1:]) if c == 0.0]
         self.points = len(rows)
         fitted = matrix @ solution
         distinct = len({tuple(row) for row in matrix.round(12).tolist()})
-        self.degrees_of_freedom = distinct - matrix.shape[1]
+        self.degrees_of_freedom = distinct - (matrix.shape[1] - len(self.pinned))  # a pinned slope is no free one
         self.residual_pct = (float(np.sqrt(np.mean(((fitted - target) / target) ** 2)) * 100)
                              if self.degrees_of_freedom > 0 else None)
         return self
@@ -187,6 +195,30 @@ class CostModel:
     def to_dict(self) -> dict:
         return {"decode": self.decode.to_dict(), "decode_pooled": self.decode_pooled.to_dict(), "ttft": self.ttft.to_dict(),
                 "memory": None if self.memory is None else self.memory.to_dict(), "fitted_on": self.fitted_on}
+
+
+def _nonnegative_slopes(matrix, target):
+    """Least squares with column 0 (the intercept) free and every other coefficient >= 0, exactly: the optimum is the
+    unconstrained solution on some subset of the columns, so every subset is solved and the best feasible one kept.
+    A cost model has at most a handful of features (2**5 small solves), so no solver library is needed."""
+    import itertools
+
+    import numpy as np
+
+    slopes = matrix.shape[1] - 1
+    best, best_error = None, float("inf")
+    for size in range(slopes, -1, -1):  # larger supports first: on ties the fuller model is kept
+        for subset in itertools.combinations(range(1, slopes + 1), size):
+            columns = [0, *subset]
+            part, *_ = np.linalg.lstsq(matrix[:, columns], target, rcond=None)
+            if (part[1:] < 0).any():
+                continue
+            solution = np.zeros(matrix.shape[1])
+            solution[columns] = part
+            error = float(np.sum((matrix @ solution - target) ** 2))
+            if error < best_error * (1 - 1e-9) - 1e-30:
+                best, best_error = solution, error
+    return best
 
 
 def _ratio(dense: float, recipe: float) -> float:

@@ -186,7 +186,9 @@ def markdown(result) -> str:
 
 def _residual(fit: dict) -> str:
     """An exact fit (no more distinct points than coefficients) has no residual worth printing."""
+    pinned = (f"; {', '.join(fit['pinned'])} held at 0 ms (the data pulled its slope below zero)"
+              if fit.get("pinned") else "")
     if fit.get("residual_pct") is None:
-        return (f"exact fit: {fit.get('points', 0)} points, no more distinct than its coefficients, so only the "
-                "recipes it was not fitted on (below) test it")
-    return f"RMS residual {_f(fit['residual_pct'], 1)}% over {fit['points']} points"
+        return (f"exact fit: {fit.get('points', 0)} points, no more distinct than its free coefficients, so only the "
+                f"recipes it was not fitted on (below) test it{pinned}")
+    return f"RMS residual {_f(fit['residual_pct'], 1)}% over {fit['points']} points{pinned}"

@@ -50,6 +50,35 @@ def test_cost_model_recovers_a_linear_cost_and_predicts_speedups():
     assert set(float_only.ttft.coefficients) == {"prefill_flops_float"}
 
 
+def test_cost_model_holds_a_slope_the_noise_pulls_negative_at_zero_and_matches_a_bounded_solver():
+    """Four noisy timings, three slopes: the unconstrained exact fit gives a negative ms/GB (a byte that speeds a
+    token up); the fit holds it at zero, says so in the report, and equals scipy's bounded least squares."""
+    import numpy as np
+    optimize = pytest.importorskip("scipy.optimize")
+    from effideploy.search.cost import LinearFit
+    from effideploy.search.report import _residual
+
+    names = ("a", "b", "c")
+    rows = [{"a": 1e9, "b": 0.0, "c": 0.0}, {"a": 0.2e9, "b": 0.3e9, "c": 0.0}, {"a": 0.2e9, "b": 0.0, "c": 0.5e9},
+            {"a": 0.9e9, "b": 0.0, "c": 0.0}, {"a": 0.1e9, "b": 0.28e9, "c": 0.0}]
+    times = [0.0100, 0.0052, 0.0051, 0.0092, 0.0058]  # b's rows: more bytes, less time than noise allows
+    matrix = np.array([[1.0] + [r[n] for n in names] for r in rows])
+    free, *_ = np.linalg.lstsq(matrix, np.array(times), rcond=None)
+    assert (free[1:] < 0).any()  # the data really does pull a slope negative
+    fit = LinearFit(names).fit(rows, times)
+    assert all(c >= 0 for c in fit.coefficients.values()) and fit.pinned
+    scale = matrix.max(axis=0)
+    reference = optimize.lsq_linear(matrix / scale, np.array(times), bounds=([-np.inf, 0, 0, 0], np.inf),
+                                    tol=1e-14, lsmr_tol="auto").x / scale
+    assert fit.intercept == pytest.approx(reference[0], rel=1e-6, abs=1e-9)
+    for name, value in zip(names, reference[1:]):
+        assert fit.coefficients[name] == pytest.approx(value, rel=1e-5, abs=1e-16)
+    assert f"{fit.pinned[0]} held at 0 ms" in _residual(fit.to_dict())
+    # data a line fits with positive slopes is fitted as before (nothing pinned, the exact slopes)
+    exact = LinearFit(names).fit(rows, [0.001 + 1e-11 * r["a"] + 2e-11 * r["b"] + 3e-11 * r["c"] for r in rows])
+    assert not exact.pinned and exact.coefficients["b"] == pytest.approx(2e-11)
+
+
 def test_cost_model_gives_each_kernel_its_own_slope_from_the_real_schemes_bytes():
     """Decode time per byte differs by kernel (here q4_k_m several times q8_0's per byte, as llama.cpp's unpacking
     can make it); features come from the real llama.cpp schemes on a model's shapes, and a pruned + q4_k_m recipe, never

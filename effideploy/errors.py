@@ -25,4 +25,5 @@ class OptionError(EffideployError):
 class ParityError(EffideployError):
     """An export did not reproduce its reference (transformers, or the fake-quantized weights for a quantized
     export) within its tolerance; the artifact was not kept. Its own type so a search can drop that one recipe and go
-    on (``effideploy.search.stages.export_shortlist``), where a single ``export`` or ``bench`` stops on it."""
+    on (``effideploy.search.stages.export_or_drop``, before the cost model's timing run and the final bench), where
+    a single ``export`` or ``bench`` stops on it."""

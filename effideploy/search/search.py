@@ -32,7 +32,7 @@ from effideploy.search.cost import CostModel, Features, Predicted, recipe_featur
 from effideploy.search.feasibility import check_recipes, check_shapes, fits_model
 from effideploy.search.recommend import recommended_artifact, reproduce_commands
 from effideploy.search.screen import ScreenResult
-from effideploy.search.stages import export_shortlist, prune_all, screen_all
+from effideploy.search.stages import export_or_drop, prune_all, screen_all
 from effideploy.search.selection import (binding_thresholds, calibration_recipes, candidate_spec,
                                          family_comparisons, mark_fronts, predicted_failures, shortlist)
 from effideploy.search.space import Recipe, SearchSpace
@@ -213,6 +213,14 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                              repeats=config.calibration_repeats, batch_sizes=(), throughput_repeats=0, ppl_windows=0,
                              mc_limit=0, memory=False, threads=config.threads, data_dir=config.data_dir,
                              export_root=str(Path(config.output).expanduser() / "exports"))
+    # A recipe whose export fails parity is replaced by the next one of its kind (a scheme that fails has none: its
+    # kernel's slope is then the pooled one); each pass drops at least one recipe, so this ends.
+    while export_or_drop(speed_only, calibration, "the cost model"):
+        calibration = calibration_recipes([r for r in records if r.export_error is None])
+        if not calibration:
+            raise EffideployError("no recipe could be exported for the cost model's timing run: every export failed "
+                                  "its parity check (see the lines above)")
+        speed_only = dataclasses.replace(speed_only, candidates=tuple(candidate_spec(r) for r in calibration))
     timing = run_bench(speed_only)
     by_label = {m.label: m for m in timing.models}
     points = [("dense", dense_features, by_label["dense"].latency.p50("tpot_s"), by_label["dense"].latency.p50("ttft_s"))]
@@ -233,7 +241,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
 
     # 4-5. shortlist, its exports (a recipe whose export fails parity is replaced by the next), bench for real
     tick = time.perf_counter()
-    chosen = shortlist(records, policy, config.shortlist)
+    chosen = shortlist([r for r in records if r.export_error is None], policy, config.shortlist)
     final = BenchConfig(runtime=config.runtime, dense=config.model, candidates=tuple(candidate_spec(r) for r in chosen),
                         prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, repeats=config.repeats,
                         batch_sizes=(), throughput_repeats=0, ppl_windows=config.ppl_windows,
@@ -241,7 +249,7 @@ def run_search(config: SearchConfig, policy) -> SearchResult:
                         memory=config.memory, threads=config.threads, data_dir=config.data_dir,
                         chat_prompts=config.chat_prompts,  # chat fidelity (effideploy.eval.chat)
                         export_root=str(Path(config.output).expanduser() / "exports"))
-    while export_shortlist(final, chosen):  # each pass drops at least one recipe, so this ends
+    while export_or_drop(final, chosen, "the shortlist"):  # each pass drops at least one recipe, so this ends
         chosen = shortlist([r for r in records if r.export_error is None], policy, config.shortlist)
     if not chosen:
         raise EffideployError("no shortlisted recipe could be exported: every export failed its parity check "

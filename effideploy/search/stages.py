@@ -1,6 +1,6 @@
 """The search's model-building stages: one calibration pass and a checkpoint per structural variant
 (``prune_all``), the PyTorch quality screen of every recipe, cached by checkpoint content (``screen_all``), and the
-shortlist's exports before its bench (``export_shortlist``)."""
+exports of the cost model's and the shortlist's recipes before their benches (``export_or_drop``)."""
 
 from __future__ import annotations
 
@@ -142,28 +142,28 @@ def screen_all(config: SearchConfig, records: list[RecipeRecord], tokenizer) -> 
     return time.perf_counter() - tick
 
 
-def export_shortlist(final, records: list[RecipeRecord]) -> list[RecipeRecord]:
-    """Export (or reuse) each shortlisted recipe's artifact as the final bench will ask for it, so that one whose
+def export_or_drop(bench_config, records: list[RecipeRecord], purpose: str) -> list[RecipeRecord]:
+    """Export (or reuse) each record's artifact as ``bench_config``'s bench will ask for it, so that one whose
     export fails its parity check is dropped with the reason (``record.export_error``) instead of stopping the run
-    after every other stage: that artifact was not kept, and the bench then reuses the others' by content. Returns
-    the records that failed here."""
+    after every other stage (``purpose`` names what it is dropped from: "the shortlist", "the cost model"): that
+    artifact was not kept, and the bench then reuses the others' by content. Returns the records that failed here."""
     from effideploy.bench.artifacts import prepare_model
     from effideploy.errors import ParityError
     from effideploy.runtimes import RUNTIMES
     from effideploy.search.selection import candidate_spec
 
-    runtime_class = RUNTIMES.get(final.runtime)
+    runtime_class = RUNTIMES.get(bench_config.runtime)
     failed = []
     for record in records:
         spec = candidate_spec(record)
         kind = "compression" if spec.model is None and spec.compression else "checkpoint"
         try:
-            prepare_model(final, runtime_class, record.label, kind, spec.model or final.dense, spec.compression,
-                          spec.quantize, spec.export_options)
+            prepare_model(bench_config, runtime_class, record.label, kind, spec.model or bench_config.dense,
+                          spec.compression, spec.quantize, spec.export_options)
         except ParityError as exc:
             record.stage, record.export_error = "export failed", str(exc)
             failed.append(record)
-            progress.console.print(f"{record.label}: its export failed its parity check, dropped from the "
-                                   f"shortlist ({exc})", highlight=False)
+            progress.console.print(f"{record.label}: its export failed its parity check, dropped from {purpose} "
+                                   f"({exc})", highlight=False)
     return failed
 

@@ -152,6 +152,38 @@ def test_lm_eval_task_without_lm_eval_is_one_line(tmp_path, tiny_model_dir, caps
     assert not (tmp_path / "s").exists()
 
 
+def test_a_cost_model_recipe_whose_export_fails_parity_is_dropped_and_the_model_fitted_without_it(
+        searched, tiny_task_dir, capsys, monkeypatch):
+    """The cost model's timing run exports its recipes too; one failing parity there stopped the search. It is
+    dropped from the fit (the next recipe of its kind timed instead) and from the shortlist, and the search ends
+    with a verdict."""
+    from effideploy.bench import artifacts
+    from effideploy.errors import ParityError
+
+    _, out, model, easy = searched
+    real, dropped = artifacts.prepare_model, []
+
+    def failing(config, runtime_class, label, *args, **kwargs):  # the timing run (no perplexity) fails its first
+        if not config.ppl_windows and label != "dense" and (not dropped or label == dropped[0]):
+            dropped[:1] = [label]
+            raise ParityError(f"test parity failed for {label}; the export was not kept")
+        return real(config, runtime_class, label, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "prepare_model", failing)
+    code, captured = run(capsys, "tune", "--model", model, "--policy", easy, "--output", out,
+                         "--task", tiny_task_dir, *TINY)
+    assert code == 0, captured.err
+    data = json.loads((out / "report" / "search.json").read_text())
+    first = dropped[0]
+    record = next(r for r in data["recipes"] if r["label"] == first)
+    assert record["stage"] == "export failed" and "test parity failed" in record["export_error"]
+    # the most pruned float recipe was its only other point; the next most pruned one took its place
+    assert first == "cfsp-0.5" and data["cost_model"]["fitted_on"] == ["dense", "cfsp-0.25"]
+    assert data["recommended"] not in (None, first)
+    assert first not in [r["label"] for r in data["recipes"] if r["stage"] == "benched"]
+    assert f"{first}: its export failed its parity check, dropped from the cost model" in " ".join(captured.err.split())
+
+
 def test_a_recipe_whose_export_fails_parity_is_dropped_and_the_next_benched(searched, tiny_task_dir, capsys,
                                                                              monkeypatch):
     """One shortlisted export failing its parity check (ONNX int4 of a pruned model did, under `--policy loose`)
@@ -163,7 +195,7 @@ def test_a_recipe_whose_export_fails_parity_is_dropped_and_the_next_benched(sear
     real, dropped = artifacts.prepare_model, []
 
     def failing(config, runtime_class, label, *args, **kwargs):  # the first shortlisted recipe's export fails
-        if not dropped or label == dropped[0]:
+        if config.ppl_windows and label != "dense" and (not dropped or label == dropped[0]):  # the final bench's
             dropped[:1] = [label]
             raise ParityError(f"test parity failed for {label}; the export was not kept")
         return real(config, runtime_class, label, *args, **kwargs)

@@ -81,6 +81,14 @@ def export_for(exporter: str, spec: str, root, label: str | None = None, **optio
     return export_or_reuse(exporter, source, Path(root), label or source.path.name, options)[0]
 
 
+def prepare_candidate(config: BenchConfig, runtime_class, label: str, spec) -> ModelResult:
+    """``prepare_model`` for a candidate spec (``config.candidates``' entries): a compression method on the dense
+    model's export when it names no model, else its checkpoint (or export), quantized as it asks."""
+    kind = "compression" if spec.model is None and spec.compression else "checkpoint"
+    return prepare_model(config, runtime_class, label, kind, spec.model or config.dense, spec.compression,
+                         spec.quantize, spec.export_options)
+
+
 def prepare_model(config: BenchConfig, runtime_class, label: str, kind: str, spec: str,
                   compression: str | None = None, quantize: str | None = None,
                   export_options: tuple = ()) -> ModelResult:

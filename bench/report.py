@@ -446,6 +446,18 @@ def _check_noise(check: dict) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
+def _load_reading(env: dict) -> str:
+    """What the 1-minute load average says about the timings (the run's own threads count in it)."""
+    loads = [v[0] for v in (env.get("load_average_start"), env.get("load_average_end")) if v]
+    if loads and max(loads) > env["cpu_count"]:
+        return ("above the core count, other processes competed for the CPU and absolute timings are inflated and "
+                "noisy; the interleaved ratios are the numbers to read.")
+    if loads:
+        return ("within the core count (this run's own threads included), so little else competed for the CPU; "
+                "the interleaved ratios are still the numbers to read.")
+    return "not readable here; the interleaved ratios are the numbers to read."
+
+
 def _method_section(report: BenchReport) -> list[str]:
     env, runtime = report.environment, report.runtime
     out = ["", "## How this was measured", "",
@@ -454,9 +466,7 @@ def _method_section(report: BenchReport) -> list[str]:
            "round, so load from other processes falls on all models alike. TTFT is the prefill of one prompt; TPOT "
            "each later token; end-to-end the sum per request. Speedups compare medians.",
            f"- The machine's load average was {env.get('load_average_start')} at start and "
-           f"{env.get('load_average_end')} at the end (on {env['cpu_count']} cores): above the core count, other "
-           "processes competed for the CPU and absolute timings are inflated and noisy; the interleaved ratios are "
-           "the numbers to read.",
+           f"{env.get('load_average_end')} at the end (on {env['cpu_count']} cores): {_load_reading(env)}",
            "- Percentiles interpolate linearly between samples; with few samples p99 is close to the maximum."]
     if report.phase_seconds:
         out.append("- Wall time of the bench by phase: "

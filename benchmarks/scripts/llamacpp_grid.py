@@ -184,8 +184,12 @@ def main() -> None:
                "failed": failed, "rows": rows, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (args.out / "grid.json").write_text(json.dumps(payload, indent=2, default=str))
     payload["load_average_after_speed"] = load
-    lines = [f"measured {payload['measured']} under load (load average {load[0]:.1f} after the speed rounds, 2 cores "
-             f"shared with other jobs), {args.threads} thread(s) per engine, {args.rounds} interleaved rounds", "",
+    cores = __import__("os").cpu_count()
+    state = (f"under load (load average {load[0]:.1f} after the speed rounds, above the {cores} cores: other jobs "
+             "competed)" if load[0] > cores else
+             f"quiet (load average {load[0]:.1f} after the speed rounds on {cores} cores, this script's own threads included)")
+    lines = [f"measured {payload['measured']} {state}, {args.threads} thread(s) per engine, {args.rounds} interleaved "
+             "rounds", "",
              f"dense fp32 (transformers) perplexity: {reference.perplexity:.2f} ({args.windows} x {args.seqlen} WikiText-2 test)",
              "", "| runtime | type | model | decode tok/s | prefill tok/s | decode speedup | ideal | prefill speedup | "
              "weights MiB | PPL | loyalty |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -147,7 +147,7 @@ def export_or_drop(bench_config, records: list[RecipeRecord], purpose: str) -> l
     export fails its parity check is dropped with the reason (``record.export_error``) instead of stopping the run
     after every other stage (``purpose`` names what it is dropped from: "the shortlist", "the cost model"): that
     artifact was not kept, and the bench then reuses the others' by content. Returns the records that failed here."""
-    from effideploy.bench.artifacts import prepare_model
+    from effideploy.bench.artifacts import prepare_candidate
     from effideploy.errors import ParityError
     from effideploy.runtimes import RUNTIMES
     from effideploy.search.selection import candidate_spec
@@ -155,11 +155,8 @@ def export_or_drop(bench_config, records: list[RecipeRecord], purpose: str) -> l
     runtime_class = RUNTIMES.get(bench_config.runtime)
     failed = []
     for record in records:
-        spec = candidate_spec(record)
-        kind = "compression" if spec.model is None and spec.compression else "checkpoint"
         try:
-            prepare_model(bench_config, runtime_class, record.label, kind, spec.model or bench_config.dense,
-                          spec.compression, spec.quantize, spec.export_options)
+            prepare_candidate(bench_config, runtime_class, record.label, candidate_spec(record))
         except ParityError as exc:
             record.stage, record.export_error = "export failed", str(exc)
             failed.append(record)

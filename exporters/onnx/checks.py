@@ -120,61 +120,106 @@ def _greedy_tokens(runtime, reference, prompts: list[list[int]]) -> tuple[list[l
 
 # ---------------------------------------------------------------------------------------------------------- quantized
 
-# A quantized graph against the PyTorch reference that applies the same weight quantization (the dequantized
-# MatMulNBits weights, ``quant.fake_quant_reference``): what is left is accuracy_level 4's int8 rounding of the
-# activations at run time. Measured on the tiny test models: max |logit diff| 0.15 (int8) / 0.19-0.22 (int4 rtn)
-# with logits up to 4.8 (3-4.5%); SmolLM2: see docs/export.md. Tolerance: 10% of the largest |logit|.
+# A quantized graph is checked against the PyTorch reference that applies the same weight quantization (the
+# dequantized MatMulNBits weights, ``quant.fake_quant_reference``) twice:
+# - exact (the gate): a copy of the graph with accuracy_level 0 (float activations) must give the reference's logits
+#   to float32 summation noise. Measured: SmolLM2 int4 rtn, dense and CFSP 10%: max |logit diff| 2-3e-4 with logits
+#   up to 38 (benchmarks/results/onnx_int4_parity_2026-12-03). This proves the packed weights are the reference's.
+# - as shipped (recorded): accuracy_level 4 rounds the activations to int8 per block at run time, ONNX Runtime's
+#   own kernel, which the export does not control. Its deviation is recorded (max |logit diff|, top-1 agreement) and
+#   judged by the bench's quality measures on many more positions. It once was the gate (10% of the largest logit):
+#   on the 41 parity positions CFSP 10% int4 of SmolLM2 reached 6.63 against 3.31 and was refused, while on 1024
+#   WikiText-2 positions its deviation equals dense int4's (max 2.33 against 2.77, KL 0.0042 against 0.0044).
+QUANT_EXACT_ATOL = 1e-3
+QUANT_EXACT_RTOL = 1e-4  # of the largest |logit|
+# Recorded beside the run-time deviation: what accuracy_level 4 usually stays within (10% of the largest |logit|),
+# and the top-1 agreement over positions where the reference's top-1 margin exceeds QUANT_DECIDED_MARGIN x the
+# largest |logit| (below it the activation rounding may swap two nearly tied tokens).
 QUANT_PARITY_RTOL = 0.10
-# Teacher-forced top-1 agreement with the fake-quant reference, over the positions where the reference's top-1
-# margin exceeds QUANT_DECIDED_MARGIN x the largest |logit| (below it the activation rounding may swap two nearly
-# tied tokens; a random tiny model has many such near-ties). The agreement over all positions is recorded too.
-# Measured: tiny models 96-114 of 128 positions decided, agreement 99-100% (all positions: 95-96%); SmolLM2 int4
-# rtn 97.6% over all 41 parity positions.
 QUANT_TOP1_REQUIRED = 0.95
 QUANT_DECIDED_MARGIN = 0.02
 
 
+def _float_activation_copy(folder: Path, target: Path) -> Path:
+    """``folder``'s graph with every node's accuracy_level set to 0 (float activations) in ``target``, its weight
+    files hard-linked (copied where links are refused)."""
+    import os
+    import shutil
+
+    import onnx
+
+    target.mkdir()
+    for path in folder.iterdir():
+        if path.is_file() and path.name != "model.onnx":
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy2(path, target / path.name)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level":
+                attribute.i = 0
+    onnx.save(model, str(target / "model.onnx"))
+    return target
+
+
+def _graph_logits(folder: Path, prompts: list[list[int]], scheme: str):
+    import numpy as np
+
+    from effideploy.runtimes.onnx import OnnxRuntime
+
+    try:
+        runtime = OnnxRuntime(folder, providers=["CPUExecutionProvider"])
+    except EffideployError as exc:
+        raise EffideployError(f"ONNX parity: the {scheme} graph does not load: {exc}") from None
+    with runtime:
+        logits = [runtime.logits([prompt])[0].astype(np.float32) for prompt in prompts]
+    if not all(np.isfinite(x).all() for x in logits):
+        raise ParityError(f"the {scheme} graph produced non-finite logits; the export was not kept")
+    return np.concatenate(logits)
+
+
 def check_quantized(folder: Path, reference, fake_reference, source: ModelSource, scheme: str) -> OnnxQuantizedParity:
-    """Logits of the quantized graph in ``folder`` against ``fake_reference`` (required: within
-    QUANT_PARITY_RTOL of the largest |logit|, top-1 agreement >= QUANT_TOP1_REQUIRED where the reference decides)
-    and against the unquantized ``reference`` (recorded: max |logit diff|, teacher-forced top-1 agreement, greedy
-    token agreement). Raises EffideployError with the numbers on a failure."""
+    """The quantized graph in ``folder`` against ``fake_reference``: with float activations within QUANT_EXACT_*
+    (required), as shipped recorded (max |logit diff|, top-1 agreement), and against the unquantized ``reference``
+    (recorded: max |logit diff|, teacher-forced top-1 agreement, greedy token agreement). Raises ParityError with
+    the numbers on a failure."""
+    import shutil
+
     import numpy as np
     import torch
 
     from effideploy.runtimes.onnx import OnnxRuntime
 
     prompts = parity_prompts(source, reference.config.vocab_size)
-    got, fake, exact = [], [], []
+    with torch.no_grad():
+        fake = np.concatenate([fake_reference(input_ids=torch.tensor([p])).logits[0].numpy() for p in prompts])
+        exact = np.concatenate([reference(input_ids=torch.tensor([p])).logits[0].numpy() for p in prompts])
+    scratch = folder / ".parity-float-activations"
     try:
-        runtime = OnnxRuntime(folder, providers=["CPUExecutionProvider"])
-    except EffideployError as exc:
-        raise EffideployError(f"ONNX parity: the {scheme} graph does not load: {exc}") from None
-    with runtime:
-        for prompt in prompts:
-            logits = runtime.logits([prompt])[0].astype(np.float32)
-            if not np.isfinite(logits).all():
-                raise ParityError(f"the {scheme} graph produced non-finite logits; the export was not kept")
-            got.append(logits)
-            with torch.no_grad():
-                fake.append(fake_reference(input_ids=torch.tensor([prompt])).logits[0].numpy())
-                exact.append(reference(input_ids=torch.tensor([prompt])).logits[0].numpy())
+        exact_graph = _graph_logits(_float_activation_copy(folder, scratch), prompts, scheme)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    got = _graph_logits(folder, prompts, scheme)
+    with OnnxRuntime(folder, providers=["CPUExecutionProvider"]) as runtime:
         expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
-    got, fake, exact = np.concatenate(got), np.concatenate(fake), np.concatenate(exact)
-    tolerance = QUANT_PARITY_RTOL * float(np.abs(fake).max())
+    largest = float(np.abs(fake).max())
+    exact_tolerance = QUANT_EXACT_ATOL + QUANT_EXACT_RTOL * largest
+    exact_difference = float(np.abs(exact_graph - fake).max())
     difference = float(np.abs(got - fake).max())
     top2 = np.sort(fake, axis=-1)[:, -2:]
-    decided = (top2[:, 1] - top2[:, 0]) > QUANT_DECIDED_MARGIN * float(np.abs(fake).max())
+    decided = (top2[:, 1] - top2[:, 0]) > QUANT_DECIDED_MARGIN * largest
     same = got.argmax(-1) == fake.argmax(-1)
-    agreement = float(same.mean())
-    decided_agreement = float(same[decided].mean()) if decided.any() else 1.0
     greedy_same = sum(a == b for ref, out in zip(expected_tokens, tokens) for a, b in zip(ref, out))
     record = OnnxQuantizedParity(
         prompts=len(prompts), prompt_tokens=[len(p) for p in prompts], new_tokens=PARITY_NEW_TOKENS,
         reference="transformers with the graph's dequantized MatMulNBits weights (fake-quant, float32)",
-        logits_max_abs_diff=difference, logits_tolerance=tolerance, top1_agreement=agreement,
-        top1_agreement_decided=decided_agreement, decided_positions=int(decided.sum()),
-        positions=int(len(same)), top1_required=QUANT_TOP1_REQUIRED,
+        logits_max_abs_diff=difference, logits_tolerance=QUANT_PARITY_RTOL * largest,
+        top1_agreement=float(same.mean()),
+        top1_agreement_decided=float(same[decided].mean()) if decided.any() else 1.0,
+        decided_positions=int(decided.sum()), positions=int(len(same)), top1_required=QUANT_TOP1_REQUIRED,
+        exact_max_abs_diff=exact_difference, exact_tolerance=exact_tolerance,
         vs_float=OnnxVsFloat(
             reference="transformers (float32, unquantized)",
             logits_max_abs_diff=float(np.abs(got - exact).max()),
@@ -184,10 +229,9 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
             first_mismatch=first_mismatch(expected_tokens, tokens),
         ),
     )
-    if not (difference <= tolerance and decided_agreement >= QUANT_TOP1_REQUIRED):
+    if not exact_difference <= exact_tolerance:
         raise ParityError(
-            f"ONNX {scheme} parity failed against the fake-quant reference: max |logit diff| {difference:.3g} "
-            f"(tolerance {tolerance:.3g}), top-1 agreement {decided_agreement:.1%} over {int(decided.sum())} decided "
-            f"positions (required {QUANT_TOP1_REQUIRED:.0%}; {agreement:.1%} over all {len(same)}); the export was "
-            "not kept")
+            f"ONNX {scheme} parity failed against the fake-quant reference: with float activations max |logit diff| "
+            f"{exact_difference:.3g} (tolerance {exact_tolerance:.3g}), so the graph's weights are not the ones it "
+            "was quantized to; the export was not kept")
     return record

@@ -209,3 +209,15 @@ def test_dense_and_candidate_are_scored_on_the_same_items_by_the_real_scorer(tin
     assert paired.n == 16 and paired.drop == pytest.approx(d.mean())
     assert paired.drop_stderr == pytest.approx(np.std(d, ddof=1) / 4)
     assert paired.dense_stderr == pytest.approx(dense.tasks["arith"].stderr)
+
+
+def test_the_load_note_says_above_the_core_count_only_when_it_was():
+    """The method section said "above the core count, other processes competed" at every load, also at 1.0 on 2
+    cores (a quiet machine running the bench's one thread)."""
+    from effideploy.bench.report import _load_reading
+
+    assert _load_reading({"cpu_count": 2, "load_average_start": [3.4, 2.0, 1.0],
+                          "load_average_end": [1.0, 1.0, 1.0]}).startswith("above the core count")
+    quiet = _load_reading({"cpu_count": 2, "load_average_start": [1.05, 0.99, 0.75], "load_average_end": [1.0, 1.0, 0.85]})
+    assert quiet.startswith("within the core count") and "competed for the CPU and" not in quiet
+    assert _load_reading({"cpu_count": 2, "load_average_start": None, "load_average_end": None}).startswith("not readable")

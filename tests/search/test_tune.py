@@ -152,19 +152,17 @@ def test_lm_eval_task_without_lm_eval_is_one_line(tmp_path, tiny_model_dir, caps
     assert not (tmp_path / "s").exists()
 
 
-def test_a_cost_model_recipe_whose_export_fails_parity_is_dropped_and_the_model_fitted_without_it(
-        searched, tiny_task_dir, capsys, monkeypatch):
-    """The cost model's timing run exports its recipes too; one failing parity there stopped the search. It is
-    dropped from the fit (the next recipe of its kind timed instead) and from the shortlist, and the search ends
-    with a verdict."""
+def tune_with_one_failing_export(searched, tiny_task_dir, capsys, monkeypatch, final_bench: bool):
+    """Rerun the search with the first recipe exported for the final bench (``final_bench``) or for the cost
+    model's timing run (no perplexity windows) failing its parity check; returns (captured, search.json, label)."""
     from effideploy.bench import artifacts
     from effideploy.errors import ParityError
 
     _, out, model, easy = searched
     real, dropped = artifacts.prepare_model, []
 
-    def failing(config, runtime_class, label, *args, **kwargs):  # the timing run (no perplexity) fails its first
-        if not config.ppl_windows and label != "dense" and (not dropped or label == dropped[0]):
+    def failing(config, runtime_class, label, *args, **kwargs):
+        if bool(config.ppl_windows) == final_bench and label != "dense" and (not dropped or label == dropped[0]):
             dropped[:1] = [label]
             raise ParityError(f"test parity failed for {label}; the export was not kept")
         return real(config, runtime_class, label, *args, **kwargs)
@@ -177,10 +175,19 @@ def test_a_cost_model_recipe_whose_export_fails_parity_is_dropped_and_the_model_
     first = dropped[0]
     record = next(r for r in data["recipes"] if r["label"] == first)
     assert record["stage"] == "export failed" and "test parity failed" in record["export_error"]
-    # the most pruned float recipe was its only other point; the next most pruned one took its place
-    assert first == "cfsp-0.5" and data["cost_model"]["fitted_on"] == ["dense", "cfsp-0.25"]
     assert data["recommended"] not in (None, first)
     assert first not in [r["label"] for r in data["recipes"] if r["stage"] == "benched"]
+    return captured, data, first
+
+
+def test_a_cost_model_recipe_whose_export_fails_parity_is_dropped_and_the_model_fitted_without_it(
+        searched, tiny_task_dir, capsys, monkeypatch):
+    """The cost model's timing run exports its recipes too; one failing parity there stopped the search. It is
+    dropped from the fit (the next recipe of its kind timed instead) and from the shortlist, and the search ends
+    with a verdict."""
+    captured, data, first = tune_with_one_failing_export(searched, tiny_task_dir, capsys, monkeypatch, False)
+    # the most pruned float recipe was its only other point; the next most pruned one took its place
+    assert first == "cfsp-0.5" and data["cost_model"]["fitted_on"] == ["dense", "cfsp-0.25"]
     assert f"{first}: its export failed its parity check, dropped from the cost model" in " ".join(captured.err.split())
 
 
@@ -188,29 +195,11 @@ def test_a_recipe_whose_export_fails_parity_is_dropped_and_the_next_benched(sear
                                                                              monkeypatch):
     """One shortlisted export failing its parity check (ONNX int4 of a pruned model did, under `--policy loose`)
     once stopped the whole search with exit 2 after every stage; the recipe is recorded and the search goes on."""
-    from effideploy.bench import artifacts
-    from effideploy.errors import ParityError
-
-    _, out, model, easy = searched
-    real, dropped = artifacts.prepare_model, []
-
-    def failing(config, runtime_class, label, *args, **kwargs):  # the first shortlisted recipe's export fails
-        if config.ppl_windows and label != "dense" and (not dropped or label == dropped[0]):  # the final bench's
-            dropped[:1] = [label]
-            raise ParityError(f"test parity failed for {label}; the export was not kept")
-        return real(config, runtime_class, label, *args, **kwargs)
-
-    monkeypatch.setattr(artifacts, "prepare_model", failing)
-    code, captured = run(capsys, "tune", "--model", model, "--policy", easy, "--output", out,
-                         "--task", tiny_task_dir, *TINY)
-    assert code == 0, captured.err
-    data = json.loads((out / "report" / "search.json").read_text())
-    first = dropped[0]
+    captured, data, first = tune_with_one_failing_export(searched, tiny_task_dir, capsys, monkeypatch, True)
     record = next(r for r in data["recipes"] if r["label"] == first)
-    assert record["stage"] == "export failed" and "test parity failed" in record["export_error"]
-    assert record["failed"] is None and data["recommended"] not in (None, first)  # no final-bench verdict
+    assert record["failed"] is None  # no final-bench verdict
     benched = [r["label"] for r in data["recipes"] if r["stage"] == "benched"]
-    assert len(benched) >= 2 and first not in benched  # the next recipe took its place
-    said = " ".join(captured.err.split())
-    assert f"{first}: its export failed its parity check, dropped from the shortlist" in said
+    assert len(benched) >= 2  # the next recipe took its place
+    assert f"{first}: its export failed its parity check, dropped from the shortlist" in " ".join(captured.err.split())
+    out = searched[1]
     assert f"`{first}`" in (out / "report" / "report.md").read_text().split("export failed its parity check")[0]

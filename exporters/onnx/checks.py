@@ -164,7 +164,9 @@ def _float_activation_copy(folder: Path, target: Path) -> Path:
     return target
 
 
-def _graph_logits(folder: Path, prompts: list[list[int]], scheme: str):
+def _graph_logits(folder: Path, prompts: list[list[int]], scheme: str, greedy_reference=None):
+    """The graph's full-sequence logits of each prompt, concatenated; with ``greedy_reference`` also
+    (reference's, graph's) greedy tokens."""
     import numpy as np
 
     from effideploy.runtimes.onnx import OnnxRuntime
@@ -175,9 +177,10 @@ def _graph_logits(folder: Path, prompts: list[list[int]], scheme: str):
         raise EffideployError(f"ONNX parity: the {scheme} graph does not load: {exc}") from None
     with runtime:
         logits = [runtime.logits([prompt])[0].astype(np.float32) for prompt in prompts]
-    if not all(np.isfinite(x).all() for x in logits):
-        raise ParityError(f"the {scheme} graph produced non-finite logits; the export was not kept")
-    return np.concatenate(logits)
+        if not all(np.isfinite(x).all() for x in logits):
+            raise ParityError(f"the {scheme} graph produced non-finite logits; the export was not kept")
+        greedy = None if greedy_reference is None else _greedy_tokens(runtime, greedy_reference, prompts)
+    return np.concatenate(logits), greedy
 
 
 def check_quantized(folder: Path, reference, fake_reference, source: ModelSource, scheme: str) -> OnnxQuantizedParity:
@@ -190,20 +193,16 @@ def check_quantized(folder: Path, reference, fake_reference, source: ModelSource
     import numpy as np
     import torch
 
-    from effideploy.runtimes.onnx import OnnxRuntime
-
     prompts = parity_prompts(source, reference.config.vocab_size)
     with torch.no_grad():
         fake = np.concatenate([fake_reference(input_ids=torch.tensor([p])).logits[0].numpy() for p in prompts])
         exact = np.concatenate([reference(input_ids=torch.tensor([p])).logits[0].numpy() for p in prompts])
     scratch = folder / ".parity-float-activations"
     try:
-        exact_graph = _graph_logits(_float_activation_copy(folder, scratch), prompts, scheme)
+        exact_graph, _ = _graph_logits(_float_activation_copy(folder, scratch), prompts, scheme)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    got = _graph_logits(folder, prompts, scheme)
-    with OnnxRuntime(folder, providers=["CPUExecutionProvider"]) as runtime:
-        expected_tokens, tokens = _greedy_tokens(runtime, reference, prompts)
+    got, (expected_tokens, tokens) = _graph_logits(folder, prompts, scheme, greedy_reference=reference)
     largest = float(np.abs(fake).max())
     exact_tolerance = QUANT_EXACT_ATOL + QUANT_EXACT_RTOL * largest
     exact_difference = float(np.abs(exact_graph - fake).max())

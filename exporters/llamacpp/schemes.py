@@ -44,8 +44,13 @@ class GgufType(WeightScheme):
 
     @property
     def ffn_multiple(self) -> int:
-        # down_proj's rows are the FFN width: q8_0 blocks of 32, k-quants super-blocks of 256 (else a fallback type)
-        return 1 if not self.quantizes else (BLOCK_ROW if self.name in ("q8_0", "q4_0", "q5_0") else K_ROW)
+        # down_proj's rows are the FFN width: q8_0 blocks of 32, k-quants super-blocks of 256 (else a fallback type).
+        # f16 has no blocks, but llama.cpp multiplies f16 rows off a multiple of 32 on a slow path: CFSP 30% of
+        # SmolLM2 prefilled at 0.72x of dense unaligned and 1.25x aligned to 32, decode 1.09x -> 1.14x (one run,
+        # benchmarks/results/llamacpp_aligned_2026-12-03/f16). f32 is a parity format, left as pruned.
+        if not self.quantizes:
+            return 1 if self.name == "f32" else BLOCK_ROW
+        return BLOCK_ROW if self.name in ("q8_0", "q4_0", "q5_0") else K_ROW
 
     def tensor_type(self, tensor: WeightTensor) -> str:
         """The GGML type llama.cpp gives this tensor under this file type."""

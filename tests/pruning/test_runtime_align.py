@@ -22,7 +22,8 @@ def test_widths_follow_the_runtimes_scheme(tiny_model_dir, calib_file, tmp_path)
     from effideploy.exporters.onnx.schemes import DECLARATION as ONNX
 
     assert GGUF.resolve("q8_0").ffn_multiple == 32 and GGUF.resolve("q4_k_m").ffn_multiple == 256
-    assert GGUF.resolve("f16").ffn_multiple == 1 and ONNX.resolve("int4").ffn_multiple == 32
+    assert GGUF.resolve("f16").ffn_multiple == 32 and ONNX.resolve("int4").ffn_multiple == 32
+    assert GGUF.float.ffn_multiple == 32 and ONNX.float.ffn_multiple == 1  # f16 GGUFs want 32 too; ONNX fp32 any width
     free = prune(tiny_model_dir, calib_file, tmp_path / "free")
     aligned = prune(tiny_model_dir, calib_file, tmp_path / "q8", "--runtime", "llamacpp", "--quantize", "q8_0")
     assert any(width % 32 for width in free)  # unaligned CFSP widths: the case alignment exists for

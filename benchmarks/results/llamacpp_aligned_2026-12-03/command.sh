@@ -12,3 +12,8 @@ python benchmarks/scripts/llamacpp_grid.py --types q8_0,q4_k_m --windows 8 --rou
   --checkpoint cfsp-0.1-align256=$S/cfsp-0.1-align256 --checkpoint cfsp-0.3=$S/cfsp-0.3 \
   --checkpoint cfsp-0.3-align32=$S/cfsp-0.3-align32 --checkpoint cfsp-0.3-align256=$S/cfsp-0.3-align256 \
   --work /tmp/res/grid-work --out benchmarks/results/llamacpp_aligned_2026-12-03
+
+# f16/: the same for f16 GGUFs of cfsp-0.3 (2026-12-03 18:41-18:43 UTC, quiet)
+python benchmarks/scripts/llamacpp_grid.py --types f16 --windows 4 --rounds 6 \
+  --checkpoint cfsp-0.3=$S/cfsp-0.3 --checkpoint cfsp-0.3-align32=$S/cfsp-0.3-align32 \
+  --checkpoint cfsp-0.3-align256=$S/cfsp-0.3-align256 --work /tmp/res/grid-work --out benchmarks/results/llamacpp_aligned_2026-12-03/f16

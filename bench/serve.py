@@ -5,20 +5,23 @@ contention): start its server on loopback (bench/serve_servers.py), drive it wit
 of the policy's ``[serve]`` table (bench/serve_load.py), record, stop it. With ``endpoints`` the servers are the
 user's (any OpenAI-compatible URL: a vLLM deployment on a cluster, say) and nothing is started. Then the SLO
 analysis: which load levels meet the SLO, the highest one, goodput at the target load, candidate against dense,
-and the sign-off checks (bench/serve_policy.py says what each objective means).
+and the sign-off checks (bench/serve_policy.py says what each objective means). With ``[serve] repeats`` every
+model is swept that many times, the order reversed each round, and the sweeps combined per level (:func:`combine`):
+each sweep's goodput stays beside the combined figure, so a ratio to dense comes with its spread.
 """
 
 from __future__ import annotations
 
 import datetime
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from effideploy import progress
-from effideploy.bench.serve_load import P99_OF, run_load
+from effideploy.bench.serve_load import LATENCIES, P99_OF, run_load
 from effideploy.bench.serve_policy import ServeSLO
 from effideploy.errors import EffideployError
 
@@ -33,8 +36,9 @@ class ServedModel:
     export: str | None = None  # the export the bench served (None for an endpoint)
     url: str | None = None
     served_model: str | None = None
-    levels: list[dict] = field(default_factory=list)
+    levels: list[dict] = field(default_factory=list)  # per load level; with repeats, the sweeps combined
     seconds: float = 0.0
+    sweeps: list[list[dict]] = field(default_factory=list)  # each sweep's own levels (only with repeats > 1)
 
 
 def tokenizer_folder(spec: str) -> str:
@@ -65,13 +69,50 @@ def meets(level: dict, slo: ServeSLO) -> tuple[bool, list[str]]:
     return not missed, missed
 
 
+def _median(values: list):
+    return None if not values or any(v is None for v in values) else statistics.median(values)
+
+
+def combine(sweeps: list[list[dict]]) -> list[dict]:
+    """One record per load level from several sweeps of it. Latency percentiles: the median over the sweeps (one
+    sweep's p99 is its slowest request's; the median keeps one straggling sweep from deciding, and a sweep without a
+    successful request leaves the figure undefined); throughputs and goodput: the mean; request counts: the sum.
+    ``sweeps`` on each record keeps every sweep's goodput, throughput and p99s, the spread the report shows."""
+    if len(sweeps) == 1:
+        return sweeps[0]
+    combined = []
+    for records in zip(*sweeps, strict=True):
+        first = records[0]
+        level = {"load": first["load"], "kind": first["kind"],
+                 "requests": {key: sum(r["requests"][key] for r in records) for key in first["requests"]},
+                 "duration_s": sum(r.get("duration_s") or 0.0 for r in records)}
+        for key in ("requests_per_second", "output_tokens_per_second", "goodput"):
+            values = [r[key] for r in records if r[key] is not None]
+            level[key] = statistics.fmean(values) if values else None
+        for name in LATENCIES:
+            level[name] = {stat: _median([r[name][stat] for r in records]) for stat in first[name]}
+        level["sweeps"] = [{"goodput": r["goodput"], "requests_per_second": r["requests_per_second"],
+                            **{f"{name}_p99": r[name]["p99"] for name in LATENCIES}} for r in records]
+        combined.append(level)
+    return combined
+
+
+def told_apart(a: list, b: list) -> bool | None:
+    """Whether two models' per-sweep figures do not overlap (None: fewer than two sweeps each, nothing to tell)."""
+    a, b = [v or 0.0 for v in a], [v or 0.0 for v in b]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return min(a) > max(b) or max(a) < min(b)
+
+
 def analyse(model: ServedModel, slo: ServeSLO) -> dict:
     for level in model.levels:
         level["meets_slo"], level["missed"] = meets(level, slo)
     passing = [level["load"] for level in model.levels if level["meets_slo"]]
     target = next((level for level in model.levels if level["load"] == slo.target_level), None)
     return {"max_load_meeting_slo": max(passing) if passing else None,
-            "target": target, "goodput_at_target": None if target is None else target["goodput"]}
+            "target": target, "goodput_at_target": None if target is None else target["goodput"],
+            "goodput_sweeps": [] if target is None else [s["goodput"] for s in target.get("sweeps", [target])]}
 
 
 # objective -> (the ratio in a summary, the figure it divides, why it passes when dense's figure is nothing)
@@ -98,6 +139,11 @@ def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> d
         limits["max_failed_rate"] = slo.max_failed_rate
         for ratio, figure, _ in RATIO_CHECKS.values():
             summary[ratio] = _ratio(summary[figure], dense[figure])
+        sweeps, dense_sweeps = summary.get("goodput_sweeps") or [], dense.get("goodput_sweeps") or []
+        summary["goodput_told_apart"] = told_apart(sweeps, dense_sweeps)
+        if len(sweeps) > 1 and len(dense_sweeps) > 1:  # the ratio's range over the sweeps: worst against best
+            mine, theirs = [v or 0.0 for v in sweeps], [v or 0.0 for v in dense_sweeps]
+            summary["goodput_ratio_range"] = [_ratio(min(mine), max(theirs)), _ratio(max(mine), min(theirs))]
         beyond_dense = {}  # a ratio whose dense side is nothing: the candidate carries what dense cannot
         for name, (ratio, figure, why) in RATIO_CHECKS.items():
             if getattr(slo, name) is not None:
@@ -111,6 +157,8 @@ def sign_off(policy, models: list[ServedModel], summaries: dict[str, dict]) -> d
                      "load": slo.target_level, "passed": ok}
             if name in beyond_dense:  # the ratio is infinite: passed, and the report says why it has no number
                 check["note"] = beyond_dense[name]
+            elif name == "min_goodput_ratio" and summary.get("goodput_ratio_range"):
+                check["range"] = summary["goodput_ratio_range"]
             checks.append(check)
     verdict: dict[str, bool] = {}
     for check in checks:
@@ -136,20 +184,29 @@ def run_serve(runtime: str, models: list[ServedModel], slo: ServeSLO, *, tokeniz
             prompt_set = write_wikitext_prompts(work, tokenizer, slo, data_dir=data_dir, seed=seed)
     else:
         prompt_set = synthetic_prompts(slo)
-    for model in models:
-        tick = time.perf_counter()
-        with progress.status(f"Serving {model.label} and loading it with GuideLLM ({slo.kind} "
-                             f"{', '.join(f'{v:g}' for v in slo.levels)})"):
-            if endpoints:
-                server = endpoint(model.spec)
-                model.url, model.served_model = server.url, server.model
-                model.levels = run_load(server, slo, tokenizer, work, model.label, prompt_set)
-            else:
-                context = min(max_model_len, positions(Path(model.export)) or max_model_len)
-                with serving(runtime, Path(model.export), model.label, work, max_model_len=context) as server:
+    sweeps = {model.label: [] for model in models}
+    for sweep in range(slo.repeats):
+        # every other round in reverse (dense, A, B, B, A, dense): a drift of the machine meets every model alike
+        for model in models if sweep % 2 == 0 else models[::-1]:
+            tick = time.perf_counter()
+            name = model.label if sweep == 0 else f"{model.label}.sweep{sweep + 1}"  # its files in raw/
+            of = f", sweep {sweep + 1} of {slo.repeats}" if slo.repeats > 1 else ""
+            with progress.status(f"Serving {model.label} and loading it with GuideLLM ({slo.kind} "
+                                 f"{', '.join(f'{v:g}' for v in slo.levels)}{of})"):
+                if endpoints:
+                    server = endpoint(model.spec)
                     model.url, model.served_model = server.url, server.model
-                    model.levels = run_load(server, slo, tokenizer, work, model.label, prompt_set)
-        model.seconds = time.perf_counter() - tick
+                    sweeps[model.label].append(run_load(server, slo, tokenizer, work, name, prompt_set))
+                else:
+                    context = min(max_model_len, positions(Path(model.export)) or max_model_len)
+                    with serving(runtime, Path(model.export), model.label, work, max_model_len=context,
+                                 log_name=name) as server:
+                        model.url, model.served_model = server.url, server.model
+                        sweeps[model.label].append(run_load(server, slo, tokenizer, work, name, prompt_set))
+            model.seconds += time.perf_counter() - tick
+    for model in models:
+        model.levels = combine(sweeps[model.label])
+        model.sweeps = sweeps[model.label] if slo.repeats > 1 else []
     summaries = {model.label: analyse(model, slo) for model in models}
     return {"runtime": None if endpoints else runtime, "endpoints": endpoints, "slo": slo.to_dict(),
             "tokenizer": tokenizer, "prompts": prompt_set, "models": [vars(model) for model in models],

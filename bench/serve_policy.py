@@ -7,6 +7,11 @@ named is within its limit and at most ``max_failed_rate`` of its requests failed
 requests meeting every objective. The sign-off is judged at ``target`` (the load we expect; default the highest
 level of the sweep): each candidate's p99s there, its goodput against dense's (``min_goodput_ratio``) and the
 highest load meeting the SLO against dense's (``min_load_ratio``). See bench/policies/default.toml for an example.
+
+``repeats`` sweeps every model that many times, the models interleaved (dense, A, B, then B, A, dense, ...: a
+drift of the machine reaches every model alike). One sweep's p99 of 48 requests is set by its slowest request and
+goodput at an SLO's edge flips with it, so a ranking of two close models needs the spread of several sweeps
+(bench/serve.py combines them).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class ServeSLO:
     output_tokens: int = 32
     max_requests: int = 32  # per load level: every level is bounded in requests and in time
     max_seconds: float = 60.0
+    repeats: int = 1  # sweeps per model, interleaved across models (a ranking of close models needs more than one)
     target: float | None = None  # the load the p99 objectives and ratios are judged at (default: the highest)
     ttft_p99_ms: float | None = None
     tpot_p99_ms: float | None = None
@@ -85,7 +91,7 @@ def serve_from_dict(raw, where: str = "policy") -> ServeSLO:
         raise EffideployError(f"{where}: [serve] gives both concurrency and rate; a sweep is one or the other")
     if "rate" in values:
         values["concurrency"] = ()
-    for key in ("prompt_tokens", "output_tokens", "max_requests"):
+    for key in ("prompt_tokens", "output_tokens", "max_requests", "repeats"):
         if key in raw:
             values[key] = _number(where, key, raw[key], integer=True)
     for key in ("max_seconds", "target", *OBJECTIVES, *RATIOS):

@@ -1,6 +1,6 @@
 """The ``bench --serve`` report folder: report.json (``schema_version`` 1, ``kind`` "serve"), report.md with dense
 and candidates side by side per load level, latency_vs_load.png (p99 TTFT, p99 ITL and goodput against load, every
-model on the same axes; when matplotlib is there) and raw/ (GuideLLM's own JSON report per model, its scenario, and
+model on the same axes, each sweep's goodput range drawn; when matplotlib is there) and raw/ (GuideLLM's own JSON report per model, its scenario, and
 the server logs), written atomically like the bench report."""
 
 from __future__ import annotations
@@ -43,18 +43,33 @@ def markdown(section: dict) -> str:
               f"output tokens, {kind} {', '.join(f'{v:g}' for v in slo['levels'])}, at most {slo['max_requests']} "
               f"requests and {slo['max_seconds']:g} s per level; servers: {where}. SLO: {objectives or 'none'}, "
               f"failed requests <= {slo['max_failed_rate']:.0%}. TPOT here is GuideLLM's inter-token latency (ITL: per "
-              "output token after the first, vLLM's TPOT); goodput is requests/s meeting every objective.", "",
-              "## Highest load meeting the SLO", ""]
+              "output token after the first, vLLM's TPOT); goodput is requests/s meeting every objective.", ""]
+    repeats = slo.get("repeats", 1)
+    if repeats > 1:
+        lines += [f"Each model was swept {repeats} times, the order reversed every other round. Per level the "
+                  "latency percentiles are the median over the sweeps, throughputs and goodput the mean, request "
+                  "counts the sum; each sweep's goodput at the target is listed, and a goodput ratio to dense comes "
+                  "with its range over the sweeps (worst against best). Two models whose per-sweep goodputs overlap "
+                  "are not told apart by this run.", ""]
+    lines += ["## Highest load meeting the SLO", ""]
     summaries = section["summaries"]
     dense = section["models"][0]["label"]
     rows = []
     for model in section["models"]:
         s = summaries[model["label"]]
-        rows.append([model["label"], _f(s["max_load_meeting_slo"], 2), _f(s["goodput_at_target"], 2),
-                     "" if model["label"] == dense else _f(s.get("goodput_ratio"), 2),
-                     "" if model["label"] == dense else _f(s.get("load_ratio"), 2)])
-    lines += _table(["model", f"highest {slo['kind']} meeting the SLO", f"goodput at {slo['target_level']:g} (req/s)",
-                     "goodput ratio to dense", "load ratio to dense"], rows) + ["", "## Per load level", ""]
+        ratio = "" if model["label"] == dense else _f(s.get("goodput_ratio"), 2)
+        if ratio and s.get("goodput_ratio_range"):
+            low, high = s["goodput_ratio_range"]
+            ratio += f" ({_f(low, 2)}-{_f(high, 2)}{'' if s.get('goodput_told_apart') else ', overlaps dense'})"
+        row = [model["label"], _f(s["max_load_meeting_slo"], 2), _f(s["goodput_at_target"], 2), ratio,
+               "" if model["label"] == dense else _f(s.get("load_ratio"), 2)]
+        rows.append(row if repeats == 1 else row[:3] + [", ".join(_f(v, 2) for v in s.get("goodput_sweeps") or [])]
+                    + row[3:])
+    header = ["model", f"highest {slo['kind']} meeting the SLO", f"goodput at {slo['target_level']:g} (req/s)",
+              "goodput ratio to dense", "load ratio to dense"]
+    if repeats > 1:
+        header.insert(3, "goodput per sweep")
+    lines += _table(header, rows) + ["", "## Per load level", ""]
     rows = []
     for level_index, load in enumerate(slo["levels"]):
         for model in section["models"]:
@@ -72,7 +87,8 @@ def markdown(section: dict) -> str:
     if policy is not None:
         lines += ["", "## Sign-off checks", ""]
         lines += _table(["candidate", "objective", "limit", "value", "result"],
-                        [[c["candidate"], c["objective"], f"{c['limit']:g}", c.get("note") or _f(c["value"], 3),
+                        [[c["candidate"], c["objective"], f"{c['limit']:g}", c.get("note") or _f(c["value"], 3)
+                          + (f" (sweeps: {_f(c['range'][0], 3)}-{_f(c['range'][1], 3)})" if c.get("range") else ""),
                           "pass" if c["passed"] else "**FAIL**"] for c in policy["checks"]])
     if section.get("plots"):
         lines += ["", *(f"![{name}]({name})" for name in section["plots"])]
@@ -94,7 +110,11 @@ def plot(section: dict, folder: Path) -> list[str]:
         for model in section["models"]:
             loads = [level["load"] for level in model["levels"]]
             values = [level[key] if key == "goodput" else level[key]["p99"] for level in model["levels"]]
-            ax.plot(loads, [float("nan") if v is None else v for v in values], marker="o", label=model["label"])
+            line, = ax.plot(loads, [float("nan") if v is None else v for v in values], marker="o",
+                            label=model["label"])
+            if key == "goodput" and model["levels"] and model["levels"][0].get("sweeps"):  # the sweeps' range
+                spread = [[s["goodput"] or 0.0 for s in level["sweeps"]] for level in model["levels"]]
+                ax.vlines(loads, [min(v) for v in spread], [max(v) for v in spread], color=line.get_color())
         if objective and section["slo"].get(objective):
             ax.axhline(section["slo"][objective], color="red", linestyle="--", label="SLO")
         ax.set_xlabel(section["slo"]["kind"])

@@ -140,14 +140,15 @@ def _stop_leftovers() -> None:
 
 @contextlib.contextmanager
 def serving(runtime: str, export: Path, name: str, log_dir: Path, *, max_model_len: int,
-            timeout: float = START_TIMEOUT_S):
-    """Start the runtime's server for ``export``, wait until it answers, yield a :class:`Server`, stop it."""
+            timeout: float = START_TIMEOUT_S, log_name: str | None = None):
+    """Start the runtime's server for ``export`` (served as model ``name``; its log ``server-LOG_NAME.log``, by
+    default the name), wait until it answers, yield a :class:`Server`, stop it."""
     port = free_port()
     command = server_command(runtime, Path(export), port, name, max_model_len)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM CPU otherwise sizes it from all memory
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"server-{name}.log"
+    log = log_dir / f"server-{log_name or name}.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)

@@ -112,9 +112,36 @@ def markdown(section: dict | None, recommended: str | None) -> list[str]:
             misses = missed(verdict, label)
             state = ("**recommended**" if label == recommended else "pass") if not misses else "FAIL: " + ", ".join(misses)
         best = summary.get("max_load_meeting_slo")
-        lines.append(f"| `{label}` | {'none' if best is None else f'{best:g}'} | {_f(summary.get('goodput_at_target'))} | "
+        goodput = _f(summary.get("goodput_at_target"))
+        if len(summary.get("goodput_sweeps") or []) > 1:
+            goodput += " (" + ", ".join(_f(v) for v in summary["goodput_sweeps"]) + ")"
+        lines.append(f"| `{label}` | {'none' if best is None else f'{best:g}'} | {goodput} | "
                      f"{_f(ttft, 0)} | {_f(tpot, 1)} | {_f(summary.get('goodput_ratio'))} | {state} |")
-    return lines + [""]
+    return lines + ["", *_ranking_note(section, recommended)]
+
+
+def _ranking_note(section: dict, recommended: str | None) -> list[str]:
+    """Whether the recommendation's goodput lead over the other recipes meeting the SLO is beyond the sweeps'
+    spread: goodput at an SLO's edge moves with a few requests, so one sweep ranks close recipes by noise."""
+    from effideploy.bench.serve import told_apart
+
+    if recommended is None:
+        return []
+    verdict, summaries = section["policy"], section["summaries"]
+    others = [label for label in verdict["candidates"] if label != recommended and not missed(verdict, label)]
+    if not others:
+        return []
+    repeats = section["slo"].get("repeats", 1)
+    if repeats == 1:
+        return [f"One sweep per model: `{recommended}` leads {', '.join(f'`{o}`' for o in others)} on one run's "
+                "goodput; set `[serve] repeats` to see whether the lead exceeds the run-to-run spread.", ""]
+    close = [o for o in others if not told_apart(summaries[recommended]["goodput_sweeps"], summaries[o]["goodput_sweeps"])]
+    if not close:
+        return [f"`{recommended}`'s goodput at the target is above every other passing recipe's in each of "
+                f"{repeats} sweeps.", ""]
+    return [f"Not told apart by {repeats} sweeps: `{recommended}`'s per-sweep goodput overlaps "
+            f"{', '.join(f'`{o}`' for o in close)}'s; the recommendation among them is the higher mean, not a "
+            "measured difference.", ""]
 
 
 def _f(value, digits: int = 2) -> str:

@@ -35,6 +35,7 @@ from effideploy.errors import EffideployError
 from effideploy.exporters.base import ExportResult, folder_files
 from effideploy.exporters.llamacpp.gguf import GGUF_FILE, plan_of, read_gguf_summary, write_gguf
 from effideploy.exporters.llamacpp.records import LlamacppExportOptions
+from effideploy.exporters.llamacpp.schemes import GgufType
 from effideploy.exporters.manifest import MANIFEST_FILE, manifest_header
 from effideploy.io import atomic_output_dir, check_output_dir, write_json
 from effideploy.models.resolve import ModelSource, resolve_model
@@ -181,6 +182,8 @@ def export_llamacpp(
             "architecture": section["architecture"],
             "gguf_file": gguf_name,
             "gguf_type": kind,
+            # as the other exporters record it: a quantized export names its scheme (bench labels it cfsp-0.2+q8_0)
+            "quantize": {"scheme": kind} if GgufType(kind).quantizes else None,
             "gguf": {key: value for key, value in section.items() if key != "tokenizer"},
             "tokenizer": section["tokenizer"],
             "ffn_widths": new_widths,

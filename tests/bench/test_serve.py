@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from effideploy.bench.policy import policy_from_dict
-from effideploy.bench.serve import ServedModel, analyse, sign_off
+from effideploy.bench.serve import ServedModel, analyse, combine, sign_off, told_apart
 from effideploy.bench.serve_policy import serve_from_dict
 from effideploy.errors import EffideployError
 from tests.conftest import default_sigint
@@ -145,6 +145,55 @@ def test_a_candidate_carrying_load_where_dense_carries_none_passes_the_ratios():
     assert "| fast | min_goodput_ratio | 0.9 | dense has no goodput at the target | pass |" in text
 
 
+def test_repeated_sweeps_are_combined_and_a_goodput_ratio_carries_its_spread():
+    """[serve] repeats: per level the median of the sweeps' percentiles, the mean goodput, the summed counts; each
+    sweep's goodput kept; a ratio to dense with its worst-to-best range, and whether the sweeps tell them apart."""
+    policy = policy_from_dict({"serve": {"concurrency": [1, 2], "ttft_p99_ms": 100, "min_goodput_ratio": 0.9,
+                                         "repeats": 2}})
+    assert policy.serve.repeats == 2 and policy.serve.to_dict()["repeats"] == 2
+    one = [_level(1, 10, 5, 1.0), _level(2, 60, 5, 2.0)]
+    assert combine([one]) is one  # one sweep: GuideLLM's records untouched
+    dense = ServedModel("dense", "dense", "d", levels=combine([one, [_level(1, 20, 5, 1.2), _level(2, 140, 5, 1.6)]]))
+    close = ServedModel("close", "candidate", "c",
+                        levels=combine([[_level(1, 10, 5, 1.0), _level(2, 90, 5, 1.7)],
+                                        [_level(1, 10, 5, 1.0), _level(2, 80, 5, 2.1)]]))
+    far = ServedModel("far", "candidate", "f", levels=combine([[_level(1, 10, 5, 1.0), _level(2, 50, 5, 2.5)],
+                                                               [_level(1, 10, 5, 1.0), _level(2, 70, 5, 2.7)]]))
+    # a sweep in which no request succeeded leaves the level's p99 undefined: it does not meet the SLO
+    empty = _level(2, 10, 5, 0.0)
+    empty["ttft_ms"] = {"mean": None, "p50": None, "p90": None, "p99": None}
+    broken = ServedModel("broken", "candidate", "b", levels=combine([[_level(1, 10, 5, 1.0), _level(2, 10, 5, 2.9)],
+                                                                     [_level(1, 10, 5, 1.0), empty]]))
+    level = dense.levels[1]
+    assert level["ttft_ms"]["p99"] == 100 and level["goodput"] == pytest.approx(1.8)
+    assert level["requests"] == {"successful": 20, "failed": 0, "incomplete": 0, "total": 20}
+    assert [s["goodput"] for s in level["sweeps"]] == [2.0, 1.6] and level["sweeps"][1]["ttft_ms_p99"] == 140
+    models = [dense, close, far, broken]
+    summaries = {m.label: analyse(m, policy.serve) for m in models}
+    assert summaries["dense"]["max_load_meeting_slo"] == 2 and summaries["dense"]["goodput_sweeps"] == [2.0, 1.6]
+    assert broken.levels[1]["ttft_ms"]["p99"] is None and broken.levels[1]["missed"] == ["ttft_p99_ms"]
+    section = sign_off(policy, models, summaries)
+    assert section["candidates"] == {"close": True, "far": True, "broken": False}
+    assert summaries["close"]["goodput_ratio"] == pytest.approx(1.9 / 1.8)
+    assert summaries["close"]["goodput_ratio_range"] == pytest.approx([1.7 / 2.0, 2.1 / 1.6])
+    assert summaries["close"]["goodput_told_apart"] is False and summaries["far"]["goodput_told_apart"] is True
+    assert told_apart([1.0], [2.0]) is None  # one sweep says nothing about the spread
+    from effideploy.bench.serve_report import markdown
+
+    text = markdown({"runtime": "vllm", "endpoints": False, "slo": policy.serve.to_dict(), "tokenizer": "t",
+                     "prompts": {"source": "synthetic"}, "models": [vars(m) for m in models],
+                     "summaries": summaries, "policy": section, "seconds": 1.0})
+    assert "| close | 2.00 | 1.90 | 1.70, 2.10 | 1.06 (0.85-1.31, overlaps dense) | 1.00 |" in text
+    assert "| far | 2.00 | 2.60 | 2.50, 2.70 | 1.44 (1.25-1.69) | 1.00 |" in text
+    assert "| close | min_goodput_ratio | 0.9 | 1.056 (sweeps: 0.850-1.312) | pass |" in text
+    assert "swept 2 times" in text
+    for raw, fragment in [({"concurrency": [1], "ttft_p99_ms": 1, "repeats": 1.5}, "repeats must be an integer"),
+                          ({"concurrency": [1], "ttft_p99_ms": 1, "repeats": 0}, "repeats must be positive")]:
+        with pytest.raises(EffideployError) as caught:
+            serve_from_dict(raw)
+        assert fragment in str(caught.value)
+
+
 def test_serve_input_errors_are_exit_2(tmp_path, tiny_model_dir):
     from tests.test_cli import assert_one_line_error
 
@@ -262,9 +311,11 @@ def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(t
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, None, 120)
         url = f"http://127.0.0.1:{port}/v1"
-        # one load level: the sweep over levels is the test above's (and goes the same way for an endpoint)
+        # one load level (the sweep over levels is the test above's, and goes the same way for an endpoint), swept
+        # twice per model: the combined level is made of GuideLLM's two reports
+        text = PASS.replace("[1, 2]", "[2]") + "repeats = 2\n"
         code, out, err = run_cli("bench", "--endpoint", url, "--candidate-endpoint", url, "--tokenizer", tiny_model_dir,
-                                 "--policy", _policy(tmp_path, "loose", PASS.replace("[1, 2]", "[2]")), "--output",
+                                 "--policy", _policy(tmp_path, "loose", text), "--output",
                                  tmp_path / "report", "--serve-prompts", "synthetic")
         assert code == 0, out + err
         assert "serving policy passed" in out + err
@@ -272,6 +323,19 @@ def test_endpoint_benches_a_server_the_test_runs_and_ctrl_c_stops_a_served_one(t
         assert payload["endpoints"] and payload["models"][1]["served_model"] == "tiny"
         assert [[level["load"] for level in m["levels"]] for m in payload["models"]] == [[2.0], [2.0]]
         assert payload["policy"]["passed"] and payload["summaries"]["candidate"]["goodput_ratio"] > 0
+        from effideploy.bench.serve_load import levels_from
+
+        slo = serve_from_dict(serve_from_dict_text(text))
+        for model in payload["models"]:
+            raws = [levels_from(json.loads((tmp_path / "report" / "raw" / f"guidellm-{name}.json").read_text()), slo)[0]
+                    for name in (model["label"], f"{model['label']}.sweep2")]
+            (level,) = model["levels"]
+            assert [s["goodput"] for s in level["sweeps"]] == [r["goodput"] for r in raws]
+            assert level["requests"]["successful"] == sum(r["requests"]["successful"] for r in raws)
+            assert level["goodput"] == pytest.approx(sum(r["goodput"] for r in raws) / 2)
+            assert len(model["sweeps"]) == 2
+        assert payload["summaries"]["candidate"]["goodput_told_apart"] in (True, False)
+        assert "goodput per sweep" in (tmp_path / "report" / "report.md").read_text()
         # synthetic where asked: GuideLLM's own text, no prompts file
         assert payload["prompts"]["source"] == "synthetic" and not (tmp_path / "report" / "raw" / "prompts.jsonl").exists()
         assert _sent_prompts(tmp_path / "report" / "raw" / "guidellm-dense.json")
@@ -321,4 +385,10 @@ def test_vllm_serve_bench_of_a_model_against_itself(tmp_path, tiny_model_dir):
     for model in payload["models"]:
         (level,) = model["levels"]
         assert level["requests"]["failed"] == 0 and level["ttft_ms"]["p99"] > 0 and level["goodput"] > 0
+    # the same measurements under a strict SLO fail, naming the binding objective (a vLLM engine start fewer than a
+    # second run; the CLI's exit 1 and its message are the llama.cpp test's)
+    strict = policy_from_dict({"serve": serve_from_dict_text(FAIL.replace("[1, 2]", "[2]"))}, "strict")
+    models = [ServedModel(**m) for m in payload["models"]]
+    verdict = sign_off(strict, models, {m.label: analyse(m, strict.serve) for m in models})
+    assert not verdict["passed"] and verdict["binding"] == [f"{models[1].label}: ttft_p99_ms"]
     _assert_none_survive(tmp_path)

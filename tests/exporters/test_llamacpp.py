@@ -177,6 +177,14 @@ def test_quantized_export_loads_generates_and_reports_types(tiny_pruned_dir, tmp
     quantized = result.parity.gguf_type_check
     assert 0.0 <= quantized.vs_float32_gguf.top1_agreement <= 1.0
     assert quantized.vs_float32_gguf.positions > 3 * 16
+    # the scheme recorded as the other exporters record theirs: an export given to bench is labelled with it
+    from effideploy.bench.artifacts import candidate_label
+    from effideploy.bench.config import CandidateSpec
+
+    assert record["quantize"] == (None if kind == "f16" else {"scheme": kind})
+    pruned = candidate_label(CandidateSpec(model=str(tiny_pruned_dir)), {"dense"})
+    assert candidate_label(CandidateSpec(model=str(tmp_path / kind)), {"dense"}) == \
+        (pruned if kind == "f16" else f"{pruned}+{kind}")
     if kind == "q8_0":
         # every matrix (embedding included) but the ffn_down of widths 201, 97, 150 (rows not a multiple of 32): F16
         assert record["tensor_types"]["fallback"] == {f"blk.{i}.ffn_down.weight": "f16" for i in (1, 2, 3)}

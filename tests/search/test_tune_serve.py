@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from effideploy.search.serve_stage import choose
+from effideploy.search.serve_stage import choose, markdown
 from tests.bench.test_serve import LOAD, _assert_none_survive, _llamacpp_ready
 from tests.search.test_tune_runtimes import SMALL
 from tests.test_cli import assert_one_line_error, run_cli
@@ -41,6 +41,28 @@ def test_choose_takes_the_most_goodput_among_those_meeting_the_slo_not_the_faste
     # every served recipe misses an objective: nothing is recommended
     assert choose([fast, loaded], _section({"dense+int8": 0.0, "cfsp-0.3+int8": 0.1},
                                            {"dense+int8": ["ttft_p99_ms"], "cfsp-0.3+int8": ["ttft_p99_ms"]})) is None
+
+
+def test_the_under_load_section_says_whether_the_sweeps_tell_the_recommendation_apart():
+    """tune --serve ranks by goodput; the report says when the lead is inside the sweeps' spread (or that one sweep
+    cannot tell)."""
+    def section(repeats, sweeps):
+        made = _section({label: sum(v) / len(v) for label, v in sweeps.items()}, {})
+        for label, values in sweeps.items():
+            made["summaries"][label]["goodput_sweeps"] = values
+        made["summaries"]["dense"] = {"goodput_at_target": 1.0, "max_load_meeting_slo": 4.0, "goodput_sweeps": [1.0]}
+        return {**made, "runtime": "vllm", "slo": {"kind": "concurrency", "levels": [4.0], "prompt_tokens": 8,
+                                                   "output_tokens": 4, "max_requests": 8, "max_seconds": 10.0,
+                                                   "target_level": 4.0, "ttft_p99_ms": 100.0, "repeats": repeats},
+                "models": [{"label": label} for label in ["dense", *sweeps]]}
+
+    close = "\n".join(markdown(section(2, {"a": [2.0, 2.4], "b": [1.9, 2.1]}), "a"))
+    assert "Not told apart by 2 sweeps: `a`'s per-sweep goodput overlaps `b`'s" in close
+    assert "| `a` | 4 | 2.20 (2.00, 2.40) |" in close
+    apart = "\n".join(markdown(section(2, {"a": [2.5, 2.6], "b": [1.9, 2.1]}), "a"))
+    assert "above every other passing recipe's in each of 2 sweeps" in apart
+    single = "\n".join(markdown(section(1, {"a": [2.5], "b": [2.1]}), "a"))
+    assert "One sweep per model: `a` leads `b` on one run's goodput" in single
 
 
 def test_tune_serve_refusals_come_before_any_work(tmp_path, tiny_model_dir):
